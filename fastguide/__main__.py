@@ -1,0 +1,5 @@
+import sys
+
+from fastguide.cli import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""fastguide CLI subcommands (one module each)."""

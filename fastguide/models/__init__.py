@@ -1,0 +1,1 @@
+"""Small models shipped with fastguide (the embedded digits default) and model adapters."""

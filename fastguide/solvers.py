@@ -1,0 +1,212 @@
+"""Solvers as plans: per-step coefficients computed once on the host in float64.
+
+Every solver here maps (x, guided model output m) to x_next with the element-wise form documented in
+``fastguide.kernels.reference``; a solver is just the table of its per-step scalars.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from fastguide.kernels.reference import NUM_COEF
+from fastguide.schedule import PREDICTION_TYPES, NoiseSchedule, check_steps
+
+
+@dataclass(frozen=True, eq=False)
+class Plan:
+    """What a sampler needs from a solver. All tensors float64 on the CPU."""
+
+    timesteps: torch.Tensor  # [S] model time input: training index (discrete) or flow time sigma in [0, 1]
+    coef: torch.Tensor  # [S, 9]: A, B, S, Px, Pm, C0, Cx, Cm, w (w, the table lerp weight, is filled by guidance)
+    eps_scale: torch.Tensor  # [S] sqrt(1 - abar_t): score = -eps / eps_scale (NaN for flow plans)
+    clip_range: float | None
+    prediction_type: str
+    kind: str  # "discrete" | "flow"
+
+    @property
+    def steps(self) -> int:
+        return int(self.timesteps.numel())
+
+    @property
+    def stochastic(self) -> bool:
+        return bool((self.coef[:, 2] != 0).any())
+
+
+def prediction_to_x0_eps(abar: float, prediction_type: str) -> tuple[float, float, float, float]:
+    """(Px, Pm, Ex, Em) with x0 = Px*x + Pm*m and eps = Ex*x + Em*m for model output m."""
+    sa, sb = math.sqrt(abar), math.sqrt(1.0 - abar)
+    if prediction_type == "epsilon":
+        return (1.0 / sa if sa > 0 else math.inf), (-sb / sa if sa > 0 else -math.inf), 0.0, 1.0
+    if prediction_type == "sample":
+        return 0.0, 1.0, (1.0 / sb if sb > 0 else math.inf), (-sa / sb if sb > 0 else -math.inf)
+    if prediction_type == "v_prediction":
+        return sa, -sb, sb, sa
+    raise ValueError(f"prediction_type: expected one of {PREDICTION_TYPES}, got {prediction_type!r}")
+
+
+def ddim_coefficients(abar_t: float, abar_prev: float, eta: float, prediction_type: str) -> list[float]:
+    """x_prev = sqrt(abar_prev) x0 + sqrt(1 - abar_prev - s^2) eps + s z (Song et al. 2021, eq. 12)."""
+    px, pm, ex, em = prediction_to_x0_eps(abar_t, prediction_type)
+    var = (1 - abar_prev) / (1 - abar_t) * (1 - abar_t / abar_prev)
+    s = eta * math.sqrt(max(var, 0.0))
+    d2 = 1 - abar_prev - s * s
+    if d2 < -1e-12:
+        raise ValueError(f"eta: {eta} makes the DDIM direction term imaginary (1 - abar_prev - sigma^2 < 0)")
+    c0, d = math.sqrt(abar_prev), math.sqrt(max(d2, 0.0))
+    cx, cm = d * ex, d * em
+    return [c0 * px + cx, c0 * pm + cm, s, px, pm, c0, cx, cm, 0.0]
+
+
+def ddpm_coefficients(abar_t: float, abar_prev: float, prediction_type: str, variance_type: str,
+                      last: bool) -> list[float]:
+    """Posterior mean q(x_prev | x_t, x0) with x0 predicted, plus fixed_small / fixed_large noise (Ho et al. 2020)."""
+    px, pm, _, _ = prediction_to_x0_eps(abar_t, prediction_type)
+    alpha_t = abar_t / abar_prev
+    beta_t = 1 - alpha_t
+    c0 = math.sqrt(abar_prev) * beta_t / (1 - abar_t)
+    cx = math.sqrt(alpha_t) * (1 - abar_prev) / (1 - abar_t)
+    if variance_type == "fixed_small":
+        var = max((1 - abar_prev) / (1 - abar_t) * beta_t, 1e-20)
+    else:
+        var = beta_t
+    s = 0.0 if last else math.sqrt(var)
+    return [c0 * px + cx, c0 * pm, s, px, pm, c0, cx, 0.0, 0.0]
+
+
+def _check_finite_plan(coef: np.ndarray, what: str) -> None:
+    if not np.isfinite(coef).all():
+        raise ValueError(
+            f"{what}: the plan has non-finite coefficients (e.g. epsilon/sample prediction where abar is 0 or 1, "
+            "as with a zero-terminal-SNR schedule; use prediction_type='v_prediction' there)"
+        )
+
+
+def _resolve_clip(schedule: NoiseSchedule, clip_sample, clip_sample_range):
+    clip = schedule.clip_sample if clip_sample is None else bool(clip_sample)
+    rng = schedule.clip_sample_range if clip_sample_range is None else float(clip_sample_range)
+    if not rng > 0:
+        raise ValueError(f"clip_sample_range: expected > 0, got {rng}")
+    return rng if clip else None
+
+
+def _check_schedule(schedule) -> None:
+    if not isinstance(schedule, NoiseSchedule):
+        raise TypeError(f"schedule: expected a fastguide.NoiseSchedule, got {type(schedule).__name__}")
+
+
+class DDIM:
+    """DDIM (eta >= 0; eta = 1 is DDPM-like ancestral sampling on the strided sub-sequence).
+
+    Defaults (spacing, steps_offset, clip, prediction type, set_alpha_to_one) come from the schedule,
+    so ``DDIM(NoiseSchedule.from_diffusers(cfg), steps=n)`` steps like ``DDIMScheduler(**cfg)``.
+    """
+
+    def __init__(self, schedule: NoiseSchedule, steps: int, spacing: str | None = None, eta: float = 0.0,
+                 clip_sample: bool | None = None, clip_sample_range: float | None = None,
+                 prediction_type: str | None = None, steps_offset: int | None = None):
+        _check_schedule(schedule)
+        check_steps(steps, schedule.num_train_timesteps)
+        if not isinstance(eta, (int, float)) or isinstance(eta, bool) or not math.isfinite(eta) or eta < 0:
+            raise ValueError(f"eta: expected a finite float >= 0, got {eta!r}")
+        self.schedule, self.steps, self.eta = schedule, steps, float(eta)
+        pred = prediction_type or schedule.prediction_type
+        ts = schedule.timesteps(steps, spacing, steps_offset)
+        abar = schedule.alphas_cumprod.numpy()
+        stride = schedule.num_train_timesteps // steps
+        rows = []
+        for t in ts:
+            prev = t - stride
+            a_prev = abar[prev] if prev >= 0 else schedule.final_alpha_cumprod
+            rows.append(ddim_coefficients(float(abar[t]), float(a_prev), self.eta, pred))
+        coef = np.array(rows, dtype=np.float64).reshape(len(ts), NUM_COEF)
+        _check_finite_plan(coef, "DDIM")
+        self.plan = Plan(torch.from_numpy(ts.astype(np.float64)), torch.from_numpy(coef),
+                         torch.from_numpy(np.sqrt(1 - abar[ts])), _resolve_clip(schedule, clip_sample, clip_sample_range),
+                         pred, "discrete")
+
+    def __repr__(self):
+        return f"DDIM(steps={self.steps}, eta={self.eta}, prediction_type={self.plan.prediction_type!r})"
+
+
+class DDPM:
+    """DDPM ancestral sampling on a (possibly strided) timestep sequence, as diffusers' DDPMScheduler."""
+
+    def __init__(self, schedule: NoiseSchedule, steps: int | None = None, spacing: str | None = None,
+                 variance_type: str | None = None, clip_sample: bool | None = None,
+                 clip_sample_range: float | None = None, prediction_type: str | None = None,
+                 steps_offset: int | None = None):
+        _check_schedule(schedule)
+        steps = schedule.num_train_timesteps if steps is None else steps
+        check_steps(steps, schedule.num_train_timesteps)
+        vt = variance_type or schedule.variance_type
+        if vt not in ("fixed_small", "fixed_large"):
+            raise ValueError(f"variance_type: expected 'fixed_small' or 'fixed_large', got {vt!r}")
+        pred = prediction_type or schedule.prediction_type
+        self.schedule, self.steps, self.variance_type = schedule, steps, vt
+        ts = schedule.timesteps(steps, spacing, steps_offset)
+        abar = schedule.alphas_cumprod.numpy()
+        rows = []
+        for i, t in enumerate(ts):
+            a_prev = float(abar[ts[i + 1]]) if i + 1 < len(ts) else 1.0
+            rows.append(ddpm_coefficients(float(abar[t]), a_prev, pred, vt, last=bool(t == 0)))
+        coef = np.array(rows, dtype=np.float64).reshape(len(ts), NUM_COEF)
+        _check_finite_plan(coef, "DDPM")
+        self.plan = Plan(torch.from_numpy(ts.astype(np.float64)), torch.from_numpy(coef),
+                         torch.from_numpy(np.sqrt(1 - abar[ts])), _resolve_clip(schedule, clip_sample, clip_sample_range),
+                         pred, "discrete")
+
+    def __repr__(self):
+        return f"DDPM(steps={self.steps}, variance_type={self.variance_type!r})"
+
+
+def flow_sigmas(steps: int, shift: float = 1.0, num_train_timesteps: int = 1000) -> np.ndarray:
+    """Sigmas of diffusers' FlowMatchEulerDiscreteScheduler (static shift), with the final 0 appended.
+
+    diffusers shifts sigma_min once at construction and again in set_timesteps; we reproduce that.
+    """
+    def shifted(s):
+        return shift * s / (1 + (shift - 1) * s)
+
+    sigma_min = shifted(1.0 / num_train_timesteps)
+    base = np.linspace(1.0 * num_train_timesteps, sigma_min * num_train_timesteps, steps) / num_train_timesteps
+    return np.concatenate([shifted(base), [0.0]])
+
+
+class FlowEuler:
+    """Euler on the probability-flow ODE of a rectified-flow / flow-matching velocity model.
+
+    x_t = (1 - sigma) x0 + sigma * noise, model predicts v = noise - x0; x <- x + (sigma_next - sigma) v.
+    The model receives flow time sigma in [0, 1] (adapters rescale to 0..1000 where a model expects it).
+    """
+
+    def __init__(self, steps: int, shift: float = 1.0, num_train_timesteps: int = 1000):
+        check_steps(steps)
+        if not isinstance(shift, (int, float)) or not shift > 0:
+            raise ValueError(f"shift: expected a float > 0, got {shift!r}")
+        self.steps, self.shift, self.num_train_timesteps = steps, float(shift), int(num_train_timesteps)
+        sig = flow_sigmas(steps, self.shift, self.num_train_timesteps)
+        coef = np.zeros((steps, NUM_COEF))
+        dt = sig[1:] - sig[:-1]
+        coef[:, 0], coef[:, 1] = 1.0, dt  # A, B
+        coef[:, 3], coef[:, 4] = 1.0, -sig[:-1]  # x0 = x - sigma v
+        coef[:, 6], coef[:, 7] = 1.0, dt
+        self.plan = Plan(torch.from_numpy(sig[:-1].copy()), torch.from_numpy(coef),
+                         torch.full((steps,), math.nan, dtype=torch.float64), None, "flow", "flow")
+
+    @classmethod
+    def from_diffusers(cls, config: dict, steps: int) -> "FlowEuler":
+        """From a FlowMatchEulerDiscreteScheduler config (static shift only)."""
+        cfg = {k: v for k, v in dict(config).items() if not str(k).startswith("_")}
+        for key, inert in (("use_dynamic_shifting", False), ("invert_sigmas", False), ("shift_terminal", None),
+                           ("use_karras_sigmas", False), ("use_exponential_sigmas", False),
+                           ("use_beta_sigmas", False), ("stochastic_sampling", False)):
+            if cfg.get(key, inert) not in (inert, None) and cfg.get(key) != inert:
+                raise ValueError(f"config: {key}={cfg[key]!r} is not supported by FlowEuler")
+        return cls(steps, shift=float(cfg.get("shift", 1.0)),
+                   num_train_timesteps=int(cfg.get("num_train_timesteps", 1000)))
+
+    def __repr__(self):
+        return f"FlowEuler(steps={self.steps}, shift={self.shift})"

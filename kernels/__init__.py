@@ -1,0 +1,1 @@
+"""fastguide.kernels: the guided-step reference (the spec) and the fused Triton kernel."""

@@ -1,0 +1,111 @@
+"""The specification of one guided sampling step, in plain torch (float64-capable).
+
+Every solver and guidance rule in fastguide reduces to this element-wise form (see docs/design.md):
+
+    m      = g1 * m_cond + g0 * m_uncond          g0 = (1 - g1) * R        (CFG: R = 1)
+    R      = lerp(table[row, i0], table[row, i1], w)                        (ReCFG; w = 0 on grid points)
+    no clip:  x_next = A * x + B * m + S * z
+    clip:     x0 = clamp(Px * x + Pm * m, -r, r);  x_next = C0 * x0 + Cx * x + Cm * m + S * z
+
+``m`` is the model's raw output (epsilon, v or sample prediction, or a flow velocity); the per-step
+scalars ``coef = (A, B, S, Px, Pm, C0, Cx, Cm, w)`` come from the solver's plan (float64 on the host).
+With no unconditional half (``m_uncond`` absent: outside a guidance interval, or classifier guidance
+whose gradient is already folded into ``m_cond``) ``m = m_cond``.
+
+The fused Triton kernel (``guided_step.py``) implements exactly :func:`guided_step_into` and is tested
+against it.
+"""
+from __future__ import annotations
+
+import torch
+
+COEF_FIELDS = ("A", "B", "S", "Px", "Pm", "C0", "Cx", "Cm", "w")
+NUM_COEF = len(COEF_FIELDS)
+
+
+def compute_dtype_for(dtype: torch.dtype) -> torch.dtype:
+    """Math runs in float64 for float64 inputs and in float32 otherwise (fp16/bf16 are upcast)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _bcast(v: torch.Tensor, ndim: int) -> torch.Tensor:
+    return v.reshape(v.shape + (1,) * (ndim - v.ndim))
+
+
+def guided_step(
+    x: torch.Tensor,
+    m_cond: torch.Tensor,
+    m_uncond: torch.Tensor | None,
+    g1: torch.Tensor,
+    coef: torch.Tensor,
+    *,
+    table: torch.Tensor | None = None,
+    rows: torch.Tensor | None = None,
+    table_steps: torch.Tensor | None = None,
+    clip_range: float | None = None,
+    z: torch.Tensor | None = None,
+    compute_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """One guided step; returns x_next in x's dtype.
+
+    x, m_cond, m_uncond, z: [B, *shape]; g1: [B]; coef: [9] (COEF_FIELDS);
+    table: [K, T, *shape] ratio rows; rows: [B] int64 row per sample; table_steps: [2] int (i0, i1).
+    """
+    dt = compute_dtype or compute_dtype_for(x.dtype)
+    c = coef.to(dt)
+    A, B, S, Px, Pm, C0, Cx, Cm, w = (c[i] for i in range(NUM_COEF))
+    xf = x.to(dt)
+    m = m_cond.to(dt)
+    if m_uncond is not None:
+        g1b = _bcast(g1.to(dt), x.ndim)
+        g0 = 1 - g1b
+        if table is not None:
+            i0, i1 = int(table_steps[0]), int(table_steps[1])
+            r = table[rows, i0].to(dt)
+            if i1 != i0:
+                r = r + w * (table[rows, i1].to(dt) - r)
+            g0 = g0 * r
+        m = g1b * m + g0 * m_uncond.to(dt)
+    if clip_range is None:
+        out = A * xf + B * m
+    else:
+        x0 = (Px * xf + Pm * m).clamp(-clip_range, clip_range)
+        out = C0 * x0 + Cx * xf + Cm * m
+    if z is not None:
+        out = out + S * z.to(dt)
+    return out.to(x.dtype)
+
+
+def split_model_output(model_out: torch.Tensor, batch: int, cond_first: bool = True):
+    """Views of the cond and uncond halves of a [2B, ...] model output (no copies); uncond None for [B, ...]."""
+    if model_out.shape[0] == batch:
+        return model_out, None
+    if model_out.shape[0] != 2 * batch:
+        raise ValueError(f"model_out: expected {batch} or {2 * batch} rows, got {model_out.shape[0]}")
+    first, second = model_out[:batch], model_out[batch:]
+    return (first, second) if cond_first else (second, first)
+
+
+def guided_step_into(
+    out: torch.Tensor,
+    x: torch.Tensor,
+    model_out: torch.Tensor,
+    g1: torch.Tensor,
+    coef: torch.Tensor,
+    *,
+    cond_first: bool = True,
+    table: torch.Tensor | None = None,
+    rows: torch.Tensor | None = None,
+    table_steps: torch.Tensor | None = None,
+    clip_range: float | None = None,
+    z: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The sampler-facing step: read the model's [2B] (or [B]) output in place, write x_next into every
+    B-row block of ``out`` ([B] or [2B], the model's next input buffer; ``x`` may alias ``out[:B]``)."""
+    batch = x.shape[0]
+    m_cond, m_uncond = split_model_output(model_out, batch, cond_first)
+    x_next = guided_step(x, m_cond, m_uncond, g1, coef, table=table, rows=rows, table_steps=table_steps,
+                         clip_range=clip_range, z=z)
+    for k in range(out.shape[0] // batch):
+        out[k * batch:(k + 1) * batch].copy_(x_next)
+    return out
