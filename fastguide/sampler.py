@@ -1,12 +1,16 @@
 """The sampling loop: one batched 2B forward (cond + null) per step, then one guided step.
 
-Static buffers (the model's input X2 = [x | x] and labels L2 = [c | null]) are allocated once per call;
-the step reads the model output's halves in place and writes x_next into both halves of X2, so the
-loop is the same shape every step (what torch.compile and CUDA graphs need).
+Static buffers (the model's input X2 = [x | x], labels L2 = [c | null], and every per-step scalar as a
+device tensor) are filled once per call; the step reads the model output's halves in place and writes
+x_next into both halves of X2, so every step has the same shapes. That is what lets ``compile()`` trace
+the hot step once (a new scale, step or rule never recompiles) and lets ``cuda_graph=True`` capture the
+whole fixed-NFE loop once per (batch, shape, dtype, rule) and replay it with new noise, labels and scales.
 """
 from __future__ import annotations
 
 import os
+import warnings
+from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
@@ -59,6 +63,45 @@ def triton_available() -> bool:
     return True
 
 
+@dataclass
+class LoopBuffers:
+    """Everything one fixed-NFE loop reads and writes, allocated once per (batch, shape, dtype, rule)."""
+
+    x2: torch.Tensor  # [R, *shape], R = 2B when any step is guided, else B; both halves hold x
+    labels: torch.Tensor  # [R] or [R, ...]: [c | null] (cond_first) or [null | c]
+    cond: torch.Tensor  # [B] (or [B, ...]) the conditional labels alone (a view into labels when possible)
+    t: torch.Tensor  # [S] model time
+    coef: torch.Tensor  # [S, 9] per-step scalars in the compute dtype
+    g1: torch.Tensor  # [S, B]
+    table: torch.Tensor | None
+    rows: torch.Tensor | None  # [B]
+    steps: torch.Tensor | None  # [S, 2]
+    z: torch.Tensor | None  # [S, B, *shape]
+    first_bad: torch.Tensor  # [] int64: first step whose model output was not finite, -1 if none
+    idx: torch.Tensor  # [S] int64 step indices (so the compiled step gets its index as a tensor)
+    guided: tuple  # [S] bool: run the null half at this step
+    batch: int
+
+    def key(self) -> tuple:
+        return (tuple(self.x2.shape), self.x2.dtype, self.x2.device, self.table is not None, self.z is not None,
+                self.guided, tuple(self.labels.shape), self.labels.dtype)
+
+
+def _hot_step(model, step_fn, x2, labels, t_i, idx_i, g1_i, coef_i, table, rows, steps_i, z_i, first_bad,
+              batch: int, cond_first: bool, clip_range, check_finite: bool):
+    """One guided step over static buffers: the batched 2B forward, then the fused guided update.
+
+    Every per-step value arrives as a tensor (t_i, idx_i, g1_i, coef_i, steps_i, z_i), so torch.compile
+    traces this once and never recompiles for a new step, scale or table row.
+    """
+    out = model(x2, t_i.expand(x2.shape[0]), labels)
+    if check_finite:
+        first_bad.copy_(torch.where((first_bad < 0) & ~torch.isfinite(out).all(), idx_i, first_bad))
+    step_fn(x2, x2[:batch], out, g1_i, coef_i, cond_first=cond_first, table=table, rows=rows, table_steps=steps_i,
+            clip_range=clip_range, z=z_i)
+    return out
+
+
 class Sampler:
     """Guided sampling with any solver plan and guidance rule.
 
@@ -86,60 +129,188 @@ class Sampler:
         self.model, self.solver, self.guidance, self.null_cond = model, solver, guidance, null_cond
         self.backend, self.cond_first = backend, bool(cond_first)
         self.progress, self.check_finite = progress, check_finite
+        self.compiled = False
+        self.cuda_graph = False
+        self._forward = model
+        self._hot = {}  # compiled hot-step functions, one per variant (guided / conditional-only)
+        self._loops = {}  # LoopBuffers (+ captured graph) per static key, for cuda_graph=True
 
     # ------------------------------------------------------------------ public
-    def sample(self, noise: torch.Tensor, cond, *, seeds=None, callback=None, progress=None) -> torch.Tensor:
+    def compile(self, mode: str | None = None, cuda_graph: bool = False, fullgraph: bool = False) -> "Sampler":
+        """torch.compile the hot step (the batched forward plus the guided update) once.
+
+        Per-step scalars, guidance scales and table rows are device tensors, so a new scale, step or
+        rule reuses the compiled code. ``cuda_graph=True`` also captures the whole fixed-NFE loop as one
+        CUDA graph per (batch, shape, dtype, rule) and replays it; on the CPU it warns and runs eagerly
+        over the same static buffers. Use mode=None/"default" or "max-autotune-no-cudagraphs" with
+        cuda_graph=True ("reduce-overhead" makes its own graphs).
+        """
+        self.compiled = True
+        self._compile_kw = {"mode": mode, "fullgraph": fullgraph, "dynamic": False}
+        self._hot = {}
+        self.cuda_graph = bool(cuda_graph)
+        self._loops = {}
+        return self
+
+    def sample(self, noise: torch.Tensor, cond, *, seeds=None, scale=None, callback=None,
+               progress=None) -> torch.Tensor:
         """Run the fixed-NFE loop from ``noise`` [B, C, H, W] (x_T) with conditions ``cond`` [B].
 
         ``seeds`` (B ints) make stochastic solvers' per-step noise a function of each sample's own seed;
-        without them it comes from torch's global RNG. ``callback(step, t, x)`` runs after each step.
+        without them it comes from torch's global RNG. ``scale`` overrides the guidance scale for this
+        call (float or [B]). ``callback(step, t, x)`` runs after each step (not with CUDA graphs).
         """
         x = self._check_noise(noise)
-        batch, device = x.shape[0], x.device
-        cond = self._check_cond(cond, batch, device)
+        cond = self._check_cond(cond, x.shape[0], x.device)
+        guidance = self.guidance if scale is None else self._with_scale(scale)
         plan = self.solver.plan
-        sg = self.guidance.prepare(plan, cond.cpu() if not cond.is_floating_point() else cond, x.shape[1:])
-        state = self._device_state(plan, sg, x, seeds)
-        step_fn = self._step_fn(device)
-        run_uncond = any(sg.guided)
-        rows2 = 2 * batch if run_uncond else batch
-        buf = torch.empty((rows2, *x.shape[1:]), dtype=x.dtype, device=device)
-        buf[:batch] = x
-        if run_uncond:
-            buf[batch:] = x
-        labels = self._labels(cond, batch, run_uncond)
-        csl = slice(0, batch) if (self.cond_first or not run_uncond) else slice(batch, 2 * batch)
-        classifier = isinstance(self.guidance, ClassifierGuidance)
-        first_bad = torch.full((), -1, dtype=torch.int64, device=device)
-        show = self.progress if progress is None else progress
-        for i in tqdm(range(plan.steps), desc="sampling", disable=not show, leave=False):
-            t = state["t"][i]
-            if sg.guided[i]:
-                inp, lab = buf, labels
-            else:
-                inp, lab = buf[csl], labels[csl]
-                if classifier and self.guidance.use_null_cond:
-                    lab = self._null_batch(batch, cond)
-            out = self.model(inp, t.expand(inp.shape[0]), lab)
-            self._check_model_output(out, inp, i)
-            if classifier:
-                out = self.guidance.guided_eps(out, inp, t.expand(batch), cond, float(plan.eps_scale[i]))
-            if self.check_finite:
-                first_bad = torch.where((first_bad < 0) & ~torch.isfinite(out).all(), i, first_bad)
-            step_fn(buf, buf[:batch], out, state["g1"][i], state["coef"][i], cond_first=self.cond_first,
-                    table=state["table"], rows=state["rows"],
-                    table_steps=None if state["steps"] is None else state["steps"][i],
-                    clip_range=plan.clip_range, z=None if state["z"] is None else state["z"][i])
-            if callback is not None:
-                callback(i, float(plan.timesteps[i]), buf[:batch])
+        sg = guidance.prepare(plan, cond.cpu() if not cond.is_floating_point() else cond, x.shape[1:])
+        step_fn = self._step_fn(x.device)
+        use_graph = self.cuda_graph and x.device.type == "cuda" and callback is None \
+            and not isinstance(guidance, ClassifierGuidance)
+        if self.cuda_graph and not use_graph:
+            warnings.warn("cuda_graph=True: running eagerly over static buffers (needs CUDA tensors, no callback, "
+                          "no classifier guidance)", stacklevel=2)
+        if self.cuda_graph:
+            b = self._static_buffers(x, cond, plan, sg, seeds)
+        else:
+            b = self._new_buffers(x, cond, plan, sg, seeds)
+        show = (self.progress if progress is None else progress) and not use_graph
+        if use_graph:
+            self._replay(b, step_fn, plan)
+        else:
+            self._run(b, step_fn, plan, guidance, callback, show)
         if self.check_finite:
-            bad = int(first_bad)
+            bad = int(b.first_bad)
             if bad >= 0:
                 raise ValueError(f"model: output contained NaN/inf, first at step {bad} "
                                  f"(t={float(plan.timesteps[bad]):g}); the sample is not valid")
-        return buf[:batch].clone()
+        return b.x2[:b.batch].clone()
+
+    # ------------------------------------------------------------------ the loop
+    def _run(self, b: LoopBuffers, step_fn, plan, guidance, callback=None, show=False) -> None:
+        classifier = isinstance(guidance, ClassifierGuidance)
+        csl = slice(0, b.batch) if (self.cond_first or b.x2.shape[0] == b.batch) else slice(b.batch, 2 * b.batch)
+        for i in tqdm(range(plan.steps), desc="sampling", disable=not show, leave=False):
+            if b.guided[i]:
+                out = self._hot_fn()(self._forward, step_fn, b.x2, b.labels, b.t[i], b.idx[i], b.g1[i], b.coef[i],
+                                     b.table, b.rows, None if b.steps is None else b.steps[i],
+                                     None if b.z is None else b.z[i], b.first_bad, b.batch, self.cond_first,
+                                     plan.clip_range, self.check_finite)
+                if not self.compiled:
+                    self._check_model_output(out, b.x2, i)
+            else:
+                x = b.x2[csl]
+                lab = self._null_batch(b.batch, b.cond) if classifier and guidance.use_null_cond else b.cond
+                out = self._forward(x, b.t[i].expand(b.batch), lab)
+                self._check_model_output(out, x, i)
+                if classifier:
+                    out = guidance.guided_eps(out, x, b.t[i].expand(b.batch), b.cond, float(plan.eps_scale[i]))
+                if self.check_finite:
+                    b.first_bad.copy_(torch.where((b.first_bad < 0) & ~torch.isfinite(out).all(), i, b.first_bad))
+                step_fn(b.x2, b.x2[:b.batch], out, b.g1[i], b.coef[i], cond_first=self.cond_first,
+                        clip_range=plan.clip_range, z=None if b.z is None else b.z[i])
+            if callback is not None:
+                callback(i, float(plan.timesteps[i]), b.x2[:b.batch])
+
+    def _hot_fn(self):
+        if not self.compiled:
+            return _hot_step
+        fn = self._hot.get("guided")
+        if fn is None:
+            fn = self._hot["guided"] = torch.compile(_hot_step, **self._compile_kw)
+        return fn
+
+    def _replay(self, b: LoopBuffers, step_fn, plan) -> None:
+        entry = self._loops[b.key()]
+        graph = entry.get("graph")
+        if graph is None:
+            # Warm up (compiles, autotunes, allocates) on a side stream, then capture the whole loop.
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            saved = b.x2.clone()
+            with torch.cuda.stream(stream):
+                self._run(b, step_fn, plan, self.guidance)
+            torch.cuda.current_stream().wait_stream(stream)
+            b.x2.copy_(saved)
+            b.first_bad.fill_(-1)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                self._run(b, step_fn, plan, self.guidance)
+            entry["graph"] = graph
+            b.x2.copy_(saved)
+            b.first_bad.fill_(-1)
+        graph.replay()
+
+    # ------------------------------------------------------------------ buffers
+    def _new_buffers(self, x, cond, plan, sg: StepGuidance, seeds) -> LoopBuffers:
+        batch, dev = x.shape[0], x.device
+        cdt = compute_dtype_for(x.dtype)
+        guided = tuple(bool(g) for g in sg.guided)
+        rows2 = 2 * batch if any(guided) else batch
+        x2 = torch.empty((rows2, *x.shape[1:]), dtype=x.dtype, device=dev)
+        labels = self._labels(cond, batch, any(guided))
+        cond_view = labels[:batch] if (self.cond_first or not any(guided)) else labels[batch:]
+        coef = plan.coef.clone()
+        if sg.table_w is not None:
+            coef[:, 8] = sg.table_w
+        b = LoopBuffers(
+            x2=x2, labels=labels, cond=cond_view,
+            t=plan.timesteps.to(dev, torch.float64 if x.dtype == torch.float64 else torch.float32),
+            coef=coef.to(dev, cdt), g1=sg.g1.to(dev, cdt),
+            table=None if sg.table is None else sg.table.to(dev),
+            rows=None if sg.rows is None else sg.rows.to(dev),
+            steps=None if sg.table_steps is None else sg.table_steps.to(dev),
+            z=self._noise_for_steps(plan, x, seeds), first_bad=torch.full((), -1, dtype=torch.int64, device=dev),
+            idx=torch.arange(plan.steps, device=dev),
+            guided=guided, batch=batch)
+        self._load_x(b, x)
+        return b
+
+    def _static_buffers(self, x, cond, plan, sg: StepGuidance, seeds) -> LoopBuffers:
+        """The cached buffers for this call's static key, refilled in place with this call's inputs."""
+        fresh = self._new_buffers(x, cond, plan, sg, seeds)
+        entry = self._loops.get(fresh.key())
+        if entry is None:
+            self._loops[fresh.key()] = {"buffers": fresh}
+            return fresh
+        b = entry["buffers"]
+        for name in ("x2", "labels", "t", "coef", "g1", "table", "rows", "steps", "z", "first_bad"):
+            dst, src = getattr(b, name), getattr(fresh, name)
+            if dst is not None:
+                if dst.shape != src.shape:  # e.g. a table of another size: not the same graph
+                    self._loops[fresh.key()] = {"buffers": fresh}
+                    return fresh
+                dst.copy_(src)
+        return b
+
+    def _load_x(self, b: LoopBuffers, x: torch.Tensor) -> None:
+        b.x2[:b.batch] = x
+        if b.x2.shape[0] > b.batch:
+            b.x2[b.batch:] = x
+
+    def _noise_for_steps(self, plan, x, seeds):
+        cdt = compute_dtype_for(x.dtype)
+        if seeds is not None:
+            seeds = _check_seeds(seeds, x.shape[0])
+        if not plan.stochastic:
+            return None
+        if seeds is not None:
+            return _step_noise(seeds, plan.steps, x.shape[1:], cdt, x.device)
+        return torch.randn((plan.steps, *x.shape), dtype=cdt, device=x.device)
 
     # ------------------------------------------------------------------ helpers
+    def _with_scale(self, scale):
+        import copy
+
+        g = copy.copy(self.guidance)
+        if not hasattr(g, "scale"):
+            raise ValueError("scale: this guidance rule has no scale")
+        from fastguide.guidance import _check_scale
+
+        g.scale = _check_scale(scale)
+        return g
+
     def _step_fn(self, device: torch.device):
         want = self.backend
         if want == "auto":
@@ -153,30 +324,6 @@ class Sampler:
         except ImportError as e:
             raise ValueError(f"backend: 'triton' is not available here ({e})") from None
         return guided_step_into
-
-    def _device_state(self, plan, sg: StepGuidance, x: torch.Tensor, seeds) -> dict:
-        cdt = compute_dtype_for(x.dtype)
-        dev = x.device
-        coef = plan.coef.clone()
-        if sg.table_w is not None:
-            coef[:, 8] = sg.table_w
-        z = None
-        if plan.stochastic:
-            if seeds is not None:
-                z = _step_noise(_check_seeds(seeds, x.shape[0]), plan.steps, x.shape[1:], cdt, dev)
-            else:
-                z = torch.randn((plan.steps, *x.shape), dtype=cdt, device=dev)
-        elif seeds is not None:
-            _check_seeds(seeds, x.shape[0])
-        return {
-            "t": plan.timesteps.to(dev, torch.float64 if x.dtype == torch.float64 else torch.float32),
-            "coef": coef.to(dev, cdt),
-            "g1": sg.g1.to(dev, cdt),
-            "table": None if sg.table is None else sg.table.to(dev),
-            "rows": None if sg.rows is None else sg.rows.to(dev),
-            "steps": None if sg.table_steps is None else sg.table_steps.to(dev),
-            "z": z,
-        }
 
     def _null_batch(self, batch: int, cond: torch.Tensor) -> torch.Tensor:
         null = self.null_cond
@@ -193,7 +340,7 @@ class Sampler:
 
     def _labels(self, cond: torch.Tensor, batch: int, run_uncond: bool) -> torch.Tensor:
         if not run_uncond:
-            return cond
+            return cond.clone()
         null = self._null_batch(batch, cond)
         return torch.cat([cond, null] if self.cond_first else [null, cond])
 
@@ -239,4 +386,5 @@ class Sampler:
 
     def __repr__(self):
         return (f"Sampler({type(self.solver).__name__}, {self.guidance!r}, backend={self.backend!r}, "
-                f"cond_first={self.cond_first})")
+                f"cond_first={self.cond_first}, compiled={self.compiled}, cuda_graph={self.cuda_graph})")
+

@@ -60,10 +60,10 @@ def guided_step(
         g1b = _bcast(g1.to(dt), x.ndim)
         g0 = 1 - g1b
         if table is not None:
-            i0, i1 = int(table_steps[0]), int(table_steps[1])
-            r = table[rows, i0].to(dt)
-            if i1 != i0:
-                r = r + w * (table[rows, i1].to(dt) - r)
+            flat = table.flatten(0, 1)  # [K*T, *shape]; tensor indices keep this traceable without host syncs
+            r0 = flat[rows * table.shape[1] + table_steps[0]].to(dt)
+            r1 = flat[rows * table.shape[1] + table_steps[1]].to(dt)
+            r = r0 + w * (r1 - r0)  # exactly r0 on grid points (w = 0, i1 = i0)
             g0 = g0 * r
         m = g1b * m + g0 * m_uncond.to(dt)
     if clip_range is None:
