@@ -1,0 +1,193 @@
+"""End-to-end sampler benchmarks: fastguide vs a diffusers-style loop on the same network.
+
+Every number is a median over repetitions measured in one run, with the noise rotated between
+repetitions. Images/s counts whole fixed-NFE samples. The "floor" is NFE x the network's 2B forward alone
+(compiled; on CUDA graph-replayed), the time no sampler can beat without doing less network work.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+import fastguide as fg
+
+MODES = ("diffusers_eager", "diffusers_compiled", "fastguide_eager", "fastguide_compiled", "fastguide_graph", "floor")
+
+
+@dataclass
+class Row:
+    model: str
+    mode: str
+    batch: int
+    nfe: int
+    seconds: float  # median seconds per sample() call
+    images_per_s: float
+    vs_floor: float | None = None  # measured images/s / floor images/s
+    overhead_us_per_step: float | None = None  # (time - network time) / NFE
+
+
+def _sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def median_time(fn, reps: int, warmup: int, device="cpu") -> float:
+    for _ in range(warmup):
+        fn(0)
+    _sync(device)
+    times = []
+    for r in range(reps):
+        t0 = time.perf_counter()
+        fn(r)
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def diffusers_scheduler_for(schedule: fg.NoiseSchedule, steps: int):
+    """A diffusers DDIMScheduler with the same betas and settings as a fastguide schedule."""
+    from diffusers import DDIMScheduler
+
+    sch = DDIMScheduler(num_train_timesteps=schedule.num_train_timesteps, trained_betas=schedule.betas.tolist(),
+                        clip_sample=schedule.clip_sample, clip_sample_range=schedule.clip_sample_range,
+                        set_alpha_to_one=schedule.set_alpha_to_one, steps_offset=schedule.steps_offset,
+                        prediction_type=schedule.prediction_type, timestep_spacing=schedule.timestep_spacing)
+    sch.set_timesteps(steps)
+    return sch
+
+
+def diffusers_style_loop(net, scheduler, noise, labels, null_label: int, scale: float):
+    """What a diffusers pipeline does per step: cat the 2B input, one forward, chunk, combine, scheduler.step."""
+    x = noise
+    null = torch.full_like(labels, null_label)
+    lab2 = torch.cat([null, labels])
+    for t in scheduler.timesteps:
+        x_in = torch.cat([x, x])
+        out = net(x_in, t.to(x.device).float().expand(x_in.shape[0]), lab2)
+        e_u, e_c = out.chunk(2)
+        eps = e_u + scale * (e_c - e_u)
+        x = scheduler.step(eps, t, x).prev_sample
+    return x
+
+
+def run_end_to_end(net, schedule, shape, *, model_name: str, batches=(1, 16, 64), nfes=(10,), device="cpu",
+                   dtype=torch.float32, null_label: int = 10, num_classes: int = 10, scale: float = 3.0,
+                   modes=MODES, reps: int = 5, warmup: int = 2, progress=print) -> list[Row]:
+    rows: list[Row] = []
+    cuda = torch.device(device).type == "cuda"
+    for nfe in nfes:
+        solver = fg.DDIM(schedule, steps=nfe)
+        for batch in batches:
+            noises = [torch.randn(batch, *shape, device=device, dtype=dtype) for _ in range(4)]
+            labels = torch.arange(batch, device=device) % num_classes
+            measured: dict[str, float] = {}
+            net_time = {}
+
+            def add(mode, seconds, network_seconds=None):
+                measured[mode] = seconds
+                rows.append(Row(model_name, mode, batch, nfe, seconds, batch / seconds,
+                                overhead_us_per_step=None if network_seconds is None
+                                else (seconds - network_seconds) / nfe * 1e6))
+                progress(f"  {model_name} B={batch} NFE={nfe} {mode:20s} {batch / seconds:10.1f} img/s")
+
+            with torch.inference_mode():
+                x2 = torch.randn(2 * batch, *shape, device=device, dtype=dtype)
+                t2 = torch.full((2 * batch,), 500.0, device=device)
+                l2 = torch.cat([labels, torch.full_like(labels, null_label)])
+                net_time["eager"] = median_time(lambda r: net(x2, t2, l2), reps * 2, warmup, device) * nfe
+                sch = diffusers_scheduler_for(schedule, nfe)
+                if "diffusers_eager" in modes:
+                    add("diffusers_eager", median_time(
+                        lambda r: diffusers_style_loop(net, sch, noises[r % 4], labels, null_label, scale),
+                        reps, warmup, device), net_time["eager"])
+                if "diffusers_compiled" in modes:
+                    cnet = torch.compile(net, mode="reduce-overhead" if cuda else None, dynamic=False)
+                    add("diffusers_compiled", median_time(
+                        lambda r: diffusers_style_loop(cnet, sch, noises[r % 4], labels, null_label, scale),
+                        reps, warmup + 1, device))
+                eager = fg.Sampler(net, solver, fg.CFG(scale), null_cond=null_label, progress=False,
+                                   check_finite=False)
+                if "fastguide_eager" in modes:
+                    add("fastguide_eager", median_time(lambda r: eager.sample(noises[r % 4], labels), reps, warmup,
+                                                       device), net_time["eager"])
+                if "fastguide_compiled" in modes or "floor" in modes:
+                    cnet2 = torch.compile(net, mode="max-autotune-no-cudagraphs" if cuda else None, dynamic=False)
+                    net_time["compiled"] = median_time(lambda r: cnet2(x2, t2, l2), reps * 2, warmup + 1,
+                                                       device) * nfe
+                if "fastguide_compiled" in modes:
+                    comp = fg.Sampler(net, solver, fg.CFG(scale), null_cond=null_label, progress=False,
+                                      check_finite=False).compile()
+                    add("fastguide_compiled", median_time(lambda r: comp.sample(noises[r % 4], labels), reps,
+                                                          warmup + 1, device), net_time["compiled"])
+                if "fastguide_graph" in modes and cuda:
+                    graph = fg.Sampler(net, solver, fg.CFG(scale), null_cond=null_label, progress=False,
+                                       check_finite=False).compile(cuda_graph=True)
+                    add("fastguide_graph", median_time(lambda r: graph.sample(noises[r % 4], labels), reps,
+                                                       warmup + 1, device), net_time["compiled"])
+                if "floor" in modes:
+                    floor = _floor_seconds(cnet2, x2, t2, l2, nfe, reps, warmup, device) if cuda \
+                        else net_time["compiled"]
+                    add("floor", floor)
+            for row in rows:
+                if row.batch == batch and row.nfe == nfe and row.model == model_name and "floor" in measured:
+                    row.vs_floor = measured["floor"] / row.seconds
+    return rows
+
+
+def _floor_seconds(cnet, x2, t2, l2, nfe, reps, warmup, device) -> float:
+    """NFE x one CUDA-graph-replayed forward of the compiled network."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            cnet(x2, t2, l2)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        cnet(x2, t2, l2)
+
+    def run(_):
+        for _ in range(nfe):
+            graph.replay()
+
+    return median_time(run, reps, warmup, device)
+
+
+def format_rows(rows: list[Row]) -> str:
+    head = f"{'model':8s} {'mode':20s} {'B':>4s} {'NFE':>4s} {'img/s':>10s} {'ms/call':>9s} {'vs floor':>9s} {'overhead us/step':>17s}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        vs = f"{r.vs_floor:9.3f}" if r.vs_floor is not None else f"{'':9s}"
+        ov = f"{r.overhead_us_per_step:17.1f}" if r.overhead_us_per_step is not None else ""
+        lines.append(f"{r.model:8s} {r.mode:20s} {r.batch:4d} {r.nfe:4d} {r.images_per_s:10.1f} "
+                     f"{r.seconds * 1e3:9.2f} {vs} {ov}")
+    return "\n".join(lines)
+
+
+def rows_as_dicts(rows: list[Row]) -> list[dict]:
+    return [asdict(r) for r in rows]
+
+
+def tiny_dit(device="cpu", dtype=torch.float32, full: bool = False):
+    """A DiT-XL/2-shaped diffusers DiTTransformer2DModel with random weights (full=True: 28 blocks, hidden 1152,
+    16 heads, patch 2, 4x32x32 latents), else a 2-block miniature for CPU runs. Returns (net, latent shape)."""
+    from diffusers import DiTTransformer2DModel
+
+    if full:
+        cfg = dict(num_layers=28, num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8,
+                   patch_size=2, sample_size=32, num_embeds_ada_norm=1000)
+    else:
+        cfg = dict(num_layers=2, num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=8,
+                   patch_size=2, sample_size=8, num_embeds_ada_norm=1000)
+    torch.manual_seed(0)
+    dit = DiTTransformer2DModel(**cfg).to(device=device, dtype=dtype).eval()
+    channels = cfg["in_channels"]
+
+    def net(x, t, c):  # learned-sigma output: the eps half
+        return dit(x, timestep=t, class_labels=c).sample[:, :channels]
+
+    net.null_label = cfg["num_embeds_ada_norm"]
+    return net, (channels, cfg["sample_size"], cfg["sample_size"])

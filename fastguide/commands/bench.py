@@ -1,0 +1,68 @@
+"""`fastguide bench`: end-to-end images/s of fastguide vs a diffusers-style loop on the same network,
+plus the guided-step kernel benchmark when the kernel module provides one. Prints a table; --json writes it."""
+from __future__ import annotations
+
+import json
+import platform
+from datetime import date
+
+import torch
+
+
+def add_parser(sub):
+    p = sub.add_parser("bench", help="benchmark sampling throughput (printed table + optional JSON)",
+                       description=__doc__)
+    p.add_argument("--model", choices=["digits", "dit"], action="append",
+                   help="network(s) to benchmark (default: digits; dit = DiT-XL/2-shaped on CUDA, a miniature on CPU)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--batch", type=int, action="append", help="batch size(s) (default 1, 16, 64 on CPU; 1, 8, 64 on CUDA)")
+    p.add_argument("--nfe", type=int, action="append", help="steps (default 10 on CPU; 4, 8, 16 on CUDA)")
+    p.add_argument("--reps", type=int, default=5, help="timed repetitions per point (median reported)")
+    p.add_argument("--quick", action="store_true", help="tiny sizes, few repetitions (a smoke run)")
+    p.add_argument("--json", dest="json_path", default=None, help="also write the rows to this JSON file")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from fastguide.bench import format_rows, rows_as_dicts, run_end_to_end, tiny_dit
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"--device: expected cpu or cuda, got {device!r}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device: cuda was asked for but torch sees no CUDA device")
+    cuda = device == "cuda"
+    batches = args.batch or ([1, 4] if args.quick else ([1, 8, 64] if cuda else [1, 16, 64]))
+    nfes = args.nfe or ([2] if args.quick else ([4, 8, 16] if cuda else [10]))
+    for name, vals in (("--batch", batches), ("--nfe", nfes)):
+        if any(v < 1 for v in vals):
+            raise ValueError(f"{name}: expected values >= 1, got {vals}")
+    if args.reps < 1:
+        raise ValueError(f"--reps: expected >= 1, got {args.reps}")
+    reps = 2 if args.quick else args.reps
+    rows = []
+    for model in args.model or ["digits"]:
+        if model == "digits":
+            from fastguide.models.digits import digits_schedule, load_digits_model
+
+            net, schedule = load_digits_model(device=device), digits_schedule()
+            shape, null, classes, dtype = (1, 8, 8), 10, 10, torch.float32
+        else:
+            import fastguide as fg
+
+            dtype = torch.float16 if cuda else torch.float32
+            net, shape = tiny_dit(device, dtype, full=cuda and not args.quick)
+            schedule, null, classes = fg.NoiseSchedule.linear(), net.null_label, 1000
+        rows += run_end_to_end(net, schedule, shape, model_name=model, batches=batches, nfes=nfes, device=device,
+                               dtype=dtype, null_label=null, num_classes=classes, reps=reps,
+                               warmup=1 if args.quick else 2)
+    print(format_rows(rows))
+    if args.json_path:
+        meta = {"date": date.today().isoformat(), "torch": torch.__version__, "device": device,
+                "device_name": torch.cuda.get_device_name() if cuda else platform.processor() or platform.machine(),
+                "threads": torch.get_num_threads()}
+        with open(args.json_path, "w") as f:
+            json.dump({"meta": meta, "rows": rows_as_dicts(rows)}, f, indent=1)
+        print(f"wrote {args.json_path}")
+    return 0
+
