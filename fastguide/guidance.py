@@ -156,14 +156,17 @@ class ClassifierGuidance:
 
     def guided_eps(self, eps_c: torch.Tensor, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor,
                    eps_scale: float) -> torch.Tensor:
+        # The classifier runs in float32; the update runs in the step's compute dtype, so a float64 run stays
+        # float64 (and scale 0 leaves eps_c untouched).
+        cdt = torch.float64 if eps_c.dtype == torch.float64 else torch.float32
         scale = self.scale if not isinstance(self.scale, torch.Tensor) else \
-            self.scale.to(x.device, torch.float32).view(-1, *([1] * (x.ndim - 1)))
+            self.scale.to(x.device, cdt).view(-1, *([1] * (x.ndim - 1)))
         with torch.enable_grad():
             xg = x.detach().float().requires_grad_(True)
             logp = torch.log_softmax(self.classifier(xg, t).float(), dim=-1)
             sel = logp.gather(1, labels.view(-1, 1).long()).sum()
             (grad,) = torch.autograd.grad(sel, xg)
-        return (eps_c.float() - scale * eps_scale * grad).to(eps_c.dtype)
+        return (eps_c.to(cdt) - scale * eps_scale * grad.to(cdt)).to(eps_c.dtype)
 
     def __repr__(self):
         return f"ClassifierGuidance(scale={self.scale})"

@@ -115,7 +115,10 @@ class NoiseSchedule:
 
         Keys starting with ``_`` are metadata and ignored. Unknown keys and unsupported settings
         (e.g. ``thresholding=True``) raise ValueError rather than being silently dropped.
-        ``float32_arithmetic=True`` rounds the schedule like diffusers does (float32 betas and cumprod).
+        ``float32_arithmetic=True`` rounds the schedule like diffusers does (float32 betas and cumprod), and
+        DDIM / DDPM plans built on it round their per-step scalars as diffusers' ``step()`` does: the way to
+        match diffusers to 1e-4 where a step starts at abar ~ 1e-9 (cosine + trailing, no clipping) or the
+        steps are unstrided (DDPM with 1000 steps).
         """
         if not isinstance(config, dict):
             config = dict(config)  # FrozenDict and friends

@@ -35,9 +35,12 @@ class Plan:
         return bool((self.coef[:, 2] != 0).any())
 
 
-def prediction_to_x0_eps(abar: float, prediction_type: str) -> tuple[float, float, float, float]:
-    """(Px, Pm, Ex, Em) with x0 = Px*x + Pm*m and eps = Ex*x + Em*m for model output m."""
-    sa, sb = math.sqrt(abar), math.sqrt(1.0 - abar)
+def prediction_to_x0_eps(abar: float, prediction_type: str, roots: tuple[float, float] | None = None
+                         ) -> tuple[float, float, float, float]:
+    """(Px, Pm, Ex, Em) with x0 = Px*x + Pm*m and eps = Ex*x + Em*m for model output m.
+
+    ``roots``: (sqrt(abar), sqrt(1 - abar)) when they must be rounded differently (diffusers' float32)."""
+    sa, sb = roots if roots is not None else (math.sqrt(abar), math.sqrt(1.0 - abar))
     if prediction_type == "epsilon":
         return (1.0 / sa if sa > 0 else math.inf), (-sb / sa if sa > 0 else -math.inf), 0.0, 1.0
     if prediction_type == "sample":
@@ -47,8 +50,27 @@ def prediction_to_x0_eps(abar: float, prediction_type: str) -> tuple[float, floa
     raise ValueError(f"prediction_type: expected one of {PREDICTION_TYPES}, got {prediction_type!r}")
 
 
-def ddim_coefficients(abar_t: float, abar_prev: float, eta: float, prediction_type: str) -> list[float]:
+def _ddim_scalars_float32(abar_t: float, abar_prev: float, eta: float) -> tuple[float, ...]:
+    """sqrt(abar_t), sqrt(1 - abar_t), sqrt(abar_prev), direction and sigma, rounded to float32 step by step
+    exactly as diffusers' DDIMScheduler.step computes them (where 1/sqrt(abar_t) is ~1e4, those roundings
+    move the sample by ~1e-3)."""
+    a_t, a_p = torch.tensor(abar_t, dtype=torch.float32), torch.tensor(abar_prev, dtype=torch.float32)
+    b_t = 1 - a_t
+    s = eta * (((1 - a_p) / b_t) * (1 - a_t / a_p)) ** 0.5
+    d = (1 - a_p - s**2) ** 0.5
+    return float(a_t**0.5), float(b_t**0.5), float(a_p**0.5), float(d), float(s)
+
+
+def ddim_coefficients(abar_t: float, abar_prev: float, eta: float, prediction_type: str,
+                      float32_arithmetic: bool = False) -> list[float]:
     """x_prev = sqrt(abar_prev) x0 + sqrt(1 - abar_prev - s^2) eps + s z (Song et al. 2021, eq. 12)."""
+    if float32_arithmetic:
+        sa, sb, c0, d, s = _ddim_scalars_float32(abar_t, abar_prev, eta)
+        px, pm, ex, em = prediction_to_x0_eps(abar_t, prediction_type, roots=(sa, sb))
+        if not math.isfinite(d):
+            raise ValueError(f"eta: {eta} makes the DDIM direction term imaginary (1 - abar_prev - sigma^2 < 0)")
+        cx, cm = d * ex, d * em
+        return [c0 * px + cx, c0 * pm + cm, s, px, pm, c0, cx, cm, 0.0]
     px, pm, ex, em = prediction_to_x0_eps(abar_t, prediction_type)
     var = (1 - abar_prev) / (1 - abar_t) * (1 - abar_t / abar_prev)
     s = eta * math.sqrt(max(var, 0.0))
@@ -60,9 +82,27 @@ def ddim_coefficients(abar_t: float, abar_prev: float, eta: float, prediction_ty
     return [c0 * px + cx, c0 * pm + cm, s, px, pm, c0, cx, cm, 0.0]
 
 
+def _ddpm_scalars_float32(abar_t: float, abar_prev: float, variance_type: str) -> tuple[float, ...]:
+    """sqrt(abar_t), sqrt(1 - abar_t), the posterior-mean coefficients of x0 and x_t, and the noise std, rounded to
+    float32 step by step as diffusers' DDPMScheduler.step computes them (its 1 - abar_t / abar_prev cancels at
+    small t, which moves unstrided samples by ~1e-4)."""
+    a_t, a_p = torch.tensor(abar_t, dtype=torch.float32), torch.tensor(abar_prev, dtype=torch.float32)
+    b_t, b_p = 1 - a_t, 1 - a_p
+    alpha_t = a_t / a_p
+    beta_t = 1 - alpha_t
+    var = torch.clamp((1 - a_p) / (1 - a_t) * beta_t, min=1e-20) if variance_type == "fixed_small" else beta_t
+    c0, cx = (a_p**0.5 * beta_t) / b_t, alpha_t**0.5 * b_p / b_t
+    return float(a_t**0.5), float(b_t**0.5), float(c0), float(cx), float(var**0.5)
+
+
 def ddpm_coefficients(abar_t: float, abar_prev: float, prediction_type: str, variance_type: str,
-                      last: bool) -> list[float]:
+                      last: bool, float32_arithmetic: bool = False) -> list[float]:
     """Posterior mean q(x_prev | x_t, x0) with x0 predicted, plus fixed_small / fixed_large noise (Ho et al. 2020)."""
+    if float32_arithmetic:
+        sa, sb, c0, cx, std = _ddpm_scalars_float32(abar_t, abar_prev, variance_type)
+        px, pm, _, _ = prediction_to_x0_eps(abar_t, prediction_type, roots=(sa, sb))
+        s = 0.0 if last else std
+        return [c0 * px + cx, c0 * pm, s, px, pm, c0, cx, 0.0, 0.0]
     px, pm, _, _ = prediction_to_x0_eps(abar_t, prediction_type)
     alpha_t = abar_t / abar_prev
     beta_t = 1 - alpha_t
@@ -120,7 +160,7 @@ class DDIM:
         for t in ts:
             prev = t - stride
             a_prev = abar[prev] if prev >= 0 else schedule.final_alpha_cumprod
-            rows.append(ddim_coefficients(float(abar[t]), float(a_prev), self.eta, pred))
+            rows.append(ddim_coefficients(float(abar[t]), float(a_prev), self.eta, pred, schedule.float32_arithmetic))
         coef = np.array(rows, dtype=np.float64).reshape(len(ts), NUM_COEF)
         _check_finite_plan(coef, "DDIM")
         self.plan = Plan(torch.from_numpy(ts.astype(np.float64)), torch.from_numpy(coef),
@@ -151,7 +191,7 @@ class DDPM:
         rows = []
         for i, t in enumerate(ts):
             a_prev = float(abar[ts[i + 1]]) if i + 1 < len(ts) else 1.0
-            rows.append(ddpm_coefficients(float(abar[t]), a_prev, pred, vt, last=bool(t == 0)))
+            rows.append(ddpm_coefficients(float(abar[t]), a_prev, pred, vt, bool(t == 0), schedule.float32_arithmetic))
         coef = np.array(rows, dtype=np.float64).reshape(len(ts), NUM_COEF)
         _check_finite_plan(coef, "DDPM")
         self.plan = Plan(torch.from_numpy(ts.astype(np.float64)), torch.from_numpy(coef),
@@ -173,6 +213,15 @@ def flow_sigmas(steps: int, shift: float = 1.0, num_train_timesteps: int = 1000)
     sigma_min = shifted(1.0 / num_train_timesteps)
     base = np.linspace(1.0 * num_train_timesteps, sigma_min * num_train_timesteps, steps) / num_train_timesteps
     return np.concatenate([shifted(base), [0.0]])
+
+
+# FlowMatchEulerDiscreteScheduler config keys; those other than the first two must keep their inert defaults
+# (checked in FlowEuler.from_diffusers) or only matter with dynamic shifting.
+_FLOW_DIFFUSERS_KEYS = {
+    "num_train_timesteps", "shift", "use_dynamic_shifting", "base_shift", "max_shift", "base_image_seq_len",
+    "max_image_seq_len", "invert_sigmas", "shift_terminal", "use_karras_sigmas", "use_exponential_sigmas",
+    "use_beta_sigmas", "time_shift_type", "stochastic_sampling",
+}
 
 
 class FlowEuler:
@@ -200,6 +249,9 @@ class FlowEuler:
     def from_diffusers(cls, config: dict, steps: int) -> "FlowEuler":
         """From a FlowMatchEulerDiscreteScheduler config (static shift only)."""
         cfg = {k: v for k, v in dict(config).items() if not str(k).startswith("_")}
+        unknown = set(cfg) - _FLOW_DIFFUSERS_KEYS
+        if unknown:
+            raise ValueError(f"config: unsupported FlowMatchEulerDiscreteScheduler keys {sorted(unknown)}")
         for key, inert in (("use_dynamic_shifting", False), ("invert_sigmas", False), ("shift_terminal", None),
                            ("use_karras_sigmas", False), ("use_exponential_sigmas", False),
                            ("use_beta_sigmas", False), ("stochastic_sampling", False)):

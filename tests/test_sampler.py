@@ -1,0 +1,214 @@
+"""fg.Sampler: per-sample seeds, dtypes, callbacks, progress bar, input handling."""
+import math
+
+import pytest
+import torch
+
+import fastguide as fg
+
+SHAPE = (3, 5, 3)  # odd sizes
+NULL = 4
+
+
+def toy_model(x, t, cond):
+    gen = torch.Generator().manual_seed(21)
+    mix = (torch.randn(SHAPE[0], SHAPE[0], generator=gen, dtype=torch.float64) / 2).to(x.dtype)
+    emb = torch.randn(NULL + 1, *SHAPE, generator=gen, dtype=torch.float64).to(x.dtype) / 2
+    h = (mix[None, :, :, None, None] * x[:, None]).sum(2) + emb[cond] + (t.to(x.dtype) / 1000).view(-1, 1, 1, 1)
+    return torch.tanh(h)
+
+
+def sampler_for(solver, guidance=None, **kw):
+    kw.setdefault("progress", False)
+    return fg.Sampler(toy_model, solver, guidance or fg.CFG(2.5), null_cond=NULL, backend="torch", **kw)
+
+
+SCHEDULE = fg.NoiseSchedule.linear()
+STOCHASTIC = [
+    pytest.param(lambda: fg.DDIM(SCHEDULE, steps=10, eta=1.0), id="ddim-eta1"),
+    pytest.param(lambda: fg.DDPM(SCHEDULE, steps=10), id="ddpm-fixed_small"),
+    pytest.param(lambda: fg.DDPM(SCHEDULE, steps=10, variance_type="fixed_large"), id="ddpm-fixed_large"),
+]
+
+
+# ------------------------------------------------------------------ per-sample seeds
+@pytest.mark.parametrize("make_solver", STOCHASTIC)
+def test_seeded_samples_do_not_depend_on_the_batch(make_solver):
+    solver = make_solver()
+    assert solver.plan.stochastic
+    sampler = sampler_for(solver)
+    seeds = list(range(8))
+    labels = torch.tensor(seeds) % 4
+    whole = sampler.sample(fg.seeded_noise(seeds, SHAPE, torch.float64), labels, seeds=seeds)
+    halves = [sampler.sample(fg.seeded_noise(seeds[k:k + 4], SHAPE, torch.float64), labels[k:k + 4],
+                             seeds=seeds[k:k + 4]) for k in (0, 4)]
+    torch.testing.assert_close(whole, torch.cat(halves), rtol=0, atol=1e-12)
+    # a permuted batch permutes the samples
+    perm = [5, 2, 7, 0]
+    picked = sampler.sample(fg.seeded_noise([seeds[p] for p in perm], SHAPE, torch.float64), labels[perm],
+                            seeds=[seeds[p] for p in perm])
+    torch.testing.assert_close(picked, whole[perm], rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("make_solver", STOCHASTIC)
+def test_per_step_noise_comes_from_the_seed(make_solver):
+    """Same x_T, different seeds -> different samples; same seeds twice -> the same samples."""
+    sampler = sampler_for(make_solver())
+    noise = fg.seeded_noise([0, 1], SHAPE, torch.float64)
+    labels = torch.tensor([0, 1])
+    a = sampler.sample(noise, labels, seeds=[10, 11])
+    assert torch.equal(a, sampler.sample(noise, labels, seeds=[10, 11]))
+    b = sampler.sample(noise, labels, seeds=[10, 12])
+    assert torch.equal(a[0], b[0])
+    assert (a[1] - b[1]).abs().max() > 1e-2
+
+
+def test_seeded_noise_rows_depend_only_on_their_seed():
+    a = fg.seeded_noise([3, 9, 4], SHAPE, torch.float64)
+    b = fg.seeded_noise([9], SHAPE, torch.float64)
+    assert a.shape == (3, *SHAPE) and a.dtype == torch.float64
+    assert torch.equal(a[1], b[0])
+    assert not torch.equal(a[0], a[2])
+    assert torch.equal(fg.seeded_noise([9], SHAPE, torch.float32)[0], b[0].float())
+    assert abs(fg.seeded_noise(list(range(64)), SHAPE).std().item() - 1) < 0.1
+
+
+def test_unseeded_stochastic_sampling_uses_torch_global_rng():
+    sampler = sampler_for(fg.DDPM(SCHEDULE, steps=5))
+    noise = fg.seeded_noise([0, 1], SHAPE, torch.float64)
+    torch.manual_seed(3)
+    a = sampler.sample(noise, torch.tensor([0, 1]))
+    torch.manual_seed(3)
+    assert torch.equal(a, sampler.sample(noise, torch.tensor([0, 1])))
+    assert not torch.equal(a, sampler.sample(noise, torch.tensor([0, 1])))
+
+
+# ------------------------------------------------------------------ dtypes
+SD_SCHEDULE = fg.NoiseSchedule.scaled_linear()
+
+
+def eager_low_precision_ddim(x, labels, steps, g, dtype, clip):
+    """The usual eager way, everything in ``dtype``: what the tolerance of a low-precision run is measured by."""
+    abar = SD_SCHEDULE.alphas_cumprod
+    stride = 1000 // steps
+    x = x.to(dtype)
+    null = torch.full_like(labels, NULL)
+    for t in reversed(range(0, 1000, stride)):
+        tt = torch.full((x.shape[0],), float(t), dtype=dtype)
+        out = toy_model(torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([labels, null]))
+        e_c, e_u = out.chunk(2)
+        eps = e_u + g * (e_c - e_u)
+        a, a_prev = abar[t].item(), (abar[t - stride].item() if t >= stride else 1.0)
+        x0 = (x - math.sqrt(1 - a) * eps) / math.sqrt(a)
+        if clip:
+            x0 = x0.clamp(-1, 1)
+        x = math.sqrt(a_prev) * x0 + math.sqrt(1 - a_prev) * eps
+    return x
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("clip", [False, True])
+def test_low_precision_is_close_to_float64(dtype, clip):
+    steps, g = 10, 2.5
+    solver = fg.DDIM(SD_SCHEDULE, steps=steps, clip_sample=clip)
+    noise = fg.seeded_noise(range(6), SHAPE, torch.float64)
+    labels = torch.arange(6) % 4
+    ref = sampler_for(solver, fg.CFG(g)).sample(noise, labels)
+    got = sampler_for(solver, fg.CFG(g)).sample(noise.to(dtype), labels)
+    assert got.dtype == dtype and got.shape == noise.shape
+    assert torch.isfinite(got).all()
+    err = (got.double() - ref).abs().max().item()
+    # FlashAttention-style bound: at most twice the error of the same computation done eagerly in ``dtype``,
+    # plus a few units of the dtype's resolution at the sample's scale.
+    eager_err = (eager_low_precision_ddim(noise, labels, steps, g, dtype, clip).double() - ref).abs().max().item()
+    atol = 8 * torch.finfo(dtype).eps * max(ref.abs().max().item(), 1.0)
+    assert err <= 2 * eager_err + atol, (err, eager_err, atol)
+
+
+def test_float64_run_is_float64_end_to_end():
+    solver = fg.DDIM(SCHEDULE, steps=10)
+    noise = fg.seeded_noise(range(3), SHAPE, torch.float64)
+    seen = []
+    out = sampler_for(solver).sample(noise, torch.tensor([0, 1, 2]),
+                                                      callback=lambda i, t, x: seen.append(x.dtype))
+    assert out.dtype == torch.float64 and set(seen) == {torch.float64}
+
+
+# ------------------------------------------------------------------ callback, progress
+def test_callback_once_per_step_with_index_time_and_sample():
+    solver = fg.DDIM(fg.NoiseSchedule.from_diffusers(dict(timestep_spacing="trailing")), steps=7)
+    calls = []
+    noise = fg.seeded_noise(range(2), SHAPE, torch.float64)
+    out = sampler_for(solver).sample(noise, torch.tensor([0, 3]),
+                                     callback=lambda i, t, x: calls.append((i, t, x.clone())))
+    assert [c[0] for c in calls] == list(range(7))
+    assert [c[1] for c in calls] == [999.0, 856.0, 713.0, 570.0, 428.0, 285.0, 142.0]  # diffusers' trailing t
+    assert all(c[2].shape == noise.shape for c in calls)
+    assert torch.equal(calls[-1][2], out)
+    assert not torch.equal(calls[0][2], calls[1][2])
+
+
+def test_progress_bar_can_be_turned_off(capsys):
+    solver = fg.DDIM(SCHEDULE, steps=4)
+    noise = fg.seeded_noise(range(2), SHAPE)
+    sampler = fg.Sampler(toy_model, solver, fg.CFG(2.0), null_cond=NULL, backend="torch")  # progress on by default
+    sampler.sample(noise, torch.tensor([0, 1]), progress=False)
+    assert "sampling" not in capsys.readouterr().err
+    fg.Sampler(toy_model, solver, fg.CFG(2.0), null_cond=NULL, backend="torch", progress=False).sample(
+        noise, torch.tensor([0, 1]))
+    assert "sampling" not in capsys.readouterr().err
+    sampler.sample(noise, torch.tensor([0, 1]))
+    assert "sampling" in capsys.readouterr().err
+
+
+def test_sample_does_not_modify_its_inputs():
+    noise = fg.seeded_noise(range(2), SHAPE, torch.float64)
+    labels = torch.tensor([0, 1])
+    noise_copy, labels_copy = noise.clone(), labels.clone()
+    out = sampler_for(fg.DDIM(SCHEDULE, steps=4)).sample(noise, labels)
+    assert torch.equal(noise, noise_copy) and torch.equal(labels, labels_copy)
+    assert out.data_ptr() != noise.data_ptr()
+
+
+def test_labels_as_a_list_and_default_guidance():
+    noise = fg.seeded_noise(range(2), SHAPE, torch.float64)
+    sampler = fg.Sampler(toy_model, fg.DDIM(SCHEDULE, steps=4), progress=False, null_cond=NULL)
+    assert torch.equal(sampler.sample(noise, [0, 1]), sampler.sample(noise, torch.tensor([0, 1])))
+
+
+def test_tensor_conditions_and_null_embedding():
+    """Conditions may be embeddings [B, D]; null_cond is then one embedding [D]."""
+    gen = torch.Generator().manual_seed(2)
+    proj = torch.randn(4, SHAPE[0], generator=gen, dtype=torch.float64)
+
+    def emb_model(x, t, cond):
+        return torch.tanh(x * 0.5 + (cond @ proj).view(-1, SHAPE[0], 1, 1) + (t / 1000).view(-1, 1, 1, 1))
+
+    cond = torch.randn(3, 4, generator=gen, dtype=torch.float64)
+    null = torch.zeros(4, dtype=torch.float64)
+    noise = fg.seeded_noise(range(3), SHAPE, torch.float64)
+    sampler = fg.Sampler(emb_model, fg.DDIM(SCHEDULE, steps=4), fg.CFG(3.0), null_cond=null, progress=False)
+    out = sampler.sample(noise, cond)
+    one = sampler.sample(noise[1:2], cond[1:2])
+    torch.testing.assert_close(out[1:2], one, rtol=0, atol=1e-12)
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("make_solver", [
+    pytest.param(lambda: fg.FlowEuler(8, shift=3.0), id="flow"),
+    pytest.param(lambda: fg.DDPM(SD_SCHEDULE, steps=8), id="ddpm"),
+    pytest.param(lambda: fg.DDIM(SD_SCHEDULE, steps=8, eta=0.5, prediction_type="v_prediction"), id="ddim-v-eta"),
+])
+def test_every_solver_runs_in_low_precision(make_solver, dtype):
+    """Same seeds, so the same per-step noise: the low-precision run tracks the float64 one to within a few
+    unit of the dtype's resolution per step at the sample's scale (the model itself runs in ``dtype``)."""
+    solver = make_solver()
+    seeds = list(range(5))
+    noise = fg.seeded_noise(seeds, SHAPE, torch.float64)
+    labels = torch.arange(5) % 4
+    ref = sampler_for(solver).sample(noise, labels, seeds=seeds)
+    got = sampler_for(solver).sample(noise.to(dtype), labels, seeds=seeds)
+    assert got.dtype == dtype and torch.isfinite(got).all()
+    err = (got.double() - ref).abs().max().item()
+    assert err <= solver.steps * torch.finfo(dtype).eps * max(ref.abs().max().item(), 1.0)  # measured <= 0.2 of it
