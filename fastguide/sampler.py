@@ -8,14 +8,16 @@ whole fixed-NFE loop once per (batch, shape, dtype, rule) and replay it with new
 """
 from __future__ import annotations
 
+import copy
 import os
+import types
 import warnings
 from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
 
-from fastguide.guidance import CFG, ClassifierGuidance, StepGuidance
+from fastguide.guidance import CFG, ClassifierGuidance, StepGuidance, _check_scale
 from fastguide.kernels import reference
 from fastguide.kernels.reference import compute_dtype_for
 
@@ -118,15 +120,10 @@ class Sampler:
             raise TypeError("model: expected a callable model(x, t, cond) -> tensor")
         if not hasattr(solver, "plan"):
             raise TypeError(f"solver: expected a fastguide solver (DDIM, DDPM, FlowEuler), got {type(solver).__name__}")
-        guidance = CFG(1.0) if guidance is None else guidance
-        if not hasattr(guidance, "prepare"):
-            raise TypeError(f"guidance: expected CFG, ReCFG or ClassifierGuidance, got {type(guidance).__name__}")
-        needs_null = getattr(guidance, "needs_uncond", False) or getattr(guidance, "use_null_cond", False)
-        if needs_null and null_cond is None:
-            raise ValueError(f"null_cond: {type(guidance).__name__} needs the unconditional (null) condition")
         if backend not in BACKENDS:
             raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
-        self.model, self.solver, self.guidance, self.null_cond = model, solver, guidance, null_cond
+        self.model, self.solver, self.null_cond = model, solver, null_cond
+        self.guidance = self._check_guidance(CFG(1.0) if guidance is None else guidance)
         self.backend, self.cond_first = backend, bool(cond_first)
         self.progress, self.check_finite = progress, check_finite
         self.compiled = False
@@ -152,17 +149,20 @@ class Sampler:
         self._loops = {}
         return self
 
-    def sample(self, noise: torch.Tensor, cond, *, seeds=None, scale=None, callback=None,
+    def sample(self, noise: torch.Tensor, cond, *, seeds=None, scale=None, guidance=None, callback=None,
                progress=None) -> torch.Tensor:
         """Run the fixed-NFE loop from ``noise`` [B, C, H, W] (x_T) with conditions ``cond`` [B].
 
         ``seeds`` (B ints) make stochastic solvers' per-step noise a function of each sample's own seed;
         without them it comes from torch's global RNG. ``scale`` overrides the guidance scale for this
-        call (float or [B]). ``callback(step, t, x)`` runs after each step (not with CUDA graphs).
+        call (float or [B]) and ``guidance`` the rule (e.g. switch CFG <-> ReCFG without a new Sampler).
+        ``callback(step, t, x)`` runs after each step (not with CUDA graphs).
         """
         x = self._check_noise(noise)
         cond = self._check_cond(cond, x.shape[0], x.device)
-        guidance = self.guidance if scale is None else self._with_scale(scale)
+        guidance = self._check_guidance(self.guidance if guidance is None else guidance)
+        if scale is not None:
+            guidance = _with_scale(guidance, scale)
         plan = self.solver.plan
         sg = guidance.prepare(plan, cond.cpu() if not cond.is_floating_point() else cond, x.shape[1:])
         step_fn = self._step_fn(x.device)
@@ -177,7 +177,7 @@ class Sampler:
             b = self._new_buffers(x, cond, plan, sg, seeds)
         show = (self.progress if progress is None else progress) and not use_graph
         if use_graph:
-            self._replay(b, step_fn, plan)
+            self._replay(b, step_fn, plan, guidance)
         else:
             self._run(b, step_fn, plan, guidance, callback, show)
         if self.check_finite:
@@ -218,10 +218,13 @@ class Sampler:
             return _hot_step
         fn = self._hot.get("guided")
         if fn is None:
-            fn = self._hot["guided"] = torch.compile(_hot_step, **self._compile_kw)
+            # dynamo keeps its compiled variants (and its recompile limit) per code object; a private copy of
+            # the hot step's code per Sampler keeps samplers from evicting each other's graphs.
+            own = types.FunctionType(_hot_step.__code__.replace(), _hot_step.__globals__, f"_hot_step_{id(self):x}")
+            fn = self._hot["guided"] = torch.compile(own, **self._compile_kw)
         return fn
 
-    def _replay(self, b: LoopBuffers, step_fn, plan) -> None:
+    def _replay(self, b: LoopBuffers, step_fn, plan, guidance) -> None:
         entry = self._loops[b.key()]
         graph = entry.get("graph")
         if graph is None:
@@ -230,13 +233,13 @@ class Sampler:
             stream.wait_stream(torch.cuda.current_stream())
             saved = b.x2.clone()
             with torch.cuda.stream(stream):
-                self._run(b, step_fn, plan, self.guidance)
+                self._run(b, step_fn, plan, guidance)
             torch.cuda.current_stream().wait_stream(stream)
             b.x2.copy_(saved)
             b.first_bad.fill_(-1)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
-                self._run(b, step_fn, plan, self.guidance)
+                self._run(b, step_fn, plan, guidance)
             entry["graph"] = graph
             b.x2.copy_(saved)
             b.first_bad.fill_(-1)
@@ -300,16 +303,13 @@ class Sampler:
         return torch.randn((plan.steps, *x.shape), dtype=cdt, device=x.device)
 
     # ------------------------------------------------------------------ helpers
-    def _with_scale(self, scale):
-        import copy
-
-        g = copy.copy(self.guidance)
-        if not hasattr(g, "scale"):
-            raise ValueError("scale: this guidance rule has no scale")
-        from fastguide.guidance import _check_scale
-
-        g.scale = _check_scale(scale)
-        return g
+    def _check_guidance(self, guidance):
+        if not hasattr(guidance, "prepare"):
+            raise TypeError(f"guidance: expected CFG, ReCFG or ClassifierGuidance, got {type(guidance).__name__}")
+        needs_null = getattr(guidance, "needs_uncond", False) or getattr(guidance, "use_null_cond", False)
+        if needs_null and self.null_cond is None:
+            raise ValueError(f"null_cond: {type(guidance).__name__} needs the unconditional (null) condition")
+        return guidance
 
     def _step_fn(self, device: torch.device):
         want = self.backend
@@ -388,3 +388,11 @@ class Sampler:
         return (f"Sampler({type(self.solver).__name__}, {self.guidance!r}, backend={self.backend!r}, "
                 f"cond_first={self.cond_first}, compiled={self.compiled}, cuda_graph={self.cuda_graph})")
 
+
+def _with_scale(guidance, scale):
+    """A shallow copy of a rule with another scale (validated like the constructor's)."""
+    if not hasattr(guidance, "scale"):
+        raise ValueError(f"scale: {type(guidance).__name__} has no scale to override")
+    g = copy.copy(guidance)
+    g.scale = _check_scale(scale)
+    return g
