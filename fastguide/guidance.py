@@ -124,6 +124,8 @@ class ReCFG(CFG):
                              f"but noise has shape {tuple(latent_shape)}")
         if cond.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8) or cond.ndim != 1:
             raise TypeError("cond: ReCFG needs integer condition ids [B] (labels or table condition ids)")
+        if plan.schedule is not None and "schedule_fingerprint" in self.table.metadata:
+            self.table.check_compatible(schedule=plan.schedule)
         g1, guided = self._g1(plan.timesteps, cond.shape[0])
         steps, w = self.table.step_rows(plan.timesteps, self.out_of_range)
         rows = self.table.rows_for(cond, self.unknown_label)

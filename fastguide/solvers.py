@@ -25,6 +25,7 @@ class Plan:
     clip_range: float | None
     prediction_type: str
     kind: str  # "discrete" | "flow"
+    schedule: NoiseSchedule | None = None  # the discrete schedule the plan was built on (tables check against it)
 
     @property
     def steps(self) -> int:
@@ -165,7 +166,7 @@ class DDIM:
         _check_finite_plan(coef, "DDIM")
         self.plan = Plan(torch.from_numpy(ts.astype(np.float64)), torch.from_numpy(coef),
                          torch.from_numpy(np.sqrt(1 - abar[ts])), _resolve_clip(schedule, clip_sample, clip_sample_range),
-                         pred, "discrete")
+                         pred, "discrete", schedule)
 
     def __repr__(self):
         return f"DDIM(steps={self.steps}, eta={self.eta}, prediction_type={self.plan.prediction_type!r})"
@@ -196,7 +197,7 @@ class DDPM:
         _check_finite_plan(coef, "DDPM")
         self.plan = Plan(torch.from_numpy(ts.astype(np.float64)), torch.from_numpy(coef),
                          torch.from_numpy(np.sqrt(1 - abar[ts])), _resolve_clip(schedule, clip_sample, clip_sample_range),
-                         pred, "discrete")
+                         pred, "discrete", schedule)
 
     def __repr__(self):
         return f"DDPM(steps={self.steps}, variance_type={self.variance_type!r})"

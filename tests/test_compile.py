@@ -1,0 +1,145 @@
+"""Issue 9: the compiled hot step never recompiles for new scales / steps / rules; the static-buffer loop
+(what CUDA graphs replay) equals eager sampling for new noise, labels and scales; guidance-interval work."""
+import warnings
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+import fastguide as fg
+
+B, SHAPE = 4, (2, 5, 6)
+
+
+class TinyNet(torch.nn.Module):
+    """A small nonlinear conditional eps model (conv + label and time embeddings)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(SHAPE[0], SHAPE[0], 3, padding=1)
+        self.emb = torch.nn.Embedding(11, SHAPE[0])
+
+    def forward(self, x, t, c):
+        h = self.conv(x) + self.emb(c)[:, :, None, None] + (t / 1000.0)[:, None, None, None]
+        return torch.tanh(h)
+
+
+@pytest.fixture(scope="module")
+def setup():
+    torch.manual_seed(0)
+    net = TinyNet().eval()
+    sched = fg.NoiseSchedule.linear()
+    solver = fg.DDIM(sched, steps=6)
+    table = fg.RatioTable(1 + 0.3 * torch.rand(11, 6, *SHAPE))
+    return net, solver, table
+
+
+def eager_sample(net, solver, guide, noise, labels, **kw):
+    return fg.Sampler(net, solver, guide, null_cond=10, progress=False).sample(noise, labels, **kw)
+
+
+@torch.no_grad()
+def test_compiled_sampler_no_recompiles_across_scales_steps_and_rules(setup):
+    net, solver, table = setup
+    noise = fg.seeded_noise(range(B), SHAPE)
+    labels = torch.tensor([0, 3, 5, 9])
+    sampler = fg.Sampler(net, solver, fg.CFG(2.0), null_cond=10, progress=False).compile()
+    recfg = fg.ReCFG(2.0, table=table)
+    sampler.sample(noise, labels)  # warm-up: one compile per rule kind
+    sampler.sample(noise, labels, guidance=recfg)
+    graphs = counters["stats"]["unique_graphs"]
+    recompiles_before = sum(counters["recompiles"].values())
+    for g in (1.5, 2.5, 3.0, 5.0, 7.5):
+        for rule in (fg.CFG(1.0), recfg):
+            got = sampler.sample(noise, labels, guidance=rule, scale=g)
+            rule_g = fg.ReCFG(g, table=table) if isinstance(rule, fg.ReCFG) else fg.CFG(g)
+            want = eager_sample(net, solver, rule_g, noise, labels)
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert counters["stats"]["unique_graphs"] == graphs, "a new scale or rule compiled a new graph"
+    assert sum(counters["recompiles"].values()) == recompiles_before
+
+
+@torch.no_grad()
+def test_compiled_sampler_per_sample_scales_and_graph_breaks(setup):
+    net, solver, table = setup
+    noise = fg.seeded_noise(range(10, 10 + B), SHAPE)
+    labels = torch.tensor([1, 1, 2, 7])
+    scales = torch.tensor([1.0, 2.0, 4.0, 8.0])
+    breaks = sum(counters["graph_break"].values())
+    sampler = fg.Sampler(net, solver, fg.ReCFG(scales, table=table), null_cond=10, progress=False).compile()
+    got = sampler.sample(noise, labels)
+    want = eager_sample(net, solver, fg.ReCFG(scales, table=table), noise, labels)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert sum(counters["graph_break"].values()) == breaks, dict(counters["graph_break"])
+
+
+@torch.no_grad()
+def test_static_buffer_loop_equals_eager_for_new_inputs(setup):
+    """cuda_graph=True on the CPU: warns, then runs the same static-buffer loop a CUDA graph would replay."""
+    net, solver, table = setup
+    sampler = fg.Sampler(net, solver, fg.ReCFG(2.0, table=table), null_cond=10, progress=False)
+    sampler.compile(cuda_graph=True)
+    buffers = None
+    for call, (seed0, g) in enumerate([(0, 2.0), (100, 4.5), (200, torch.tensor([1.0, 3.0, 6.0, 0.5]))]):
+        noise = fg.seeded_noise(range(seed0, seed0 + B), SHAPE)
+        labels = torch.randint(0, 10, (B,))
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            got = sampler.sample(noise, labels, scale=g)
+        assert any("cuda_graph" in str(m.message) for m in w)
+        want = eager_sample(net, solver, fg.ReCFG(g, table=table), noise, labels)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        (entry,) = sampler._loops.values()  # one static key: the buffers were reused, not reallocated
+        buffers = entry["buffers"].x2.data_ptr() if buffers is None else buffers
+        assert entry["buffers"].x2.data_ptr() == buffers
+
+
+@torch.no_grad()
+def test_static_buffer_loop_with_stochastic_solver_and_seeds(setup):
+    net, _, table = setup
+    solver = fg.DDIM(fg.NoiseSchedule.linear(), steps=5, eta=1.0)
+    sampler = fg.Sampler(net, solver, fg.CFG(3.0), null_cond=10, progress=False).compile(cuda_graph=True)
+    for seed0 in (0, 50):
+        seeds = list(range(seed0, seed0 + B))
+        noise = fg.seeded_noise(seeds, SHAPE)
+        labels = torch.tensor([4, 4, 0, 2])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            got = sampler.sample(noise, labels, seeds=seeds)
+        want = eager_sample(net, solver, fg.CFG(3.0), noise, labels, seeds=seeds)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+@torch.no_grad()
+def test_guidance_interval_runs_half_batch_outside_and_saves_work(setup):
+    net, solver, _ = setup
+    rows_seen = []
+
+    def counting(x, t, c):
+        rows_seen.append(x.shape[0])
+        return net(x, t, c)
+
+    ts = solver.plan.timesteps
+    lo, hi = float(ts[3]), float(ts[0])  # guide the first 4 of 6 steps
+    sampler = fg.Sampler(counting, solver, fg.CFG(3.0, interval=(lo, hi)), null_cond=10, progress=False)
+    sampler.sample(fg.seeded_noise(range(B), SHAPE), torch.arange(B))
+    assert rows_seen == [2 * B] * 4 + [B] * 2
+    full = 2 * B * solver.plan.steps
+    assert sum(rows_seen) / full == pytest.approx((4 * 2 + 2) / 12)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@torch.no_grad()
+def test_cuda_graph_replay_equals_eager_on_gpu(setup):
+    net, solver, table = setup
+    net = net.cuda()
+    sampler = fg.Sampler(net, solver, fg.ReCFG(2.0, table=table), null_cond=10, progress=False)
+    sampler.compile(cuda_graph=True)
+    for seed0, g in ((0, 2.0), (7, 5.0), (99, 1.5)):
+        noise = fg.seeded_noise(range(seed0, seed0 + B), SHAPE, device="cuda")
+        labels = torch.randint(0, 10, (B,), device="cuda")
+        got = sampler.sample(noise, labels, scale=g)
+        want = eager_sample(net, solver, fg.ReCFG(g, table=table), noise, labels)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    (entry,) = sampler._loops.values()
+    assert entry.get("graph") is not None
