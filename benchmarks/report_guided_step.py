@@ -1,0 +1,358 @@
+"""Roofline report for the fused guided-step kernel: one command fills benchmarks/RESULTS.md.
+
+    python benchmarks/report_guided_step.py            # on a GPU: time the kernel vs eager and torch.compile
+    python benchmarks/report_guided_step.py --write    # ... and replace the kernel section of RESULTS.md
+    python benchmarks/report_guided_step.py --static   # no GPU needed: SASS figures (access widths, registers)
+
+On a machine without CUDA the default run times the eager reference against torch.compile(reference) at
+tiny sizes on the CPU; the kernel itself only runs there in the Triton interpreter (~1.5 ms per program),
+which says nothing about its speed, so it is left out of the CPU table.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+if not torch.cuda.is_available() and "--static" not in sys.argv:
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the kernel import
+
+import triton  # noqa: E402
+
+from fastguide.kernels import reference  # noqa: E402
+from fastguide.kernels import guided_step as gs  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+BEGIN, END = "<!-- guided_step:begin -->", "<!-- guided_step:end -->"
+GPU_SHAPES = [(64, 4, 32, 32), (16, 4, 128, 128), (8, 16, 128, 128), (1, 4, 64, 64), (64, 16, 128, 128)]
+CPU_SHAPES = [(2, 4, 8, 8), (16, 4, 32, 32)]
+TRITON_DTYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+RULES = ("cond", "cfg", "recfg")
+ARCHES = (90, 80)
+SM_REGISTERS, SM_MAX_THREADS = 65536, 2048  # sm_80 and sm_90: full occupancy needs <= 32 registers per thread
+
+
+# ---------------------------------------------------------------------------- static (SASS) figures
+def static_variants() -> list[dict]:
+    """Every rule x dtype, lightest (no clip, no z, out [B]) and heaviest (clip, z, out [2B]) form, plus the
+    mixed-width operands the Sampler produces (float32 z, float32 tables with low-precision latents)."""
+    variants = []
+    for dtype in TRITON_DTYPE:
+        for rule in RULES:
+            variants.append(dict(rule=rule, dtype=dtype, table_dtype=dtype, z_dtype=None, clip=False, out_rows=1))
+            variants.append(dict(rule=rule, dtype=dtype, table_dtype=dtype, z_dtype=dtype, clip=True, out_rows=2))
+    for dtype in (torch.float16, torch.bfloat16):
+        variants.append(dict(rule="recfg", dtype=dtype, table_dtype=torch.float32, z_dtype=torch.float32, clip=True,
+                             out_rows=2))
+    return variants
+
+
+def variant_name(v: dict) -> str:
+    parts = [v["rule"], TRITON_DTYPE[v["dtype"]]]
+    if v["rule"] == "recfg" and v["table_dtype"] != v["dtype"]:
+        parts.append(f"table-{TRITON_DTYPE[v['table_dtype']]}")
+    parts += ["clip" if v["clip"] else "noclip", f"z-{TRITON_DTYPE[v['z_dtype']]}" if v["z_dtype"] else "noz",
+              f"out{v['out_rows']}B"]
+    return "/".join(parts)
+
+
+def streamed_operands(v: dict) -> tuple[list[torch.dtype], list[torch.dtype]]:
+    """(dtypes of the streamed inputs read per element, dtypes of the outputs written per element).
+    The second ReCFG table row is read only on lerp steps (it is predicated off on grid steps)."""
+    reads = [v["dtype"], v["dtype"]]  # x, m_cond
+    if v["rule"] != "cond":
+        reads.append(v["dtype"])  # m_uncond
+    if v["rule"] == "recfg":
+        reads += [v["table_dtype"], v["table_dtype"]]  # table rows i0 and i1
+    if v["z_dtype"] is not None:
+        reads.append(v["z_dtype"])
+    return reads, [v["dtype"]] * v["out_rows"]
+
+
+def _signature(v: dict) -> tuple[dict, dict]:
+    ptr = "*" + TRITON_DTYPE[v["dtype"]]
+    table = "*" + TRITON_DTYPE[v["table_dtype"]] if v["rule"] == "recfg" else ptr
+    sig = {"out_ptr": ptr, "out2_ptr": ptr, "x_ptr": ptr, "m_cond_ptr": ptr, "m_uncond_ptr": ptr,
+           "g1_ptr": "*fp32", "coef_ptr": "*fp32", "table_ptr": table,
+           "rows_ptr": "*i64" if v["rule"] == "recfg" else "*fp32",
+           "steps_ptr": "*i64" if v["rule"] == "recfg" else "*fp32",
+           "z_ptr": "*" + TRITON_DTYPE[v["z_dtype"]] if v["z_dtype"] else ptr,
+           "n_per_row": "i32", "table_k": "i32", "table_t": "i32", "clip_range": "fp32"}
+    block, _ = gs.launch_config(v["dtype"])
+    constexprs = dict(HAS_UNCOND=v["rule"] != "cond", HAS_TABLE=v["rule"] == "recfg", CLIP=v["clip"],
+                      HAS_Z=v["z_dtype"] is not None, TWO_OUT=v["out_rows"] == 2, BLOCK=block)
+    sig.update({k: "constexpr" for k in constexprs})
+    return sig, constexprs
+
+
+def compile_cubin(v: dict, arch: int) -> bytes:
+    """AOT-compile the production kernel with the specialization the launcher gets for 16-byte aligned
+    pointers and a per-row size divisible by 16 (tt.divisibility 16 on every pointer and on n_per_row)."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        raise RuntimeError("compile_cubin: unset TRITON_INTERPRET (the interpreter wraps the kernel)")
+    from triton.backends.compiler import GPUTarget
+
+    sig, constexprs = _signature(v)
+    names = gs.guided_step_kernel.arg_names
+    aligned = [n for n in sig if n.endswith("_ptr")] + ["n_per_row"]
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
+    src = triton.compiler.ASTSource(fn=gs.guided_step_kernel, signature=sig, constexprs=constexprs, attrs=attrs)
+    _, num_warps = gs.launch_config(v["dtype"])
+    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
+    return compiled.asm["cubin"]
+
+
+def _nvidia_tool(name: str) -> str:
+    return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name)
+
+
+_ACCESS = re.compile(r"\b(LDG|STG|LDL|STL)((?:\.[A-Z0-9_]+)*)")
+
+
+def sass_stats(cubin: bytes) -> dict:
+    """Global/local accesses by width (bits) and resource usage, from cuobjdump of one cubin."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        sass = subprocess.run([_nvidia_tool("cuobjdump"), "-sass", "-res-usage", f.name], capture_output=True,
+                              text=True, check=True).stdout
+    counts: dict[str, dict[int, int]] = {"LDG": {}, "STG": {}, "LDL": {}, "STL": {}}
+    for op, mods in _ACCESS.findall(sass):
+        width = 128 if ".128" in mods else 64 if ".64" in mods else 16 if "16" in mods else 8 if "8" in mods else 32
+        counts[op][width] = counts[op].get(width, 0) + 1
+    usage = {k.lower(): int(n) for k, n in re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", sass)}
+    return {"loads": counts["LDG"], "stores": counts["STG"], "local_accesses": sum(counts["LDL"].values()) +
+            sum(counts["STL"].values()), **usage}
+
+
+def static_report(arches=ARCHES) -> list[dict]:
+    """sm_90 gets every variant; older arches the heaviest form of each rule and dtype (fewer disassemblies)."""
+    jobs = [(v, arch, compile_cubin(v, arch)) for arch in arches for v in static_variants()
+            if arch == arches[0] or v["out_rows"] == 2]
+    with ThreadPoolExecutor(8) as pool:  # cuobjdump mostly waits; overlap the calls
+        stats = list(pool.map(sass_stats, [cubin for _, _, cubin in jobs]))
+    rows = []
+    for (v, arch, _), st in zip(jobs, stats):
+        reads, writes = streamed_operands(v)
+        block, num_warps = gs.launch_config(v["dtype"])
+        rows.append(dict(variant=variant_name(v), arch=arch, block=block, num_warps=num_warps,
+                         elems_per_thread=block // (32 * num_warps),
+                         read_bytes=[torch.empty((), dtype=d).element_size() for d in reads],
+                         write_bytes=[torch.empty((), dtype=d).element_size() for d in writes], **st))
+    return rows
+
+
+def static_markdown(rows: list[dict]) -> str:
+    lines = ["| variant | sm | bytes/elem read+write (floor) | LDG.128 / STG.128 per thread | other LDG (scalars) "
+             "| REG | LOCAL |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        floor = f"{sum(r['read_bytes'])}+{sum(r['write_bytes'])}"
+        other = sum(n for w, n in r["loads"].items() if int(w) != 128)
+        lines.append(f"| {r['variant']} | {r['arch']} | {floor} | {r['loads'].get(128, 0)} / "
+                     f"{r['stores'].get(128, 0)} | {other} | {r['reg']} | {r['local']} |")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------- timed runs
+def make_step_inputs(shape, dtype, rule, device, lerp=False) -> dict:
+    b, latent = shape[0], shape[1:]
+    d = dict(out=torch.empty((2 * b, *latent), dtype=dtype, device=device),
+             model_out=torch.randn((2 * b, *latent), dtype=dtype, device=device),
+             g1=torch.full((b,), 4.0, device=device),
+             coef=torch.tensor([0.99, -0.1, 0.0, 1.0, -0.2, 0.9, 0.05, 0.1, 0.25], device=device),
+             kw=dict(cond_first=True))
+    d["out"].normal_()
+    d["x"] = d["out"][:b]
+    if rule == "recfg":
+        d["kw"].update(table=torch.rand((11, 8, *latent), dtype=dtype, device=device) + 0.5,
+                       rows=torch.randint(0, 11, (b,), device=device),
+                       table_steps=torch.tensor([3, 4 if lerp else 3], device=device))
+    return d
+
+
+def floor_bytes(shape, dtype, rule, lerp=False) -> int:
+    """Bytes a step must move: read x, m_cond, m_uncond (+ table rows), write both halves of the 2B buffer."""
+    streams = 3 + 2 + (0 if rule != "recfg" else 2 if lerp else 1)
+    return streams * math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+
+
+def _impls(compiled_ref):
+    def triton_step(d):
+        gs.guided_step_into(d["out"], d["x"], d["model_out"], d["g1"], d["coef"], check=False, **d["kw"])
+
+    def eager_step(d):
+        reference.guided_step_into(d["out"], d["x"], d["model_out"], d["g1"], d["coef"], **d["kw"])
+
+    def compiled_step(d):
+        compiled_ref(d["out"], d["x"], d["model_out"], d["g1"], d["coef"], **d["kw"])
+
+    return {"triton": triton_step, "eager": eager_step, "compiled": compiled_step}
+
+
+def copy_bandwidth(nbytes=1 << 30) -> float:
+    """Device copy bandwidth in bytes/s (read + write counted), best of several copies."""
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device="cuda").normal_()
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(10):
+        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        dst.copy_(src)
+        stop.record()
+        torch.cuda.synchronize()
+        best = min(best, start.elapsed_time(stop) / 1e3)
+    return 2 * nbytes / best
+
+
+def gpu_time_per_step(fn, sets, calls=2000) -> float:
+    """GPU seconds per step: a CUDA graph of ~``calls`` steps cycling over >= 4 rotating input sets (so L2
+    cannot hold them), replayed and timed with events; median of 5 replays."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for d in sets:
+            fn(d)
+    torch.cuda.current_stream().wait_stream(stream)
+    reps = max(1, calls // len(sets))
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(reps):
+            for d in sets:
+                fn(d)
+    times = []
+    for _ in range(5):
+        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        stop.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(stop) / 1e3 / (reps * len(sets)))
+    return sorted(times)[len(times) // 2]
+
+
+def host_time_per_call(fn, d, calls=200, rounds=5) -> float:
+    """Wall seconds per eager call, best of ``rounds`` (host issue cost; on a GPU the small shapes' work
+    hides behind it)."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    for _ in range(10):
+        fn(d)
+    best = float("inf")
+    for _ in range(rounds):
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn(d)
+        sync()
+        best = min(best, (time.perf_counter() - t0) / calls)
+    return best
+
+
+def gpu_report() -> str:
+    compiled_ref = torch.compile(reference.guided_step_into, dynamic=False)
+    impls = _impls(compiled_ref)
+    bw = copy_bandwidth()
+    lines = [f"Copy bandwidth (measured, read + write): {bw / 1e9:.0f} GB/s.", "",
+             "| shape | dtype | rule | floor us | triton us | % copy BW | eager us | compiled us | x eager "
+             "| x compiled | triton host us/call |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    l2 = torch.cuda.get_device_properties(0).L2_cache_size
+    for shape in GPU_SHAPES:
+        for dtype in (torch.float32, torch.bfloat16):
+            for rule in ("cfg", "recfg"):
+                nbytes = floor_bytes(shape, dtype, rule)
+                nsets = max(4, math.ceil(4 * l2 / nbytes))
+                sets = [make_step_inputs(shape, dtype, rule, "cuda") for _ in range(nsets)]
+                t = {name: gpu_time_per_step(fn, sets) for name, fn in impls.items()}
+                host = host_time_per_call(impls["triton"], sets[0])
+                lines.append(f"| {shape} | {TRITON_DTYPE[dtype]} | {rule} | {nbytes / bw * 1e6:.2f} | "
+                             f"{t['triton'] * 1e6:.2f} | {100 * nbytes / t['triton'] / bw:.0f}% | "
+                             f"{t['eager'] * 1e6:.2f} | {t['compiled'] * 1e6:.2f} | {t['eager'] / t['triton']:.1f} | "
+                             f"{t['compiled'] / t['triton']:.2f} | {host * 1e6:.1f} |")
+                del sets
+    return "\n".join(lines)
+
+
+def cpu_report() -> str:
+    compiled_ref = torch.compile(reference.guided_step_into, dynamic=False)
+    impls = _impls(compiled_ref)
+    lines = ["**GPU numbers: unmeasured** (this run had no GPU). Run this script on a GPU to fill in GPU time per "
+             "step, % of copy bandwidth, speed-ups and host time per call.", "",
+             "CPU only: eager reference vs torch.compile(reference), wall time per call. The Triton kernel runs "
+             "here only in the interpreter, which measures nothing about its GPU speed, so it is not timed. "
+             "Best of 5 rounds; the CPU is small and shared, so treat these as rough.", "",
+             "| shape | dtype | rule | eager us | compiled us |", "|---|---|---|---|---|"]
+    for shape in CPU_SHAPES:
+        for rule in ("cfg", "recfg"):
+            d = make_step_inputs(shape, torch.float32, rule, "cpu")
+            eager = host_time_per_call(impls["eager"], d, calls=20)
+            comp = host_time_per_call(impls["compiled"], d, calls=20)
+            lines.append(f"| {shape} | fp32 | {rule} | {eager * 1e6:.0f} | {comp * 1e6:.0f} |")
+    return "\n".join(lines)
+
+
+def _static_in_subprocess(as_json: bool) -> str:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    args = [sys.executable, __file__, "--static"] + (["--json"] if as_json else [])
+    return subprocess.run(args, env=env, capture_output=True, text=True, check=True).stdout
+
+
+STATIC_NOTE = (
+    "Compiled ahead of time (triton.compile, GPUTarget cuda 90 / 80) with the launcher's specialization for "
+    "16-byte aligned pointers and a per-row size divisible by 16, disassembled with triton's cuobjdump; "
+    "tests/test_guided_step_sass.py asserts these properties on every CI run. Bytes per latent element "
+    "(B x C x H x W): reads + writes; recfg counts both table rows (a lerp step), a grid step reads one "
+    "(the second row's load is predicated off). LDG.128 / STG.128 are 16-byte accesses per thread, one per "
+    "streamed operand per 16 bytes of its elements (exactly the floor); the other loads are per-program "
+    "scalars (g1, label row, step rows, coefficients). REG <= 32 means full occupancy on sm_80 / sm_90 "
+    "(2048 threads x 32 = 65536 registers); the mixed-width variants (16-bit latents, float32 table and "
+    "noise, as the Sampler passes them today) need 46-48 (62.5% occupancy, 9 loads in flight per thread). "
+    "Launch: BLOCK = 8 warps x 32 threads x (16 bytes / element size) elements, grid (blocks per row, B).")
+
+
+def versions() -> str:
+    dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU (CPU only)"
+    return (f"Device: {dev}; torch {torch.__version__}, triton {triton.__version__}, "
+            f"date {datetime.date.today().isoformat()}.")
+
+
+def write_section(text: str) -> None:
+    body = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
+    section = f"{BEGIN}\n{text.strip()}\n{END}"
+    if BEGIN in body and END in body:
+        body = body[:body.index(BEGIN)] + section + body[body.index(END) + len(END):]
+    else:
+        body = body.rstrip() + "\n\n" + section + "\n"
+    RESULTS.write_text(body)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--static", action="store_true", help="only the SASS figures (no GPU needed)")
+    p.add_argument("--json", action="store_true", help="with --static: print the raw figures as JSON")
+    p.add_argument("--write", action="store_true", help="replace the guided_step section of RESULTS.md")
+    args = p.parse_args(argv)
+    if args.static:
+        rows = static_report()
+        print(json.dumps(rows) if args.json else static_markdown(rows))
+        return 0
+    timed = gpu_report() if torch.cuda.is_available() else cpu_report()
+    text = "\n\n".join(["## Fused guided step (benchmarks/report_guided_step.py)", versions(), timed,
+                        "### Static figures (SASS of the production kernel)", STATIC_NOTE, _static_in_subprocess(False)])
+    print(text)
+    if args.write:
+        write_section(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
