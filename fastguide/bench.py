@@ -108,8 +108,7 @@ def run_end_to_end(net, schedule, shape, *, model_name: str, batches=(1, 16, 64)
                     add("diffusers_compiled", median_time(
                         lambda r: diffusers_style_loop(cnet, sch, noises[r % 4], labels, null_label, scale),
                         reps, warmup + 1, device))
-                eager = fg.Sampler(net, solver, fg.CFG(scale), null_cond=null_label, progress=False,
-                                   check_finite=False)
+                eager = fg.Sampler(net, solver, fg.CFG(scale), null_cond=null_label, progress=False)
                 if "fastguide_eager" in modes:
                     add("fastguide_eager", median_time(lambda r: eager.sample(noises[r % 4], labels), reps, warmup,
                                                        device), net_time["eager"])
@@ -118,13 +117,12 @@ def run_end_to_end(net, schedule, shape, *, model_name: str, batches=(1, 16, 64)
                     net_time["compiled"] = median_time(lambda r: cnet2(x2, t2, l2), reps * 2, warmup + 1,
                                                        device) * nfe
                 if "fastguide_compiled" in modes:
-                    comp = fg.Sampler(net, solver, fg.CFG(scale), null_cond=null_label, progress=False,
-                                      check_finite=False).compile()
+                    comp = fg.Sampler(net, solver, fg.CFG(scale), null_cond=null_label, progress=False).compile()
                     add("fastguide_compiled", median_time(lambda r: comp.sample(noises[r % 4], labels), reps,
                                                           warmup + 1, device), net_time["compiled"])
                 if "fastguide_graph" in modes and cuda:
-                    graph = fg.Sampler(net, solver, fg.CFG(scale), null_cond=null_label, progress=False,
-                                       check_finite=False).compile(cuda_graph=True)
+                    graph = fg.Sampler(net, solver, fg.CFG(scale), null_cond=null_label,
+                                       progress=False).compile(cuda_graph=True)
                     add("fastguide_graph", median_time(lambda r: graph.sample(noises[r % 4], labels), reps,
                                                        warmup + 1, device), net_time["compiled"])
                 if "floor" in modes:
@@ -191,3 +189,50 @@ def tiny_dit(device="cpu", dtype=torch.float32, full: bool = False):
 
     net.null_label = cfg["num_embeds_ada_norm"]
     return net, (channels, cfg["sample_size"], cfg["sample_size"])
+
+
+OVERHEAD_MODES = ("diffusers_eager", "fastguide_eager", "fastguide_compiled")
+
+
+class StubNet(torch.nn.Module):
+    """Stands in for the network when measuring sampler overhead: returns a fixed [2B] (or [B]) output."""
+
+    def __init__(self, out2: torch.Tensor):
+        super().__init__()
+        self.register_buffer("out2", out2)
+
+    def forward(self, x, t, c):
+        return self.out2[: x.shape[0]]
+
+
+def run_overhead(schedule, shape, *, batches=(1, 16, 64), nfe: int = 10, device="cpu", dtype=torch.float32,
+                 scale: float = 3.0, reps: int = 20, warmup: int = 3, modes=OVERHEAD_MODES) -> list[dict]:
+    """Per-step time of everything but the network (input batching, CFG combine, solver update, copies),
+    measured with the network replaced by :class:`StubNet`. Modes are interleaved per repetition so a
+    drifting machine load hits them alike."""
+    out = []
+    solver = fg.DDIM(schedule, steps=nfe)
+    for batch in batches:
+        stub = StubNet(torch.randn(2 * batch, *shape, device=device, dtype=dtype)).to(device)
+        noises = [torch.randn(batch, *shape, device=device, dtype=dtype) for _ in range(4)]
+        labels = torch.arange(batch, device=device) % 10
+        sch = diffusers_scheduler_for(schedule, nfe)
+        eager = fg.Sampler(stub, solver, fg.CFG(scale), null_cond=10, progress=False)
+        comp = fg.Sampler(stub, solver, fg.CFG(scale), null_cond=10, progress=False).compile()
+        fns = {
+            "diffusers_eager": lambda r: diffusers_style_loop(stub, sch, noises[r % 4], labels, 10, scale),
+            "fastguide_eager": lambda r: eager.sample(noises[r % 4], labels),
+            "fastguide_compiled": lambda r: comp.sample(noises[r % 4], labels),
+        }
+        times = {m: [] for m in modes}
+        with torch.inference_mode():
+            for m in modes:
+                for r in range(warmup):
+                    fns[m](r)
+            for r in range(reps):
+                for m in modes:
+                    times[m].append(median_time(fns[m], 1, 0, device))
+        for m in modes:
+            out.append({"mode": m, "batch": batch, "nfe": nfe,
+                        "us_per_step": statistics.median(times[m]) / nfe * 1e6})
+    return out

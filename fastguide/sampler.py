@@ -9,6 +9,7 @@ whole fixed-NFE loop once per (batch, shape, dtype, rule) and replay it with new
 from __future__ import annotations
 
 import copy
+import functools
 import os
 import types
 import warnings
@@ -79,8 +80,7 @@ class LoopBuffers:
     rows: torch.Tensor | None  # [B]
     steps: torch.Tensor | None  # [S, 2]
     z: torch.Tensor | None  # [S, B, *shape]
-    first_bad: torch.Tensor  # [] int64: first step whose model output was not finite, -1 if none
-    idx: torch.Tensor  # [S] int64 step indices (so the compiled step gets its index as a tensor)
+    out_sums: torch.Tensor  # [S] float32 sum of each step's model output: non-finite iff the output was
     guided: tuple  # [S] bool: run the null half at this step
     batch: int
 
@@ -89,16 +89,16 @@ class LoopBuffers:
                 self.guided, tuple(self.labels.shape), self.labels.dtype)
 
 
-def _hot_step(model, step_fn, x2, labels, t_i, idx_i, g1_i, coef_i, table, rows, steps_i, z_i, first_bad,
+def _hot_step(model, step_fn, x2, labels, t_i, g1_i, coef_i, table, rows, steps_i, z_i, sum_i,
               batch: int, cond_first: bool, clip_range, check_finite: bool):
     """One guided step over static buffers: the batched 2B forward, then the fused guided update.
 
-    Every per-step value arrives as a tensor (t_i, idx_i, g1_i, coef_i, steps_i, z_i), so torch.compile
+    Every per-step value arrives as a tensor (t_i, g1_i, coef_i, steps_i, z_i, sum_i), so torch.compile
     traces this once and never recompiles for a new step, scale or table row.
     """
     out = model(x2, t_i.expand(x2.shape[0]), labels)
     if check_finite:
-        first_bad.copy_(torch.where((first_bad < 0) & ~torch.isfinite(out).all(), idx_i, first_bad))
+        sum_i.copy_(out.sum(dtype=torch.float32))  # one cheap reduction; checked once after the loop
     step_fn(x2, x2[:batch], out, g1_i, coef_i, cond_first=cond_first, table=table, rows=rows, table_steps=steps_i,
             clip_range=clip_range, z=z_i)
     return out
@@ -181,11 +181,19 @@ class Sampler:
         else:
             self._run(b, step_fn, plan, guidance, callback, show)
         if self.check_finite:
-            bad = int(b.first_bad)
-            if bad >= 0:
-                raise ValueError(f"model: output contained NaN/inf, first at step {bad} "
-                                 f"(t={float(plan.timesteps[bad]):g}); the sample is not valid")
+            self._raise_if_not_finite(b, plan)
         return b.x2[:b.batch].clone()
+
+    @staticmethod
+    def _raise_if_not_finite(b: LoopBuffers, plan) -> None:
+        bad_steps = (~torch.isfinite(b.out_sums)).nonzero().flatten().tolist()
+        if bad_steps:
+            i = bad_steps[0]
+            raise ValueError(f"model: output contained NaN/inf, first at step {i} (t={float(plan.timesteps[i]):g}); "
+                             "the sample is not valid")
+        if not bool(torch.isfinite(b.x2[:b.batch]).all()):
+            raise ValueError("model: outputs were finite but the sample overflowed to NaN/inf (check the model's "
+                             "output scale, the dtype, or the solver settings)")
 
     # ------------------------------------------------------------------ the loop
     def _run(self, b: LoopBuffers, step_fn, plan, guidance, callback=None, show=False) -> None:
@@ -193,9 +201,9 @@ class Sampler:
         csl = slice(0, b.batch) if (self.cond_first or b.x2.shape[0] == b.batch) else slice(b.batch, 2 * b.batch)
         for i in tqdm(range(plan.steps), desc="sampling", disable=not show, leave=False):
             if b.guided[i]:
-                out = self._hot_fn()(self._forward, step_fn, b.x2, b.labels, b.t[i], b.idx[i], b.g1[i], b.coef[i],
+                out = self._hot_fn()(self._forward, step_fn, b.x2, b.labels, b.t[i], b.g1[i], b.coef[i],
                                      b.table, b.rows, None if b.steps is None else b.steps[i],
-                                     None if b.z is None else b.z[i], b.first_bad, b.batch, self.cond_first,
+                                     None if b.z is None else b.z[i], b.out_sums[i], b.batch, self.cond_first,
                                      plan.clip_range, self.check_finite)
                 if not self.compiled:
                     self._check_model_output(out, b.x2, i)
@@ -207,7 +215,7 @@ class Sampler:
                 if classifier:
                     out = guidance.guided_eps(out, x, b.t[i].expand(b.batch), b.cond, float(plan.eps_scale[i]))
                 if self.check_finite:
-                    b.first_bad.copy_(torch.where((b.first_bad < 0) & ~torch.isfinite(out).all(), i, b.first_bad))
+                    b.out_sums[i].copy_(out.sum(dtype=torch.float32))
                 step_fn(b.x2, b.x2[:b.batch], out, b.g1[i], b.coef[i], cond_first=self.cond_first,
                         clip_range=plan.clip_range, z=None if b.z is None else b.z[i])
             if callback is not None:
@@ -236,13 +244,11 @@ class Sampler:
                 self._run(b, step_fn, plan, guidance)
             torch.cuda.current_stream().wait_stream(stream)
             b.x2.copy_(saved)
-            b.first_bad.fill_(-1)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
                 self._run(b, step_fn, plan, guidance)
             entry["graph"] = graph
             b.x2.copy_(saved)
-            b.first_bad.fill_(-1)
         graph.replay()
 
     # ------------------------------------------------------------------ buffers
@@ -264,8 +270,8 @@ class Sampler:
             table=None if sg.table is None else sg.table.to(dev),
             rows=None if sg.rows is None else sg.rows.to(dev),
             steps=None if sg.table_steps is None else sg.table_steps.to(dev),
-            z=self._noise_for_steps(plan, x, seeds), first_bad=torch.full((), -1, dtype=torch.int64, device=dev),
-            idx=torch.arange(plan.steps, device=dev),
+            z=self._noise_for_steps(plan, x, seeds),
+            out_sums=torch.zeros(plan.steps, dtype=torch.float32, device=dev),
             guided=guided, batch=batch)
         self._load_x(b, x)
         return b
@@ -278,7 +284,7 @@ class Sampler:
             self._loops[fresh.key()] = {"buffers": fresh}
             return fresh
         b = entry["buffers"]
-        for name in ("x2", "labels", "t", "coef", "g1", "table", "rows", "steps", "z", "first_bad"):
+        for name in ("x2", "labels", "t", "coef", "g1", "table", "rows", "steps", "z", "out_sums"):
             dst, src = getattr(b, name), getattr(fresh, name)
             if dst is not None:
                 if dst.shape != src.shape:  # e.g. a table of another size: not the same graph
@@ -323,7 +329,8 @@ class Sampler:
             from fastguide.kernels.guided_step import guided_step_into
         except ImportError as e:
             raise ValueError(f"backend: 'triton' is not available here ({e})") from None
-        return guided_step_into
+        # Table rows and steps were validated on the host (RatioTable.rows_for / step_rows): no per-step sync.
+        return functools.partial(guided_step_into, check=False)
 
     def _null_batch(self, batch: int, cond: torch.Tensor) -> torch.Tensor:
         null = self.null_cond
