@@ -143,3 +143,19 @@ def test_cuda_graph_replay_equals_eager_on_gpu(setup):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     (entry,) = sampler._loops.values()
     assert entry.get("graph") is not None
+
+
+def test_sampler_benchmark_suite_runs_at_tiny_sizes():
+    """CI exercises benchmarks/bench_sampler.py (each case once, timing disabled)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, FASTGUIDE_BENCH_QUICK="1")
+    res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--benchmark-disable",
+                          str(repo / "benchmarks" / "bench_sampler.py")],
+                         cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "6 passed" in res.stdout
