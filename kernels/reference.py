@@ -52,8 +52,7 @@ def guided_step(
     table: [K, T, *shape] ratio rows; rows: [B] int64 row per sample; table_steps: [2] int (i0, i1).
     """
     dt = compute_dtype or compute_dtype_for(x.dtype)
-    c = coef.to(dt)
-    A, B, S, Px, Pm, C0, Cx, Cm, w = (c[i] for i in range(NUM_COEF))
+    A, B, S, Px, Pm, C0, Cx, Cm, w = coef.to(dt).unbind()
     xf = x.to(dt)
     m = m_cond.to(dt)
     if m_uncond is not None:
