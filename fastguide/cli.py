@@ -10,6 +10,13 @@ import sys
 # Subcommand modules, in --help order. Each defines add_parser(subparsers).
 COMMAND_MODULES = [
     "fastguide.commands.demo",
+    "fastguide.commands.bench",
+    "fastguide.commands.sample",
+    "fastguide.commands.train",
+    "fastguide.commands.build_table",
+    "fastguide.commands.table_info",
+    "fastguide.commands.toy",
+    "fastguide.commands.export_onnx",
 ]
 
 

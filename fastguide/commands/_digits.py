@@ -1,0 +1,206 @@
+"""Helpers shared by the digits commands (`demo`, `sample`, `train`): argument checks, device choice,
+asset loading, and the PNG / table outputs."""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+RULE_LABELS = {"cfg": "CFG", "recfg-paper": "ReCFG (paper: E[eps_c]/E[eps_u])",
+               "recfg-ls": "ReCFG (least squares: E[eps_c eps_u]/E[eps_u^2])"}
+METRIC_LABELS = {"accuracy": "classifier accuracy", "expectation_shift": "expectation shift (L2, pixels)",
+                 "frechet_distance": "Frechet distance (classifier features)",
+                 "variance_ratio": "pixel-variance ratio (gen / real)"}
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    pass
+
+
+# ---------------------------------------------------------------------- arguments
+def add_device_args(p) -> None:
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where to sample")
+    p.add_argument("--backend", default="auto", choices=("auto", "torch", "triton"),
+                   help="guided-step implementation (auto: the fused Triton kernel on CUDA, torch otherwise)")
+
+
+def check_scale(g: float, name: str = "--scale") -> float:
+    if not math.isfinite(g) or g < 0:
+        raise ValueError(f"{name}: expected a finite guidance scale >= 0, got {g}")
+    return float(g)
+
+
+def parse_scales(text: str) -> list[float]:
+    try:
+        scales = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"--scales: expected comma-separated numbers, got {text!r}") from None
+    if not scales:
+        raise ValueError("--scales: expected at least one guidance scale")
+    return [check_scale(g, "--scales") for g in scales]
+
+
+def parse_labels(text: str) -> list[int]:
+    try:
+        labels = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"--labels: expected comma-separated digits 0..9, got {text!r}") from None
+    bad = [v for v in labels if not 0 <= v <= 9]
+    if not labels or bad:
+        raise ValueError(f"--labels: expected digits 0..9, got {bad or text!r}")
+    return labels
+
+
+def check_steps(steps: int) -> int:
+    if not 1 <= steps <= 1000:
+        raise ValueError(f"--steps: expected 1..1000 sampling steps, got {steps}")
+    return steps
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device: cuda was requested but no CUDA device is available (torch.cuda.is_available() "
+                         "is False); use --device cpu")
+    return torch.device(name)
+
+
+def prepare_out_dir(path) -> Path:
+    """Create the output directory and prove it is writable before any work is done."""
+    out = Path(path)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".fastguide-write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise ValueError(f"--out: cannot write to directory {out} ({e.strerror or e})") from None
+    return out
+
+
+def check_out_file(path) -> Path:
+    out = Path(path)
+    if out.suffix.lower() != ".png":
+        raise ValueError(f"--out: expected a .png file name, got {str(out)!r}")
+    if out.is_dir():
+        raise ValueError(f"--out: {out} is a directory, expected a .png file name")
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.is_dir() or not os.access(parent, os.W_OK) or (out.exists() and not os.access(out, os.W_OK)):
+        raise ValueError(f"--out: cannot write {out} (directory {parent} missing or not writable)")
+    return out
+
+
+def load_assets(assets_dir, device):
+    """(model, classifier, tables) from ``assets_dir`` (None: the package's own assets)."""
+    from fastguide.models import digits
+
+    if assets_dir is None:
+        return (digits.load_digits_model(device=device), digits.load_digits_classifier(device=device),
+                digits.load_digits_tables())
+    d = Path(assets_dir)
+    if not d.is_dir():
+        raise FileNotFoundError(f"--assets: directory {d} not found")
+    return (digits.load_digits_model(d / digits.UNET_FILE, device),
+            digits.load_digits_classifier(d / digits.CLASSIFIER_FILE, device),
+            digits.load_digits_tables({k: d / v for k, v in digits.TABLE_FILES.items()}))
+
+
+# ---------------------------------------------------------------------- pictures
+def mosaic(images: torch.Tensor, rows: int, cols: int, pad: int = 1) -> np.ndarray:
+    """[rows*cols, 1, H, W] in [-1, 1] (row-major) -> one [rows*(H+pad)+pad, ...] array, padding = background."""
+    x = images.detach().float().clamp(-1, 1).cpu().numpy()[:, 0]
+    n, h, w = x.shape
+    if n != rows * cols:
+        raise ValueError(f"images: expected {rows * cols} images for a {rows}x{cols} mosaic, got {n}")
+    canvas = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad), -1.0, dtype=np.float32)
+    for i in range(n):
+        r, c = divmod(i, cols)
+        canvas[pad + r * (h + pad):pad + r * (h + pad) + h, pad + c * (w + pad):pad + c * (w + pad) + w] = x[i]
+    return canvas
+
+
+def _show(ax, canvas: np.ndarray) -> None:
+    ax.imshow(canvas, cmap="gray_r", vmin=-1, vmax=1, interpolation="nearest")
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def per_digit_block(x: torch.Tensor, labels: torch.Tensor, per_digit: int) -> np.ndarray:
+    """A per_digit x 10 mosaic: column c holds the first per_digit samples of digit c."""
+    cols = [x[labels == c][:per_digit] for c in range(10)]
+    ordered = torch.stack([cols[c][r] for r in range(per_digit) for c in range(10)])
+    return mosaic(ordered, per_digit, 10)
+
+
+def save_rule_grid(path, rule: str, by_scale: dict, labels, per_digit: int) -> None:
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6.5, 0.8 + (6.5 * (per_digit * 9 + 1) / 91 + 0.3) * len(by_scale)), layout="constrained")
+    axes = fig.subplots(len(by_scale), 1, squeeze=False)[:, 0]
+    for ax, (g, x) in zip(axes, by_scale.items()):
+        _show(ax, per_digit_block(x, labels, per_digit))
+        ax.set_ylabel(f"g = {g:g}")
+    fig.suptitle(f"{RULE_LABELS[rule]}\ndigits 0-9 (columns), the same seeds in every row", fontsize=9)
+    fig.savefig(path, dpi=110)
+
+
+def save_comparison(path, samples: dict, labels, per_digit: int = 2) -> None:
+    from matplotlib.figure import Figure
+
+    rules = list(samples)
+    scales = list(samples[rules[0]])
+    row_height = 4.2 * (per_digit * 9 + 1) / 91 + 0.3  # a mosaic's aspect (10 digits wide) + its label
+    fig = Figure(figsize=(4.2 * len(rules), 0.8 + row_height * len(scales)), layout="constrained")
+    axes = fig.subplots(len(scales), len(rules), squeeze=False)
+    for j, rule in enumerate(rules):
+        axes[0, j].set_title(RULE_LABELS[rule], fontsize=9)
+        for i, g in enumerate(scales):
+            _show(axes[i, j], per_digit_block(samples[rule][g], labels, per_digit))
+            if j == 0:
+                axes[i, j].set_ylabel(f"g = {g:g}")
+    fig.suptitle("Same noise, same model: guidance rule (columns) x guidance scale (rows)")
+    fig.savefig(path, dpi=110)
+
+
+def save_metrics_plot(path, results: dict, reference: dict | None = None) -> None:
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(10, 7), layout="constrained")
+    axes = fig.subplots(2, 2).ravel()
+    for ax, metric in zip(axes, METRIC_LABELS):
+        for rule, by_scale in results.items():
+            scales = list(by_scale)
+            ax.plot(scales, [by_scale[g][metric] for g in scales], marker="o", label=RULE_LABELS[rule])
+        if metric == "variance_ratio":
+            ax.axhline(1.0, color="gray", ls="--", lw=1, label="real data")
+        if metric == "accuracy" and reference:
+            ax.axhline(reference["accuracy"], color="gray", ls="--", lw=1, label="classifier on held-out real")
+        if metric == "frechet_distance":
+            ax.set_yscale("log")
+        ax.set_xlabel("guidance scale g")
+        ax.set_title(METRIC_LABELS[metric], fontsize=10)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle("Digits: CFG vs ReCFG against held-out data")
+    fig.savefig(path, dpi=110)
+
+
+def write_demo_outputs(out: Path, samples: dict, results: dict, labels, per_class: int, reference=None) -> None:
+    per_digit = min(4, per_class)
+    for rule, by_scale in samples.items():
+        save_rule_grid(out / f"samples_{rule}.png", rule, by_scale, labels, per_digit)
+    save_comparison(out / "comparison.png", samples, labels, min(2, per_class))
+    save_metrics_plot(out / "metrics.png", results, reference)
+
+
+def format_table(results: dict) -> str:
+    head = f"{'rule':<12} {'g':>5} {'accuracy':>9} {'E-shift':>8} {'FD':>8} {'var-ratio':>9}"
+    lines = [head, "-" * len(head)]
+    for rule, by_scale in results.items():
+        for g, m in by_scale.items():
+            lines.append(f"{rule:<12} {g:>5g} {m['accuracy']:>9.3f} {m['expectation_shift']:>8.3f} "
+                         f"{m['frechet_distance']:>8.3f} {m['variance_ratio']:>9.3f}")
+    return "\n".join(lines)

@@ -1,0 +1,170 @@
+"""The embedded default: the digits diffusion model, its evaluation classifier and its ReCFG ratio tables.
+
+Everything is read from ``fastguide/assets/`` (safetensors + JSON metadata, no pickle); ``fastguide train``
+writes the same files from scratch. The model was trained on the linear DDPM schedule below (1000 steps,
+betas 1e-4..0.02) and is sampled with trailing timestep spacing so that a low-NFE DDIM run starts at t = 999.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file
+
+from fastguide.data import IMAGE_SHAPE, NULL_LABEL, NUM_CLASSES
+from fastguide.models.classifier import DigitsClassifier
+from fastguide.models.unet import DigitsUNet
+from fastguide.schedule import NoiseSchedule
+
+ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets"
+UNET_FILE = "digits_unet.safetensors"
+CLASSIFIER_FILE = "digits_classifier.safetensors"
+TABLE_FILES = {"paper": "digits_recfg_paper.safetensors", "least_squares": "digits_recfg_least_squares.safetensors"}
+TRAINING_FACTS_FILE = "digits_training.json"
+SUMS_FILE = "digits_ratio_sums.safetensors"  # the raw sums both tables were finalized from
+# finalize() options per estimator. With 139 images per class, E[eps_u] per element is mostly within one
+# standard error (sd(eps_u) / sqrt(139) ~ 0.085) of zero, so the unguarded "paper" ratio is noise over noise
+# and sampling with it diverges for every g > 1 (docs/demo.md). delta = 0.2 (~2.4 standard errors) falls back
+# to R = 1 (CFG) where the denominator is not distinguishable from zero. Least squares needs no guard.
+TABLE_FINALIZE = {"paper": {"delta": 0.2}, "least_squares": {}}
+UNET_FORMAT = "fastguide.digits_unet/1"
+CLASSIFIER_FORMAT = "fastguide.digits_classifier/1"
+
+# Ratio tables are estimated on this grid of training timesteps and serve any DDIM step count by
+# interpolation; it contains every trailing-spaced timestep of 4, 8, 10, 20 and 40 steps exactly.
+TABLE_TIMESTEPS = np.array([0] + list(range(24, 1000, 25)), dtype=np.int64)
+
+
+def digits_schedule() -> NoiseSchedule:
+    """The schedule the digits model was trained with: linear betas 1e-4..0.02 over 1000 steps, trailing spacing."""
+    return NoiseSchedule.linear(1000, 1e-4, 0.02, timestep_spacing="trailing")
+
+
+def asset_path(name: str) -> Path:
+    return ASSETS_DIR / name
+
+
+def read_safetensors(path, what: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, metadata) from a safetensors file; a missing or unreadable file is a clear error."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what}: checkpoint {path} not found (run `fastguide train --out DIR` to create it)")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = dict(f.metadata() or {})
+        return load_file(str(path)), metadata
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{what}: {path} is not a readable safetensors file ({e})") from None
+
+
+def _load_module(path, what: str, fmt: str, build, device) -> torch.nn.Module:
+    tensors, meta = read_safetensors(path, what)
+    if meta.get("format") != fmt:
+        raise ValueError(f"{what}: {path} has format {meta.get('format')!r}, expected {fmt!r}")
+    module = build(**json.loads(meta["config"]))
+    try:
+        module.load_state_dict(tensors)
+    except RuntimeError as e:
+        raise ValueError(f"{what}: {path} does not match the model it describes ({str(e).splitlines()[0]})") from None
+    return module.to(device).eval().requires_grad_(False)
+
+
+def load_digits_model(path=None, device="cpu") -> DigitsUNet:
+    """The shipped class-conditional digits UNet: ``model(x [N,1,8,8], t [N] float, cond [N] long) -> eps``.
+
+    Labels 0..9 are digits; label 10 is the null (unconditional) condition.
+    """
+    path = asset_path(UNET_FILE) if path is None else path
+    _, meta = read_safetensors(path, "model")
+    if meta.get("schedule_fingerprint") not in (None, digits_schedule().fingerprint()):
+        raise ValueError(f"model: {path} was trained on a different noise schedule than digits_schedule()")
+    return _load_module(path, "model", UNET_FORMAT, DigitsUNet, device)
+
+
+def load_digits_classifier(path=None, device="cpu") -> DigitsClassifier:
+    """The shipped evaluation classifier (trained on the train split only); ``.features(x)`` is its penultimate layer."""
+    path = asset_path(CLASSIFIER_FILE) if path is None else path
+    return _load_module(path, "classifier", CLASSIFIER_FORMAT, DigitsClassifier, device)
+
+
+def load_digits_tables(paths: dict | None = None) -> dict:
+    """{"paper": RatioTable, "least_squares": RatioTable}: the shipped ReCFG tables for the digits model."""
+    from fastguide.table import RatioTable
+
+    paths = {k: asset_path(v) for k, v in TABLE_FILES.items()} if paths is None else paths
+    tables = {}
+    for estimator, path in paths.items():
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"table: ratio table {path} not found (run `fastguide train --out DIR` to build it)")
+        tables[estimator] = RatioTable.load(path, schedule=digits_schedule(), latent_shape=IMAGE_SHAPE)
+    return tables
+
+
+def load_training_facts(path=None) -> dict:
+    """What `fastguide train` recorded about the shipped models (held-out accuracy, steps, timings)."""
+    path = asset_path(TRAINING_FACTS_FILE) if path is None else Path(path)
+    if not path.is_file():
+        return {}
+    return json.loads(path.read_text())
+
+
+def table_source(device="cpu") -> dict:
+    """Build inputs for `fastguide build-table --model digits`: the shipped model and the train split."""
+    from fastguide.data import load_digits_split
+
+    split = load_digits_split()
+    return {"model": load_digits_model(device=device), "schedule": digits_schedule(), "images": split.train_images,
+            "labels": split.train_labels, "null_cond": NULL_LABEL, "num_classes": NUM_CLASSES}
+
+
+# ---------------------------------------------------------------------- sampling the embedded model
+RULES = {"cfg": None, "recfg-paper": "paper", "recfg-ls": "least_squares"}  # rule -> table estimator
+
+
+def check_labels(labels) -> torch.Tensor:
+    labels = torch.as_tensor(labels)
+    if labels.ndim != 1 or labels.numel() == 0 or labels.is_floating_point():
+        raise ValueError(f"labels: expected a non-empty list of integer digits, got {labels.tolist()!r}")
+    bad = labels[(labels < 0) | (labels >= NUM_CLASSES)]
+    if bad.numel():
+        raise ValueError(f"labels: expected digits 0..{NUM_CLASSES - 1}, got {bad.tolist()}")
+    return labels.long()
+
+
+def make_guidance(rule: str, scale, tables: dict | None = None):
+    """The guidance object for a rule name: "cfg", "recfg-paper" or "recfg-ls" (tables from load_digits_tables())."""
+    from fastguide.guidance import CFG, ReCFG
+
+    if rule not in RULES:
+        raise ValueError(f"rule: expected one of {sorted(RULES)}, got {rule!r}")
+    if RULES[rule] is None:
+        return CFG(scale)
+    if tables is None or RULES[rule] not in tables:
+        raise ValueError(f"rule: {rule!r} needs the {RULES[rule]!r} ratio table")
+    return ReCFG(scale, table=tables[RULES[rule]])
+
+
+@torch.no_grad()
+def sample_digits(model, labels, seeds, *, rule: str = "cfg", scale=3.0, steps: int = 10, tables: dict | None = None,
+                  device="cpu", backend: str = "auto", progress: bool = False) -> torch.Tensor:
+    """[N, 1, 8, 8] samples of the digits model for ``labels`` [N]; sample i starts from noise seeded by seeds[i].
+
+    DDIM (eta = 0, trailing spacing) with ``steps`` model evaluations of the 2N batch; ``scale`` is a float or
+    a per-sample [N] tensor.
+    """
+    from fastguide.sampler import Sampler, seeded_noise
+    from fastguide.solvers import DDIM
+
+    labels = check_labels(labels)
+    solver = DDIM(digits_schedule(), steps=steps)
+    sampler = Sampler(model, solver, make_guidance(rule, scale, tables), null_cond=NULL_LABEL, backend=backend,
+                      progress=progress)
+    noise = seeded_noise(list(seeds), IMAGE_SHAPE, device=device)
+    return sampler.sample(noise, labels.to(device)).cpu()
+
+
+__all__ = ["digits_schedule", "load_digits_model", "load_digits_classifier", "load_digits_tables",
+           "load_training_facts", "sample_digits", "make_guidance", "RULES", "TABLE_TIMESTEPS", "NULL_LABEL", "NUM_CLASSES", "IMAGE_SHAPE"]
