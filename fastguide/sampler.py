@@ -299,7 +299,7 @@ class Sampler:
             b.x2[b.batch:] = x
 
     def _noise_for_steps(self, plan, x, seeds):
-        cdt = compute_dtype_for(x.dtype)
+        cdt = x.dtype  # z in the latent dtype: the kernel's narrowest (minimum-bytes, 32-register) variant
         if seeds is not None:
             seeds = _check_seeds(seeds, x.shape[0])
         if not plan.stochastic:
