@@ -76,6 +76,8 @@ def diffusers_style_loop(net, scheduler, noise, labels, null_label: int, scale: 
 def run_end_to_end(net, schedule, shape, *, model_name: str, batches=(1, 16, 64), nfes=(10,), device="cpu",
                    dtype=torch.float32, null_label: int = 10, num_classes: int = 10, scale: float = 3.0,
                    modes=MODES, reps: int = 5, warmup: int = 2, progress=print) -> list[Row]:
+    """Images/s per mode. All modes of one (batch, NFE) point are warmed up first, then timed interleaved
+    (rep 1 of every mode, rep 2 of every mode, ...) so drifting machine load hits them alike; medians."""
     rows: list[Row] = []
     cuda = torch.device(device).type == "cuda"
     for nfe in nfes:
@@ -83,84 +85,85 @@ def run_end_to_end(net, schedule, shape, *, model_name: str, batches=(1, 16, 64)
         for batch in batches:
             noises = [torch.randn(batch, *shape, device=device, dtype=dtype) for _ in range(4)]
             labels = torch.arange(batch, device=device) % num_classes
-            measured: dict[str, float] = {}
-            net_time = {}
+            x2 = torch.randn(2 * batch, *shape, device=device, dtype=dtype)
+            t2 = torch.full((2 * batch,), 500.0, device=device)
+            l2 = torch.cat([labels, torch.full_like(labels, null_label)])
+            sch = diffusers_scheduler_for(schedule, nfe)
+            cnet = torch.compile(net, mode="max-autotune-no-cudagraphs" if cuda else None, dynamic=False)
 
-            def add(mode, seconds, network_seconds=None):
-                measured[mode] = seconds
-                rows.append(Row(model_name, mode, batch, nfe, seconds, batch / seconds,
-                                overhead_us_per_step=None if network_seconds is None
-                                else (seconds - network_seconds) / nfe * 1e6))
-                progress(f"  {model_name} B={batch} NFE={nfe} {mode:20s} {batch / seconds:10.1f} img/s")
+            def sampler(**compile_kw):
+                s = fg.Sampler(net, solver, fg.CFG(scale), null_cond=null_label, progress=False)
+                return s.compile(**compile_kw) if compile_kw else s
 
+            def loop_of(s):
+                return lambda r: s.sample(noises[r % 4], labels)
+
+            fns = {"network_eager": lambda r: [net(x2, t2, l2) for _ in range(nfe)],
+                   "network_compiled": lambda r: [cnet(x2, t2, l2) for _ in range(nfe)]}
+            if "diffusers_eager" in modes:
+                fns["diffusers_eager"] = lambda r: diffusers_style_loop(net, sch, noises[r % 4], labels, null_label,
+                                                                        scale)
+            if "diffusers_compiled" in modes:
+                dnet = torch.compile(net, mode="reduce-overhead" if cuda else None, dynamic=False)
+                fns["diffusers_compiled"] = lambda r: diffusers_style_loop(dnet, sch, noises[r % 4], labels,
+                                                                           null_label, scale)
+            if "fastguide_eager" in modes:
+                fns["fastguide_eager"] = loop_of(sampler())
+            if "fastguide_compiled" in modes:
+                fns["fastguide_compiled"] = loop_of(sampler(fuse_step=False))
+                fns["fastguide_compiled_fused"] = loop_of(sampler(fuse_step=True))
+            if "fastguide_graph" in modes and cuda:
+                fns["fastguide_graph"] = loop_of(sampler(cuda_graph=True))
+            if "floor" in modes:
+                fns["floor"] = _floor_fn(cnet, x2, t2, l2, nfe) if cuda else fns["network_compiled"]
+            times = {m: [] for m in fns}
             with torch.inference_mode():
-                x2 = torch.randn(2 * batch, *shape, device=device, dtype=dtype)
-                t2 = torch.full((2 * batch,), 500.0, device=device)
-                l2 = torch.cat([labels, torch.full_like(labels, null_label)])
-                net_time["eager"] = median_time(lambda r: net(x2, t2, l2), reps * 2, warmup, device) * nfe
-                sch = diffusers_scheduler_for(schedule, nfe)
-                if "diffusers_eager" in modes:
-                    add("diffusers_eager", median_time(
-                        lambda r: diffusers_style_loop(net, sch, noises[r % 4], labels, null_label, scale),
-                        reps, warmup, device), net_time["eager"])
-                if "diffusers_compiled" in modes:
-                    cnet = torch.compile(net, mode="reduce-overhead" if cuda else None, dynamic=False)
-                    add("diffusers_compiled", median_time(
-                        lambda r: diffusers_style_loop(cnet, sch, noises[r % 4], labels, null_label, scale),
-                        reps, warmup + 1, device))
-                eager = fg.Sampler(net, solver, fg.CFG(scale), null_cond=null_label, progress=False)
-                if "fastguide_eager" in modes:
-                    add("fastguide_eager", median_time(lambda r: eager.sample(noises[r % 4], labels), reps, warmup,
-                                                       device), net_time["eager"])
-                if "fastguide_compiled" in modes or "floor" in modes:
-                    cnet2 = torch.compile(net, mode="max-autotune-no-cudagraphs" if cuda else None, dynamic=False)
-                    net_time["compiled"] = median_time(lambda r: cnet2(x2, t2, l2), reps * 2, warmup + 1,
-                                                       device) * nfe
-                if "fastguide_compiled" in modes:
-                    comp = fg.Sampler(net, solver, fg.CFG(scale), null_cond=null_label, progress=False).compile()
-                    add("fastguide_compiled", median_time(lambda r: comp.sample(noises[r % 4], labels), reps,
-                                                          warmup + 1, device), net_time["compiled"])
-                if "fastguide_graph" in modes and cuda:
-                    graph = fg.Sampler(net, solver, fg.CFG(scale), null_cond=null_label,
-                                       progress=False).compile(cuda_graph=True)
-                    add("fastguide_graph", median_time(lambda r: graph.sample(noises[r % 4], labels), reps,
-                                                       warmup + 1, device), net_time["compiled"])
-                if "floor" in modes:
-                    floor = _floor_seconds(cnet2, x2, t2, l2, nfe, reps, warmup, device) if cuda \
-                        else net_time["compiled"]
-                    add("floor", floor)
-            for row in rows:
-                if row.batch == batch and row.nfe == nfe and row.model == model_name and "floor" in measured:
-                    row.vs_floor = measured["floor"] / row.seconds
+                for m, fn in fns.items():
+                    for r in range(warmup + 1):
+                        fn(r)
+                for r in range(reps):
+                    for m, fn in fns.items():
+                        times[m].append(median_time(fn, 1, 0, device))
+            med = {m: statistics.median(v) for m, v in times.items()}
+            for m in fns:
+                if m.startswith("network"):
+                    continue
+                net_s = med["network_compiled" if "compiled" in m or m in ("fastguide_graph", "floor")
+                            else "network_eager"]
+                row = Row(model_name, m, batch, nfe, med[m], batch / med[m],
+                          vs_floor=med["floor"] / med[m] if "floor" in med else None,
+                          overhead_us_per_step=None if m == "floor" else (med[m] - net_s) / nfe * 1e6)
+                rows.append(row)
+                progress(f"  {model_name} B={batch} NFE={nfe} {m:24s} {row.images_per_s:10.1f} img/s")
     return rows
 
 
-def _floor_seconds(cnet, x2, t2, l2, nfe, reps, warmup, device) -> float:
+def _floor_fn(cnet, x2, t2, l2, nfe):
     """NFE x one CUDA-graph-replayed forward of the compiled network."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
+    with torch.cuda.stream(stream), torch.inference_mode():
         for _ in range(3):
             cnet(x2, t2, l2)
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with torch.cuda.graph(graph), torch.inference_mode():
         cnet(x2, t2, l2)
 
     def run(_):
         for _ in range(nfe):
             graph.replay()
 
-    return median_time(run, reps, warmup, device)
+    return run
 
 
 def format_rows(rows: list[Row]) -> str:
-    head = f"{'model':8s} {'mode':20s} {'B':>4s} {'NFE':>4s} {'img/s':>10s} {'ms/call':>9s} {'vs floor':>9s} {'overhead us/step':>17s}"
+    head = f"{'model':8s} {'mode':24s} {'B':>4s} {'NFE':>4s} {'img/s':>10s} {'ms/call':>9s} {'vs floor':>9s} {'overhead us/step':>17s}"
     lines = [head, "-" * len(head)]
     for r in rows:
         vs = f"{r.vs_floor:9.3f}" if r.vs_floor is not None else f"{'':9s}"
         ov = f"{r.overhead_us_per_step:17.1f}" if r.overhead_us_per_step is not None else ""
-        lines.append(f"{r.model:8s} {r.mode:20s} {r.batch:4d} {r.nfe:4d} {r.images_per_s:10.1f} "
+        lines.append(f"{r.model:8s} {r.mode:24s} {r.batch:4d} {r.nfe:4d} {r.images_per_s:10.1f} "
                      f"{r.seconds * 1e3:9.2f} {vs} {ov}")
     return "\n".join(lines)
 
@@ -191,7 +194,7 @@ def tiny_dit(device="cpu", dtype=torch.float32, full: bool = False):
     return net, (channels, cfg["sample_size"], cfg["sample_size"])
 
 
-OVERHEAD_MODES = ("diffusers_eager", "fastguide_eager", "fastguide_compiled")
+OVERHEAD_MODES = ("diffusers_eager", "fastguide_eager", "fastguide_fused")
 
 
 class StubNet(torch.nn.Module):
@@ -206,7 +209,8 @@ class StubNet(torch.nn.Module):
 
 
 def run_overhead(schedule, shape, *, batches=(1, 16, 64), nfe: int = 10, device="cpu", dtype=torch.float32,
-                 scale: float = 3.0, reps: int = 20, warmup: int = 3, modes=OVERHEAD_MODES) -> list[dict]:
+                 scale: float = 3.0, reps: int = 15, warmup: int = 3, block: int = 20,
+                 modes=OVERHEAD_MODES) -> list[dict]:
     """Per-step time of everything but the network (input batching, CFG combine, solver update, copies),
     measured with the network replaced by :class:`StubNet`. Modes are interleaved per repetition so a
     drifting machine load hits them alike."""
@@ -218,20 +222,25 @@ def run_overhead(schedule, shape, *, batches=(1, 16, 64), nfe: int = 10, device=
         labels = torch.arange(batch, device=device) % 10
         sch = diffusers_scheduler_for(schedule, nfe)
         eager = fg.Sampler(stub, solver, fg.CFG(scale), null_cond=10, progress=False)
-        comp = fg.Sampler(stub, solver, fg.CFG(scale), null_cond=10, progress=False).compile()
+        fused = fg.Sampler(stub, solver, fg.CFG(scale), null_cond=10, progress=False).compile(fuse_step=True)
         fns = {
             "diffusers_eager": lambda r: diffusers_style_loop(stub, sch, noises[r % 4], labels, 10, scale),
-            "fastguide_eager": lambda r: eager.sample(noises[r % 4], labels),
-            "fastguide_compiled": lambda r: comp.sample(noises[r % 4], labels),
+            "fastguide_eager": lambda r: eager.sample(noises[r % 4], labels),  # = compiled's overhead on the CPU
+            "fastguide_fused": lambda r: fused.sample(noises[r % 4], labels),
         }
         times = {m: [] for m in modes}
         with torch.inference_mode():
             for m in modes:
                 for r in range(warmup):
                     fns[m](r)
-            for r in range(reps):
+            for r in range(reps):  # blocks of `block` calls per mode, interleaved
                 for m in modes:
-                    times[m].append(median_time(fns[m], 1, 0, device))
+                    _sync(device)
+                    t0 = time.perf_counter()
+                    for k in range(block):
+                        fns[m](k)
+                    _sync(device)
+                    times[m].append((time.perf_counter() - t0) / block)
         for m in modes:
             out.append({"mode": m, "batch": batch, "nfe": nfe,
                         "us_per_step": statistics.median(times[m]) / nfe * 1e6})

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from fastguide.guidance import CFG, ClassifierGuidance, StepGuidance, _check_scale
 from fastguide.kernels import reference
 from fastguide.kernels.reference import compute_dtype_for
+from fastguide.kernels.torch_step import guided_step_into_host
 
 BACKENDS = ("auto", "torch", "triton")
 FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
@@ -66,6 +67,16 @@ def triton_available() -> bool:
     return True
 
 
+@dataclass(frozen=True)
+class StepImpl:
+    """How the loop runs the guided update: ``fn`` with the reference's contract; ``host``: it takes the
+    per-step scalars as Python numbers; ``fused``: the forward and the update run as one compiled function."""
+
+    fn: object
+    host: bool
+    fused: bool
+
+
 @dataclass
 class LoopBuffers:
     """Everything one fixed-NFE loop reads and writes, allocated once per (batch, shape, dtype, rule)."""
@@ -81,6 +92,8 @@ class LoopBuffers:
     steps: torch.Tensor | None  # [S, 2]
     z: torch.Tensor | None  # [S, B, *shape]
     out_sums: torch.Tensor  # [S] float32 sum of each step's model output: non-finite iff the output was
+    coef_host: list  # [S][9] the same per-step scalars as Python floats (the eager torch step)
+    steps_host: list | None  # [S] (i0, i1) table rows as Python ints
     guided: tuple  # [S] bool: run the null half at this step
     batch: int
 
@@ -128,22 +141,31 @@ class Sampler:
         self.progress, self.check_finite = progress, check_finite
         self.compiled = False
         self.cuda_graph = False
-        self._forward = model
+        self._compiled_model = None
+        self._fuse_step = True
+        self._plan_cache = {}  # (device, dtype) -> plan-derived per-step tensors (see _plan_tensors)
         self._hot = {}  # compiled hot-step functions, one per variant (guided / conditional-only)
         self._loops = {}  # LoopBuffers (+ captured graph) per static key, for cuda_graph=True
 
     # ------------------------------------------------------------------ public
-    def compile(self, mode: str | None = None, cuda_graph: bool = False, fullgraph: bool = False) -> "Sampler":
-        """torch.compile the hot step (the batched forward plus the guided update) once.
+    def compile(self, mode: str | None = None, cuda_graph: bool = False, fullgraph: bool = False,
+                fuse_step: bool = True) -> "Sampler":
+        """torch.compile the hot step once.
 
-        Per-step scalars, guidance scales and table rows are device tensors, so a new scale, step or
-        rule reuses the compiled code. ``cuda_graph=True`` also captures the whole fixed-NFE loop as one
-        CUDA graph per (batch, shape, dtype, rule) and replays it; on the CPU it warns and runs eagerly
-        over the same static buffers. Use mode=None/"default" or "max-autotune-no-cudagraphs" with
-        cuda_graph=True ("reduce-overhead" makes its own graphs).
+        With ``fuse_step`` (the default) the batched forward and the guided update are one compiled
+        function whose per-step inputs (scalars, guidance scales, table rows) are device tensors, so a new
+        scale, step or rule reuses the compiled code and the step can be captured in a CUDA graph. With
+        ``fuse_step=False`` the model is compiled alone and the guided update runs eagerly (on the CPU: a
+        few in-place ops with host scalars), which can win for large CPU batches.
+        ``cuda_graph=True`` also captures the whole fixed-NFE loop as one CUDA graph per (batch, shape,
+        dtype, rule) and replays it; on the CPU it warns and runs eagerly over the same static buffers.
+        Use mode=None/"default" or "max-autotune-no-cudagraphs" with cuda_graph=True ("reduce-overhead"
+        makes its own graphs).
         """
         self.compiled = True
         self._compile_kw = {"mode": mode, "fullgraph": fullgraph, "dynamic": False}
+        self._fuse_step = fuse_step
+        self._compiled_model = None
         self._hot = {}
         self.cuda_graph = bool(cuda_graph)
         self._loops = {}
@@ -165,7 +187,7 @@ class Sampler:
             guidance = _with_scale(guidance, scale)
         plan = self.solver.plan
         sg = guidance.prepare(plan, cond.cpu() if not cond.is_floating_point() else cond, x.shape[1:])
-        step_fn = self._step_fn(x.device)
+        step = self._step_impl(x.device)
         use_graph = self.cuda_graph and x.device.type == "cuda" and callback is None \
             and not isinstance(guidance, ClassifierGuidance)
         if self.cuda_graph and not use_graph:
@@ -177,9 +199,9 @@ class Sampler:
             b = self._new_buffers(x, cond, plan, sg, seeds)
         show = (self.progress if progress is None else progress) and not use_graph
         if use_graph:
-            self._replay(b, step_fn, plan, guidance)
+            self._replay(b, step, plan, guidance)
         else:
-            self._run(b, step_fn, plan, guidance, callback, show)
+            self._run(b, step, plan, guidance, callback, show)
         if self.check_finite:
             self._raise_if_not_finite(b, plan)
         return b.x2[:b.batch].clone()
@@ -196,30 +218,49 @@ class Sampler:
                              "output scale, the dtype, or the solver settings)")
 
     # ------------------------------------------------------------------ the loop
-    def _run(self, b: LoopBuffers, step_fn, plan, guidance, callback=None, show=False) -> None:
+    def _run(self, b: LoopBuffers, step: "StepImpl", plan, guidance, callback=None, show=False) -> None:
         classifier = isinstance(guidance, ClassifierGuidance)
         csl = slice(0, b.batch) if (self.cond_first or b.x2.shape[0] == b.batch) else slice(b.batch, 2 * b.batch)
-        for i in tqdm(range(plan.steps), desc="sampling", disable=not show, leave=False):
-            if b.guided[i]:
-                out = self._hot_fn()(self._forward, step_fn, b.x2, b.labels, b.t[i], b.g1[i], b.coef[i],
-                                     b.table, b.rows, None if b.steps is None else b.steps[i],
-                                     None if b.z is None else b.z[i], b.out_sums[i], b.batch, self.cond_first,
-                                     plan.clip_range, self.check_finite)
-                if not self.compiled:
-                    self._check_model_output(out, b.x2, i)
+        forward = self._model_fn(step.fused)
+        sums = []  # eager path: per-step output sums, written to b.out_sums once after the loop
+        steps = tqdm(range(plan.steps), desc="sampling", leave=False) if show else range(plan.steps)
+        for i in steps:
+            z = None if b.z is None else b.z[i]
+            if b.guided[i] and step.fused:
+                self._hot_fn()(forward, step.fn, b.x2, b.labels, b.t[i], b.g1[i], b.coef[i], b.table, b.rows,
+                               None if b.steps is None else b.steps[i], z, b.out_sums[i], b.batch,
+                               self.cond_first, plan.clip_range, self.check_finite)
             else:
-                x = b.x2[csl]
-                lab = self._null_batch(b.batch, b.cond) if classifier and guidance.use_null_cond else b.cond
-                out = self._forward(x, b.t[i].expand(b.batch), lab)
-                self._check_model_output(out, x, i)
+                if b.guided[i]:
+                    inp, lab = b.x2, b.labels
+                else:
+                    inp = b.x2[csl]
+                    lab = self._null_batch(b.batch, b.cond) if classifier and guidance.use_null_cond else b.cond
+                out = forward(inp, b.t[i].expand(inp.shape[0]), lab)
+                self._check_model_output(out, inp, i)
                 if classifier:
-                    out = guidance.guided_eps(out, x, b.t[i].expand(b.batch), b.cond, float(plan.eps_scale[i]))
+                    out = guidance.guided_eps(out, inp, b.t[i].expand(b.batch), b.cond, float(plan.eps_scale[i]))
                 if self.check_finite:
-                    b.out_sums[i].copy_(out.sum(dtype=torch.float32))
-                step_fn(b.x2, b.x2[:b.batch], out, b.g1[i], b.coef[i], cond_first=self.cond_first,
-                        clip_range=plan.clip_range, z=None if b.z is None else b.z[i])
+                    total = out.sum(dtype=torch.float32)
+                    b.out_sums[i].copy_(total) if step.fused else sums.append(total)
+                if step.host:
+                    coef, steps_i = b.coef_host[i], None if b.steps_host is None else b.steps_host[i]
+                else:
+                    coef, steps_i = b.coef[i], None if b.steps is None else b.steps[i]
+                step.fn(b.x2, b.x2[:b.batch], out, b.g1[i], coef, cond_first=self.cond_first, table=b.table,
+                        rows=b.rows, table_steps=steps_i, clip_range=plan.clip_range, z=z)
             if callback is not None:
                 callback(i, float(plan.timesteps[i]), b.x2[:b.batch])
+        if sums:
+            b.out_sums.copy_(torch.stack(sums))
+
+    def _model_fn(self, fused: bool):
+        """The model as the loop calls it: compiled on its own when compiled but not fused with the step."""
+        if not self.compiled or fused:
+            return self.model
+        if self._compiled_model is None:
+            self._compiled_model = torch.compile(self.model, **self._compile_kw)
+        return self._compiled_model
 
     def _hot_fn(self):
         if not self.compiled:
@@ -232,7 +273,7 @@ class Sampler:
             fn = self._hot["guided"] = torch.compile(own, **self._compile_kw)
         return fn
 
-    def _replay(self, b: LoopBuffers, step_fn, plan, guidance) -> None:
+    def _replay(self, b: LoopBuffers, step: "StepImpl", plan, guidance) -> None:
         entry = self._loops[b.key()]
         graph = entry.get("graph")
         if graph is None:
@@ -241,12 +282,12 @@ class Sampler:
             stream.wait_stream(torch.cuda.current_stream())
             saved = b.x2.clone()
             with torch.cuda.stream(stream):
-                self._run(b, step_fn, plan, guidance)
+                self._run(b, step, plan, guidance)
             torch.cuda.current_stream().wait_stream(stream)
             b.x2.copy_(saved)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
-                self._run(b, step_fn, plan, guidance)
+                self._run(b, step, plan, guidance)
             entry["graph"] = graph
             b.x2.copy_(saved)
         graph.replay()
@@ -260,21 +301,37 @@ class Sampler:
         x2 = torch.empty((rows2, *x.shape[1:]), dtype=x.dtype, device=dev)
         labels = self._labels(cond, batch, any(guided))
         cond_view = labels[:batch] if (self.cond_first or not any(guided)) else labels[batch:]
+        pt = self._plan_tensors(plan, sg, dev, x.dtype)
+        b = LoopBuffers(
+            x2=x2, labels=labels, cond=cond_view, t=pt["t"], coef=pt["coef"], g1=sg.g1.to(dev, cdt),
+            table=pt["table"], rows=None if sg.rows is None else sg.rows.to(dev), steps=pt["steps"],
+            z=self._noise_for_steps(plan, x, seeds),
+            out_sums=torch.zeros(plan.steps, dtype=torch.float32, device=dev),
+            coef_host=pt["coef_host"], steps_host=pt["steps_host"], guided=guided, batch=batch)
+        self._load_x(b, x)
+        return b
+
+    def _plan_tensors(self, plan, sg: StepGuidance, dev, dtype) -> dict:
+        """Per-step tensors that depend only on the plan and the table (not on this call's inputs), cached
+        so repeated calls neither rebuild them nor copy the table to the device again."""
+        hit = self._plan_cache.get((dev, dtype))
+        if hit is not None and hit["plan"] is plan and hit["src_table"] is sg.table and (
+                (sg.table_w is None and hit["w"] is None)
+                or (sg.table_w is not None and hit["w"] is not None and torch.equal(hit["w"], sg.table_w))):
+            return hit
         coef = plan.coef.clone()
         if sg.table_w is not None:
             coef[:, 8] = sg.table_w
-        b = LoopBuffers(
-            x2=x2, labels=labels, cond=cond_view,
-            t=plan.timesteps.to(dev, torch.float64 if x.dtype == torch.float64 else torch.float32),
-            coef=coef.to(dev, cdt), g1=sg.g1.to(dev, cdt),
-            table=None if sg.table is None else sg.table.to(dev),
-            rows=None if sg.rows is None else sg.rows.to(dev),
-            steps=None if sg.table_steps is None else sg.table_steps.to(dev),
-            z=self._noise_for_steps(plan, x, seeds),
-            out_sums=torch.zeros(plan.steps, dtype=torch.float32, device=dev),
-            guided=guided, batch=batch)
-        self._load_x(b, x)
-        return b
+        entry = {
+            "plan": plan, "src_table": sg.table, "w": sg.table_w,
+            "t": plan.timesteps.to(dev, torch.float64 if dtype == torch.float64 else torch.float32),
+            "coef": coef.to(dev, compute_dtype_for(dtype)), "coef_host": coef.tolist(),
+            "table": None if sg.table is None else sg.table.to(dev),
+            "steps": None if sg.table_steps is None else sg.table_steps.to(dev),
+            "steps_host": None if sg.table_steps is None else [tuple(r) for r in sg.table_steps.tolist()],
+        }
+        self._plan_cache[(dev, dtype)] = entry
+        return entry
 
     def _static_buffers(self, x, cond, plan, sg: StepGuidance, seeds) -> LoopBuffers:
         """The cached buffers for this call's static key, refilled in place with this call's inputs."""
@@ -291,6 +348,7 @@ class Sampler:
                     self._loops[fresh.key()] = {"buffers": fresh}
                     return fresh
                 dst.copy_(src)
+        b.coef_host, b.steps_host = fresh.coef_host, fresh.steps_host
         return b
 
     def _load_x(self, b: LoopBuffers, x: torch.Tensor) -> None:
@@ -317,12 +375,15 @@ class Sampler:
             raise ValueError(f"null_cond: {type(guidance).__name__} needs the unconditional (null) condition")
         return guidance
 
-    def _step_fn(self, device: torch.device):
+    def _step_impl(self, device: torch.device) -> "StepImpl":
+        fused = self.compiled and self._fuse_step
         want = self.backend
         if want == "auto":
             want = "triton" if device.type == "cuda" and triton_available() else "torch"
         if want == "torch":
-            return reference.guided_step_into
+            if fused:
+                return StepImpl(reference.guided_step_into, host=False, fused=True)
+            return StepImpl(guided_step_into_host, host=True, fused=False)
         if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
             raise ValueError("backend: 'triton' needs CUDA tensors (or TRITON_INTERPRET=1 for the CPU interpreter)")
         try:
@@ -330,7 +391,7 @@ class Sampler:
         except ImportError as e:
             raise ValueError(f"backend: 'triton' is not available here ({e})") from None
         # Table rows and steps were validated on the host (RatioTable.rows_for / step_rows): no per-step sync.
-        return functools.partial(guided_step_into, check=False)
+        return StepImpl(functools.partial(guided_step_into, check=False), host=False, fused=fused)
 
     def _null_batch(self, batch: int, cond: torch.Tensor) -> torch.Tensor:
         null = self.null_cond

@@ -38,12 +38,13 @@ def eager_sample(net, solver, guide, noise, labels, **kw):
     return fg.Sampler(net, solver, guide, null_cond=10, progress=False).sample(noise, labels, **kw)
 
 
+@pytest.mark.parametrize("fuse_step", [True, False], ids=["fused-step", "model-only"])
 @torch.no_grad()
-def test_compiled_sampler_no_recompiles_across_scales_steps_and_rules(setup):
+def test_compiled_sampler_no_recompiles_across_scales_steps_and_rules(setup, fuse_step):
     net, solver, table = setup
     noise = fg.seeded_noise(range(B), SHAPE)
     labels = torch.tensor([0, 3, 5, 9])
-    sampler = fg.Sampler(net, solver, fg.CFG(2.0), null_cond=10, progress=False).compile()
+    sampler = fg.Sampler(net, solver, fg.CFG(2.0), null_cond=10, progress=False).compile(fuse_step=fuse_step)
     recfg = fg.ReCFG(2.0, table=table)
     sampler.sample(noise, labels)  # warm-up: one compile per rule kind
     sampler.sample(noise, labels, guidance=recfg)
@@ -66,7 +67,8 @@ def test_compiled_sampler_per_sample_scales_and_graph_breaks(setup):
     labels = torch.tensor([1, 1, 2, 7])
     scales = torch.tensor([1.0, 2.0, 4.0, 8.0])
     breaks = sum(counters["graph_break"].values())
-    sampler = fg.Sampler(net, solver, fg.ReCFG(scales, table=table), null_cond=10, progress=False).compile()
+    sampler = fg.Sampler(net, solver, fg.ReCFG(scales, table=table), null_cond=10, progress=False)
+    sampler.compile(fuse_step=True)
     got = sampler.sample(noise, labels)
     want = eager_sample(net, solver, fg.ReCFG(scales, table=table), noise, labels)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
