@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from fastguide.commands import _digits as common
 
@@ -56,17 +57,18 @@ def run(args) -> int:
     model, classifier, tables = common.load_assets(args.assets, device)
     evaluator = DigitsEvaluator(classifier, device=device)
     labels, seeds = demo_seeds(args.seed, args.per_class, NUM_CLASSES)
-    results, samples = {}, {}
-    for rule in digits.RULES:
-        results[rule], samples[rule] = {}, {}
-        for g in scales:
-            if g == 1.0 and rule != "cfg" and "cfg" in samples:  # (1 - g) R = 0: every rule is the cond. model
-                samples[rule][g], results[rule][g] = samples["cfg"][g], results["cfg"][g]
-                continue
-            x = digits.sample_digits(model, labels, seeds, rule=rule, scale=g, steps=args.steps, tables=tables,
-                                     device=device, backend=args.backend, progress=not args.quiet)
-            samples[rule][g] = x
-            results[rule][g] = evaluator(x, labels)
+    results, samples = {rule: {} for rule in digits.RULES}, {rule: {} for rule in digits.RULES}
+    cells = [(rule, g) for rule in digits.RULES for g in scales]
+    bar = tqdm(cells, desc="demo", unit="cell", disable=args.quiet)
+    for rule, g in bar:
+        bar.set_postfix_str(f"{rule} g={g:g}")
+        if g == 1.0 and rule != "cfg" and g in samples["cfg"]:  # (1 - g) R = 0: every rule is the cond. model
+            samples[rule][g], results[rule][g] = samples["cfg"][g], results["cfg"][g]
+            continue
+        x = digits.sample_digits(model, labels, seeds, rule=rule, scale=g, steps=args.steps, tables=tables,
+                                 device=device, backend=args.backend, progress=False)
+        samples[rule][g] = x
+        results[rule][g] = evaluator(x, labels)
     seconds = time.perf_counter() - t_start
     real = evaluator(evaluator.real_images, evaluator.real_labels)
     common.write_demo_outputs(out, samples, results, labels, args.per_class, real)
