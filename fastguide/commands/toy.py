@@ -124,20 +124,16 @@ def format_text(res: dict) -> str:
              f"g = {g:g}, T = {T:g}; E[x0 | c] = c * phi; sampler: DDIM eta=0, {res['steps']} steps, "
              f"backend {res['backend']} (ddim = its exact moments, mc = Monte Carlo +- 1 s.e.; every rule "
              "sees the same noise)", ""]
-    head = f"{'rule':<12} {'c':>5}  {'phi closed':>10} {'phi ODE':>10} {'phi DDIM':>10} {'phi MC':>20} {'phi T=inf':>9}"
-    lines += [head, "-" * len(head)]
-    for r in res["rows"]:
-        p = r["phi"]
-        lines.append(f"{RULE_LABELS[r['rule']]:<12} {r['c']:>5g}  {_fmt(p['closed']):>10} {_fmt(p['ode']):>10} "
-                     f"{_fmt(p['ddim']):>10} {_mc(p['mc'], p['mc_se']):>20} {_fmt(p['limit']):>9}")
-    lines.append("")
-    head = f"{'rule':<12} {'c':>5}  {'var closed':>10} {'var ODE':>10} {'var DDIM':>10} {'var MC':>20} {'var T=inf':>9}"
-    lines += [head, "-" * len(head)]
-    for r in res["rows"]:
-        v = r["variance"]
-        lines.append(f"{RULE_LABELS[r['rule']]:<12} {r['c']:>5g}  {_fmt(v['closed']):>10} {_fmt(v['ode']):>10} "
-                     f"{_fmt(v['ddim']):>10} {_mc(v['mc'], v['mc_se']):>20} {_fmt(v['limit']):>9}")
-    lines += ["", "Averaged over c ~ N(0, 1) (closed form): slope of E[x0|c] on c (1 = no shift), mean Var[x0|c]"]
+    for key, name in (("phi", "phi"), ("variance", "var")):
+        head = (f"{'rule':<12} {'c':>5}  {name + ' closed':>10} {name + ' ODE':>10} {name + ' DDIM':>10} "
+                f"{name + ' MC':>20} {name + ' T=inf':>9}")
+        lines += [head, "-" * len(head)]
+        for r in res["rows"]:
+            v = r[key]
+            lines.append(f"{RULE_LABELS[r['rule']]:<12} {r['c']:>5g}  {_fmt(v['closed']):>10} {_fmt(v['ode']):>10} "
+                         f"{_fmt(v['ddim']):>10} {_mc(v['mc'], v['mc_se']):>20} {_fmt(v['limit']):>9}")
+        lines.append("")
+    lines += ["Averaged over c ~ N(0, 1) (closed form): slope of E[x0|c] on c (1 = no shift), mean Var[x0|c]"]
     for rule, pop in res["population"].items():
         lines.append(f"  {RULE_LABELS[rule]:<12} T={T:g}: slope {pop['T']['slope']:.5f}, variance "
                      f"{pop['T']['mean_variance']:.5g}   T=inf: slope {pop['limit']['slope']:.5f}, "
