@@ -81,6 +81,8 @@ class CFG:
         else:
             g = torch.full((1, batch), self.scale, dtype=torch.float64)
         guided = self.guided_steps(timesteps)
+        if all(guided):
+            return g.expand(len(guided), batch), guided
         g1 = torch.where(torch.tensor(guided).view(-1, 1), g, torch.ones(1, 1, dtype=torch.float64))
         return g1, guided
 

@@ -106,10 +106,10 @@ def _hot_step(model, step_fn, x2, labels, t_i, g1_i, coef_i, table, rows, steps_
               batch: int, cond_first: bool, clip_range, check_finite: bool):
     """One guided step over static buffers: the batched 2B forward, then the fused guided update.
 
-    Every per-step value arrives as a tensor (t_i, g1_i, coef_i, steps_i, z_i, sum_i), so torch.compile
+    Every per-step value arrives as a tensor (t_i [2B], g1_i, coef_i, steps_i, z_i, sum_i), so torch.compile
     traces this once and never recompiles for a new step, scale or table row.
     """
-    out = model(x2, t_i.expand(x2.shape[0]), labels)
+    out = model(x2, t_i, labels)
     if check_finite:
         sum_i.copy_(out.sum(dtype=torch.float32))  # one cheap reduction; checked once after the loop
     step_fn(x2, x2[:batch], out, g1_i, coef_i, cond_first=cond_first, table=table, rows=rows, table_steps=steps_i,
@@ -208,6 +208,8 @@ class Sampler:
 
     @staticmethod
     def _raise_if_not_finite(b: LoopBuffers, plan) -> None:
+        if bool(torch.isfinite(b.out_sums).all() & torch.isfinite(b.x2[:b.batch]).all()):
+            return  # one host sync on the common path
         bad_steps = (~torch.isfinite(b.out_sums)).nonzero().flatten().tolist()
         if bad_steps:
             i = bad_steps[0]
@@ -220,37 +222,40 @@ class Sampler:
     # ------------------------------------------------------------------ the loop
     def _run(self, b: LoopBuffers, step: "StepImpl", plan, guidance, callback=None, show=False) -> None:
         classifier = isinstance(guidance, ClassifierGuidance)
-        csl = slice(0, b.batch) if (self.cond_first or b.x2.shape[0] == b.batch) else slice(b.batch, 2 * b.batch)
+        n, batch = plan.steps, b.batch
+        csl = slice(0, batch) if (self.cond_first or b.x2.shape[0] == batch) else slice(batch, 2 * batch)
         forward = self._model_fn(step.fused)
+        # Per-step views made once per call (each tensor index is an op; on a CPU that is microseconds).
+        t_all, t_cond = b.t.view(n, 1).expand(n, b.x2.shape[0]).unbind(0), b.t.view(n, 1).expand(n, batch).unbind(0)
+        g1, coef_dev, sum_rows = b.g1.unbind(0), b.coef.unbind(0), b.out_sums.unbind(0)
+        z = [None] * n if b.z is None else b.z.unbind(0)
+        steps_dev = [None] * n if b.steps is None else b.steps.unbind(0)
+        coef = b.coef_host if step.host else coef_dev
+        steps = ([None] * n if b.steps_host is None else b.steps_host) if step.host else steps_dev
+        x_cur, x_cond = b.x2[:batch], b.x2[csl]
         sums = []  # eager path: per-step output sums, written to b.out_sums once after the loop
-        steps = tqdm(range(plan.steps), desc="sampling", leave=False) if show else range(plan.steps)
-        for i in steps:
-            z = None if b.z is None else b.z[i]
+        for i in (tqdm(range(n), desc="sampling", leave=False) if show else range(n)):
             if b.guided[i] and step.fused:
-                self._hot_fn()(forward, step.fn, b.x2, b.labels, b.t[i], b.g1[i], b.coef[i], b.table, b.rows,
-                               None if b.steps is None else b.steps[i], z, b.out_sums[i], b.batch,
-                               self.cond_first, plan.clip_range, self.check_finite)
+                self._hot_fn()(forward, step.fn, b.x2, b.labels, t_all[i], g1[i], coef_dev[i], b.table, b.rows,
+                               steps_dev[i], z[i], sum_rows[i], batch, self.cond_first, plan.clip_range,
+                               self.check_finite)
             else:
                 if b.guided[i]:
-                    inp, lab = b.x2, b.labels
+                    inp, lab, t_i = b.x2, b.labels, t_all[i]
                 else:
-                    inp = b.x2[csl]
-                    lab = self._null_batch(b.batch, b.cond) if classifier and guidance.use_null_cond else b.cond
-                out = forward(inp, b.t[i].expand(inp.shape[0]), lab)
+                    inp, t_i = x_cond, t_cond[i]
+                    lab = self._null_batch(batch, b.cond) if classifier and guidance.use_null_cond else b.cond
+                out = forward(inp, t_i, lab)
                 self._check_model_output(out, inp, i)
                 if classifier:
-                    out = guidance.guided_eps(out, inp, b.t[i].expand(b.batch), b.cond, float(plan.eps_scale[i]))
+                    out = guidance.guided_eps(out, inp, t_cond[i], b.cond, float(plan.eps_scale[i]))
                 if self.check_finite:
                     total = out.sum(dtype=torch.float32)
-                    b.out_sums[i].copy_(total) if step.fused else sums.append(total)
-                if step.host:
-                    coef, steps_i = b.coef_host[i], None if b.steps_host is None else b.steps_host[i]
-                else:
-                    coef, steps_i = b.coef[i], None if b.steps is None else b.steps[i]
-                step.fn(b.x2, b.x2[:b.batch], out, b.g1[i], coef, cond_first=self.cond_first, table=b.table,
-                        rows=b.rows, table_steps=steps_i, clip_range=plan.clip_range, z=z)
+                    sum_rows[i].copy_(total) if step.fused else sums.append(total)
+                step.fn(b.x2, x_cur, out, g1[i], coef[i], cond_first=self.cond_first, table=b.table, rows=b.rows,
+                        table_steps=steps[i], clip_range=plan.clip_range, z=z[i])
             if callback is not None:
-                callback(i, float(plan.timesteps[i]), b.x2[:b.batch])
+                callback(i, float(plan.timesteps[i]), x_cur)
         if sums:
             b.out_sums.copy_(torch.stack(sums))
 

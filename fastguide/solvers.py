@@ -5,6 +5,7 @@ Every solver here maps (x, guided model output m) to x_next with the element-wis
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -31,7 +32,7 @@ class Plan:
     def steps(self) -> int:
         return int(self.timesteps.numel())
 
-    @property
+    @functools.cached_property
     def stochastic(self) -> bool:
         return bool((self.coef[:, 2] != 0).any())
 
