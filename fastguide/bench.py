@@ -26,7 +26,6 @@ class Row:
     seconds: float  # median seconds per sample() call
     images_per_s: float
     vs_floor: float | None = None  # measured images/s / floor images/s
-    overhead_us_per_step: float | None = None  # (time - network time) / NFE
 
 
 def _sync(device):
@@ -98,8 +97,7 @@ def run_end_to_end(net, schedule, shape, *, model_name: str, batches=(1, 16, 64)
             def loop_of(s):
                 return lambda r: s.sample(noises[r % 4], labels)
 
-            fns = {"network_eager": lambda r: [net(x2, t2, l2) for _ in range(nfe)],
-                   "network_compiled": lambda r: [cnet(x2, t2, l2) for _ in range(nfe)]}
+            fns = {"network_compiled": lambda r: [cnet(x2, t2, l2) for _ in range(nfe)]}
             if "diffusers_eager" in modes:
                 fns["diffusers_eager"] = lambda r: diffusers_style_loop(net, sch, noises[r % 4], labels, null_label,
                                                                         scale)
@@ -128,11 +126,8 @@ def run_end_to_end(net, schedule, shape, *, model_name: str, batches=(1, 16, 64)
             for m in fns:
                 if m.startswith("network"):
                     continue
-                net_s = med["network_compiled" if "compiled" in m or m in ("fastguide_graph", "floor")
-                            else "network_eager"]
                 row = Row(model_name, m, batch, nfe, med[m], batch / med[m],
-                          vs_floor=med["floor"] / med[m] if "floor" in med else None,
-                          overhead_us_per_step=None if m == "floor" else (med[m] - net_s) / nfe * 1e6)
+                          vs_floor=med["floor"] / med[m] if "floor" in med else None)
                 rows.append(row)
                 progress(f"  {model_name} B={batch} NFE={nfe} {m:24s} {row.images_per_s:10.1f} img/s")
     return rows
@@ -158,13 +153,12 @@ def _floor_fn(cnet, x2, t2, l2, nfe):
 
 
 def format_rows(rows: list[Row]) -> str:
-    head = f"{'model':8s} {'mode':24s} {'B':>4s} {'NFE':>4s} {'img/s':>10s} {'ms/call':>9s} {'vs floor':>9s} {'overhead us/step':>17s}"
+    head = f"{'model':8s} {'mode':24s} {'B':>4s} {'NFE':>4s} {'img/s':>10s} {'ms/call':>9s} {'vs floor':>9s}"
     lines = [head, "-" * len(head)]
     for r in rows:
-        vs = f"{r.vs_floor:9.3f}" if r.vs_floor is not None else f"{'':9s}"
-        ov = f"{r.overhead_us_per_step:17.1f}" if r.overhead_us_per_step is not None else ""
+        vs = f"{r.vs_floor:9.3f}" if r.vs_floor is not None else ""
         lines.append(f"{r.model:8s} {r.mode:24s} {r.batch:4d} {r.nfe:4d} {r.images_per_s:10.1f} "
-                     f"{r.seconds * 1e3:9.2f} {vs} {ov}")
+                     f"{r.seconds * 1e3:9.2f} {vs}")
     return "\n".join(lines)
 
 

@@ -19,6 +19,8 @@ def add_parser(sub):
     p.add_argument("--nfe", type=int, action="append", help="steps (default 10 on CPU; 4, 8, 16 on CUDA)")
     p.add_argument("--reps", type=int, default=5, help="timed repetitions per point (median reported)")
     p.add_argument("--quick", action="store_true", help="tiny sizes, few repetitions (a smoke run)")
+    p.add_argument("--overhead", action="store_true",
+                   help="instead: per-step sampler overhead (the network replaced by a stub) vs a diffusers-style loop")
     p.add_argument("--json", dest="json_path", default=None, help="also write the rows to this JSON file")
     p.set_defaults(func=run)
 
@@ -40,6 +42,8 @@ def run(args) -> int:
     if args.reps < 1:
         raise ValueError(f"--reps: expected >= 1, got {args.reps}")
     reps = 2 if args.quick else args.reps
+    if args.overhead:
+        return _overhead(args, device, batches, nfes, reps)
     rows = []
     for model in args.model or ["digits"]:
         if model == "digits":
@@ -57,12 +61,35 @@ def run(args) -> int:
                                dtype=dtype, null_label=null, num_classes=classes, reps=reps,
                                warmup=1 if args.quick else 2)
     print(format_rows(rows))
-    if args.json_path:
-        meta = {"date": date.today().isoformat(), "torch": torch.__version__, "device": device,
-                "device_name": torch.cuda.get_device_name() if cuda else platform.processor() or platform.machine(),
-                "threads": torch.get_num_threads()}
-        with open(args.json_path, "w") as f:
-            json.dump({"meta": meta, "rows": rows_as_dicts(rows)}, f, indent=1)
-        print(f"wrote {args.json_path}")
+    _write_json(args.json_path, device, rows_as_dicts(rows))
     return 0
+
+
+def _overhead(args, device, batches, nfes, reps) -> int:
+    import fastguide as fg
+    from fastguide.bench import run_overhead
+
+    rows = []
+    for nfe in nfes:
+        rows += run_overhead(fg.NoiseSchedule.linear(timestep_spacing="trailing"), (1, 8, 8), batches=batches,
+                             nfe=nfe, device=device, reps=reps, block=5 if args.quick else 20)
+    print(f"{'mode':18s} {'B':>4s} {'NFE':>4s} {'us/step':>9s} {'vs diffusers':>13s}")
+    base = {(r["batch"], r["nfe"]): r["us_per_step"] for r in rows if r["mode"] == "diffusers_eager"}
+    for r in rows:
+        print(f"{r['mode']:18s} {r['batch']:4d} {r['nfe']:4d} {r['us_per_step']:9.1f} "
+              f"{r['us_per_step'] / base[(r['batch'], r['nfe'])]:13.2f}")
+    _write_json(args.json_path, device, rows)
+    return 0
+
+
+def _write_json(path, device, rows) -> None:
+    if not path:
+        return
+    cuda = device == "cuda"
+    meta = {"date": date.today().isoformat(), "torch": torch.__version__, "device": device,
+            "device_name": torch.cuda.get_device_name() if cuda else platform.processor() or platform.machine(),
+            "threads": torch.get_num_threads()}
+    with open(path, "w") as f:
+        json.dump({"meta": meta, "rows": rows}, f, indent=1)
+    print(f"wrote {path}")
 
