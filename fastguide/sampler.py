@@ -123,8 +123,9 @@ class Sampler:
     model(x [N, C, H, W], t [N] float, cond [N] long | [N, ...]) -> [N, C, H, W]
     ``null_cond``: the unconditional label (int) or embedding (tensor of one condition's shape).
     ``cond_first``: whether the batched forward puts the conditional half first ([c | null]).
-    ``backend``: "torch" (the reference step, any device), "triton" (the fused kernel), or "auto"
-    (triton for CUDA tensors when available, torch otherwise).
+    ``backend``: "torch" (plain torch ops, any device: the eager host-scalar step, or the reference inside
+    compiled code), "triton" (the fused kernel), or "auto" (triton for CUDA tensors when available, torch
+    otherwise).
     """
 
     def __init__(self, model, solver, guidance=None, null_cond=None, backend: str = "auto",
@@ -144,7 +145,7 @@ class Sampler:
         self._compiled_model = None
         self._fuse_step = True
         self._plan_cache = {}  # (device, dtype) -> plan-derived per-step tensors (see _plan_tensors)
-        self._hot = {}  # compiled hot-step functions, one per variant (guided / conditional-only)
+        self._hot = {}  # the compiled hot step (this Sampler's own code object), created on first use
         self._loops = {}  # LoopBuffers (+ captured graph) per static key, for cuda_graph=True
 
     # ------------------------------------------------------------------ public
