@@ -209,8 +209,11 @@ class Sampler:
 
     @staticmethod
     def _raise_if_not_finite(b: LoopBuffers, plan) -> None:
-        if bool(torch.isfinite(b.out_sums).all() & torch.isfinite(b.x2[:b.batch]).all()):
-            return  # one host sync on the common path
+        """One host sync on the common path: every step's model output and the sample are finite iff their
+        float32 sums are (the per-step sums were taken on the device as the loop ran)."""
+        sums = torch.cat([b.out_sums, b.x2[:b.batch].sum(dtype=torch.float32).view(1)])
+        if bool(torch.isfinite(sums).all()):
+            return
         bad_steps = (~torch.isfinite(b.out_sums)).nonzero().flatten().tolist()
         if bad_steps:
             i = bad_steps[0]
@@ -358,9 +361,8 @@ class Sampler:
         return b
 
     def _load_x(self, b: LoopBuffers, x: torch.Tensor) -> None:
-        b.x2[:b.batch] = x
-        if b.x2.shape[0] > b.batch:
-            b.x2[b.batch:] = x
+        blocks = b.x2.shape[0] // b.batch
+        b.x2.view(blocks, b.batch, -1).copy_(x.reshape(1, b.batch, -1).expand(blocks, b.batch, -1))
 
     def _noise_for_steps(self, plan, x, seeds):
         cdt = x.dtype  # z in the latent dtype: the kernel's narrowest (minimum-bytes, 32-register) variant
