@@ -102,14 +102,15 @@ class LoopBuffers:
                 self.guided, tuple(self.labels.shape), self.labels.dtype)
 
 
-def _hot_step(model, step_fn, x2, labels, t_i, g1_i, coef_i, table, rows, steps_i, z_i, sum_i,
+def _hot_step(model, step_fn, x2, inp, labels, t_i, g1_i, coef_i, table, rows, steps_i, z_i, sum_i,
               batch: int, cond_first: bool, clip_range, check_finite: bool):
-    """One guided step over static buffers: the batched 2B forward, then the fused guided update.
+    """One step over static buffers: the forward of ``inp`` (x2 itself, the 2B cond + null batch, or its B
+    conditional rows outside a guidance interval), then the fused guided update written into x2.
 
-    Every per-step value arrives as a tensor (t_i [2B], g1_i, coef_i, steps_i, z_i, sum_i), so torch.compile
-    traces this once and never recompiles for a new step, scale or table row.
+    Every per-step value arrives as a tensor (t_i, g1_i, coef_i, steps_i, z_i, sum_i), so torch.compile
+    traces each of the two shapes once and never recompiles for a new step, scale or table row.
     """
-    out = model(x2, t_i, labels)
+    out = model(inp, t_i, labels)
     if check_finite:
         sum_i.copy_(out.sum(dtype=torch.float32))  # one cheap reduction; checked once after the loop
     step_fn(x2, x2[:batch], out, g1_i, coef_i, cond_first=cond_first, table=table, rows=rows, table_steps=steps_i,
@@ -239,8 +240,9 @@ class Sampler:
         x_cur, x_cond = b.x2[:batch], b.x2[csl]
         sums = []  # eager path: per-step output sums, written to b.out_sums once after the loop
         for i in (tqdm(range(n), desc="sampling", leave=False) if show else range(n)):
-            if b.guided[i] and step.fused:
-                self._hot_fn()(forward, step.fn, b.x2, b.labels, t_all[i], g1[i], coef_dev[i], b.table, b.rows,
+            if step.fused and not classifier:
+                inp, lab, t_i = (b.x2, b.labels, t_all[i]) if b.guided[i] else (x_cond, b.cond, t_cond[i])
+                self._hot_fn()(forward, step.fn, b.x2, inp, lab, t_i, g1[i], coef_dev[i], b.table, b.rows,
                                steps_dev[i], z[i], sum_rows[i], batch, self.cond_first, plan.clip_range,
                                self.check_finite)
             else:

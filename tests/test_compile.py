@@ -76,6 +76,26 @@ def test_compiled_sampler_per_sample_scales_and_graph_breaks(setup):
 
 
 @torch.no_grad()
+def test_compiled_guidance_interval_compiles_both_phases_once(setup):
+    """Inside the interval the fused step runs the 2B batch, outside the B conditional rows: two static
+    shapes, each compiled once, and the result equals eager sampling."""
+    net, solver, table = setup
+    ts = solver.plan.timesteps
+    interval = (float(ts[3]), float(ts[1]))
+    noise = fg.seeded_noise(range(20, 20 + B), SHAPE)
+    labels = torch.tensor([2, 4, 6, 8])
+    sampler = fg.Sampler(net, solver, fg.CFG(3.0, interval=interval), null_cond=10, progress=False).compile()
+    graphs = counters["stats"]["unique_graphs"]
+    got = sampler.sample(noise, labels)
+    assert counters["stats"]["unique_graphs"] - graphs == 2  # the 2B phase and the B phase
+    for g in (1.5, 4.0):
+        got = sampler.sample(noise, labels, scale=g)
+        want = eager_sample(net, solver, fg.CFG(g, interval=interval), noise, labels)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert counters["stats"]["unique_graphs"] - graphs == 2
+
+
+@torch.no_grad()
 def test_static_buffer_loop_equals_eager_for_new_inputs(setup):
     """cuda_graph=True on the CPU: warns, then runs the same static-buffer loop a CUDA graph would replay."""
     net, solver, table = setup
