@@ -95,6 +95,24 @@ def test_compiled_guidance_interval_compiles_both_phases_once(setup):
     assert counters["stats"]["unique_graphs"] - graphs == 2
 
 
+@pytest.mark.parametrize("rule", ["cfg", "recfg", "cfg-interval"])
+@torch.no_grad()
+def test_compiled_sampler_with_the_triton_op_matches_torch(setup, rule):
+    """The GPU configuration (forward + registered Triton op compiled as one function), run here through the
+    Triton interpreter: no graph breaks, same samples as the torch backend."""
+    net, solver, table = setup
+    ts = solver.plan.timesteps
+    guide = {"cfg": fg.CFG(3.0), "recfg": fg.ReCFG(3.0, table=table),
+             "cfg-interval": fg.CFG(3.0, interval=(float(ts[-1]), float(ts[2])))}[rule]
+    noise = fg.seeded_noise(range(30, 30 + B), SHAPE)
+    labels = torch.tensor([1, 5, 9, 0])
+    breaks = sum(counters["graph_break"].values())
+    got = fg.Sampler(net, solver, guide, null_cond=10, backend="triton", progress=False).compile().sample(noise, labels)
+    want = fg.Sampler(net, solver, guide, null_cond=10, backend="torch", progress=False).sample(noise, labels)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert sum(counters["graph_break"].values()) == breaks, dict(counters["graph_break"])
+
+
 @torch.no_grad()
 def test_static_buffer_loop_equals_eager_for_new_inputs(setup):
     """cuda_graph=True on the CPU: warns, then runs the same static-buffer loop a CUDA graph would replay."""
