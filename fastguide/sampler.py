@@ -363,8 +363,7 @@ class Sampler:
         return b
 
     def _load_x(self, b: LoopBuffers, x: torch.Tensor) -> None:
-        blocks = b.x2.shape[0] // b.batch
-        b.x2.view(blocks, b.batch, -1).copy_(x.reshape(1, b.batch, -1).expand(blocks, b.batch, -1))
+        reference.copy_into_blocks(b.x2, x)
 
     def _noise_for_steps(self, plan, x, seeds):
         cdt = x.dtype  # z in the latent dtype: the kernel's narrowest (minimum-bytes, 32-register) variant

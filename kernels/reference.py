@@ -75,6 +75,13 @@ def guided_step(
     return out.to(x.dtype)
 
 
+def copy_into_blocks(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Write y [B, ...] into every B-row block of out [k*B, ...] with one copy (any memory layout)."""
+    blocks = out.shape[0] // y.shape[0]
+    out.unflatten(0, (blocks, y.shape[0])).copy_(y.unsqueeze(0).expand(blocks, *y.shape))
+    return out
+
+
 def split_model_output(model_out: torch.Tensor, batch: int, cond_first: bool = True):
     """Views of the cond and uncond halves of a [2B, ...] model output (no copies); uncond None for [B, ...]."""
     if model_out.shape[0] == batch:
@@ -105,6 +112,4 @@ def guided_step_into(
     m_cond, m_uncond = split_model_output(model_out, batch, cond_first)
     x_next = guided_step(x, m_cond, m_uncond, g1, coef, table=table, rows=rows, table_steps=table_steps,
                          clip_range=clip_range, z=z)
-    for k in range(out.shape[0] // batch):
-        out[k * batch:(k + 1) * batch].copy_(x_next)
-    return out
+    return copy_into_blocks(out, x_next)

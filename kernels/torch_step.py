@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from fastguide.kernels.reference import compute_dtype_for, split_model_output
+from fastguide.kernels.reference import compute_dtype_for, copy_into_blocks, split_model_output
 
 
 def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -48,6 +48,4 @@ def guided_step_into_host(out: torch.Tensor, x: torch.Tensor, model_out: torch.T
             y.add_(m, alpha=Cm)
     if z is not None and S != 0:
         y.add_(_as(z, dt), alpha=S)
-    blocks = out.shape[0] // batch
-    out.view(blocks, batch, -1).copy_(y.view(1, batch, -1).expand(blocks, batch, -1))  # y is a fresh tensor
-    return out
+    return copy_into_blocks(out, y)  # y is a fresh tensor, so x aliasing out[:B] is safe
