@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fastguide.table import RatioTable
+from fastguide.table import RatioTable, check_lo_hi
 
 
 def _check_scale(scale, name: str = "scale"):
@@ -37,13 +37,7 @@ def _check_scale(scale, name: str = "scale"):
 def _check_interval(interval):
     if interval is None:
         return None
-    try:
-        lo, hi = (float(v) for v in interval)
-    except (TypeError, ValueError):
-        raise TypeError(f"interval: expected a (lo, hi) pair of model times, got {interval!r}") from None
-    if not lo <= hi:
-        raise ValueError(f"interval: expected lo <= hi, got ({lo}, {hi})")
-    return lo, hi
+    return check_lo_hi(interval, "interval", "a (lo, hi) pair of model times")
 
 
 @dataclass

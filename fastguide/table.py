@@ -555,16 +555,21 @@ def _check_delta(delta) -> float:
     return float(delta)
 
 
+def check_lo_hi(value, name: str, expected: str) -> tuple[float, float]:
+    """A (lo, hi) pair of floats with lo <= hi; TypeError / ValueError naming ``name`` otherwise."""
+    try:
+        lo, hi = (float(v) for v in value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name}: expected {expected}, got {value!r}") from None
+    if not lo <= hi:
+        raise ValueError(f"{name}: expected lo <= hi, got ({lo}, {hi})")
+    return lo, hi
+
+
 def _check_clamp(clamp):
     if clamp is None:
         return None
-    try:
-        lo, hi = (float(v) for v in clamp)
-    except (TypeError, ValueError):
-        raise TypeError(f"clamp: expected None or a (lo, hi) pair, got {clamp!r}") from None
-    if not lo <= hi:
-        raise ValueError(f"clamp: expected lo <= hi, got ({lo}, {hi})")
-    return [lo, hi]
+    return list(check_lo_hi(clamp, "clamp", "None or a (lo, hi) pair"))
 
 
 def _storage_dtype(dtype) -> torch.dtype:
