@@ -45,7 +45,7 @@ class StepGuidance:
     """What the sampler gets from a rule for one sampling call (host tensors; the sampler moves them)."""
 
     g1: torch.Tensor  # [S, B] float64
-    guided: list[bool]  # [S] run the unconditional half at this step?
+    guided: tuple[bool, ...] | list[bool]  # [S] run the unconditional half at this step?
     table: torch.Tensor | None = None  # [K, T, *shape]
     rows: torch.Tensor | None = None  # [B] int64
     table_steps: torch.Tensor | None = None  # [S, 2] int64
@@ -68,13 +68,25 @@ class CFG:
         return cls(_check_scale(w + 1.0 if isinstance(w, torch.Tensor) else w), interval)
 
     def _g1(self, timesteps: torch.Tensor, batch: int):
+        """([S, B] float64 g1, [S] guided flags). A float scale's result is kept for the next call with the
+        same scale, interval, timesteps and batch (the sampler then skips re-uploading it)."""
+        key = None if isinstance(self.scale, torch.Tensor) else (self.scale, self.interval, batch)
+        memo = self.__dict__.get("_g1_memo")
+        if key is not None and memo is not None and memo[0] == key and memo[1] is timesteps:
+            return memo[2]
+        result = self._compute_g1(timesteps, batch)
+        if key is not None:
+            self._g1_memo = (key, timesteps, result)
+        return result
+
+    def _compute_g1(self, timesteps: torch.Tensor, batch: int):
         if isinstance(self.scale, torch.Tensor):
             if self.scale.numel() != batch:
                 raise ValueError(f"scale: expected {batch} per-sample values (the batch), got {self.scale.numel()}")
             g = self.scale.view(1, batch)
         else:
             g = torch.full((1, batch), self.scale, dtype=torch.float64)
-        guided = self.guided_steps(timesteps)
+        guided = tuple(self.guided_steps(timesteps))
         if all(guided):
             return g.expand(len(guided), batch), guided
         g1 = torch.where(torch.tensor(guided).view(-1, 1), g, torch.ones(1, 1, dtype=torch.float64))

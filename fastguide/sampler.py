@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import math
 import os
 import types
 import warnings
@@ -26,6 +27,7 @@ from fastguide.kernels.torch_step import guided_step_into_host
 BACKENDS = ("auto", "torch", "triton")
 FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 _STEP_NOISE_SALT = 0x9E3779B97F4A7C15
+MAX_CACHED_LOOPS = 8  # loop buffers (and captured graphs) kept per Sampler, oldest dropped first
 
 
 def seeded_noise(seeds, shape, dtype=torch.float32, device="cpu") -> torch.Tensor:
@@ -79,27 +81,41 @@ class StepImpl:
 
 @dataclass
 class LoopBuffers:
-    """Everything one fixed-NFE loop reads and writes, allocated once per (batch, shape, dtype, rule)."""
+    """Everything one fixed-NFE loop reads and writes. Allocated once per static key (batch, shape, dtype,
+    rule, steps) and refilled in place by later calls, so the addresses a compiled step or a captured CUDA
+    graph reads stay the same and a call allocates almost nothing."""
 
     x2: torch.Tensor  # [R, *shape], R = 2B when any step is guided, else B; both halves hold x
     labels: torch.Tensor  # [R] or [R, ...]: [c | null] (cond_first) or [null | c]
-    cond: torch.Tensor  # [B] (or [B, ...]) the conditional labels alone (a view into labels when possible)
-    t: torch.Tensor  # [S] model time
-    coef: torch.Tensor  # [S, 9] per-step scalars in the compute dtype
-    g1: torch.Tensor  # [S, B]
-    table: torch.Tensor | None
-    rows: torch.Tensor | None  # [B]
-    steps: torch.Tensor | None  # [S, 2]
+    cond: torch.Tensor  # [B] (or [B, ...]) the conditional labels alone (a view into labels)
+    g1: torch.Tensor  # [S, B] in the compute dtype
+    rows: torch.Tensor | None  # [B] table rows of this call's labels
     z: torch.Tensor | None  # [S, B, *shape]
     out_sums: torch.Tensor  # [S] float32 sum of each step's model output: non-finite iff the output was
-    coef_host: list  # [S][9] the same per-step scalars as Python floats (the eager torch step)
-    steps_host: list | None  # [S] (i0, i1) table rows as Python ints
     guided: tuple  # [S] bool: run the null half at this step
     batch: int
+    plan_entry: dict | None = None  # the cached plan tensors (t, coef, table, steps) this loop reads
+    g1_source: torch.Tensor | None = None  # the host g1 that b.g1 holds (refill skips an unchanged one)
+    null_source: object = None
+    graph: object = None  # the captured CUDA graph of the whole loop (cuda_graph=True on CUDA)
+    in_use: bool = False  # a call is running over these buffers (a re-entrant call gets its own)
+    per_step: dict | None = None  # per-step views (rows of t, g1, coef, ...) made once, not per call
 
-    def key(self) -> tuple:
-        return (tuple(self.x2.shape), self.x2.dtype, self.x2.device, self.table is not None, self.z is not None,
-                self.guided, tuple(self.labels.shape), self.labels.dtype)
+    @property
+    def t(self):
+        return self.plan_entry["t"]
+
+    @property
+    def coef(self):
+        return self.plan_entry["coef"]
+
+    @property
+    def table(self):
+        return self.plan_entry["table"]
+
+    @property
+    def steps(self):
+        return self.plan_entry["steps"]
 
 
 def _hot_step(model, step_fn, x2, inp, labels, t_i, g1_i, coef_i, table, rows, steps_i, z_i, sum_i,
@@ -145,9 +161,10 @@ class Sampler:
         self.cuda_graph = False
         self._compiled_model = None
         self._fuse_step = True
-        self._plan_cache = {}  # (device, dtype) -> plan-derived per-step tensors (see _plan_tensors)
+        self._plan_cache = {}  # (device, dtype, table) -> plan-derived per-step tensors (see _plan_tensors)
         self._hot = {}  # the compiled hot step (this Sampler's own code object), created on first use
-        self._loops = {}  # LoopBuffers (+ captured graph) per static key, for cuda_graph=True
+        self._loops = {}  # LoopBuffers (+ captured graph) per static key
+        self._impls = {}  # (device, backend) -> StepImpl
 
     # ------------------------------------------------------------------ public
     def compile(self, mode: str | None = None, cuda_graph: bool = False, fullgraph: bool = False,
@@ -170,7 +187,7 @@ class Sampler:
         self._compiled_model = None
         self._hot = {}
         self.cuda_graph = bool(cuda_graph)
-        self._loops = {}
+        self._loops, self._impls = {}, {}
         return self
 
     def sample(self, noise: torch.Tensor, cond, *, seeds=None, scale=None, guidance=None, callback=None,
@@ -182,7 +199,7 @@ class Sampler:
         call (float or [B]) and ``guidance`` the rule (e.g. switch CFG <-> ReCFG without a new Sampler).
         ``callback(step, t, x)`` runs after each step (not with CUDA graphs).
         """
-        x = self._check_noise(noise)
+        x = self._check_noise(noise, values=not self.check_finite)  # else checked with the sample, below
         cond = self._check_cond(cond, x.shape[0], x.device)
         guidance = self._check_guidance(self.guidance if guidance is None else guidance)
         if scale is not None:
@@ -195,75 +212,78 @@ class Sampler:
         if self.cuda_graph and not use_graph:
             warnings.warn("cuda_graph=True: running eagerly over static buffers (needs CUDA tensors, no callback, "
                           "no classifier guidance)", stacklevel=2)
-        if self.cuda_graph:
-            b = self._static_buffers(x, cond, plan, sg, seeds)
-        else:
-            b = self._new_buffers(x, cond, plan, sg, seeds)
-        show = (self.progress if progress is None else progress) and not use_graph
-        if use_graph:
-            self._replay(b, step, plan, guidance)
-        else:
-            self._run(b, step, plan, guidance, callback, show)
-        if self.check_finite:
-            self._raise_if_not_finite(b, plan)
-        return b.x2[:b.batch].clone()
+        b = self._buffers(x, cond, plan, sg, seeds)
+        b.in_use = True
+        try:
+            show = (self.progress if progress is None else progress) and not use_graph
+            if use_graph:
+                self._replay(b, step, plan, guidance)
+                step_sums = b.out_sums
+            else:
+                step_sums = self._run(b, step, plan, guidance, callback, show)
+            if self.check_finite:
+                self._raise_if_not_finite(b, plan, step_sums, x)
+            return b.x2[:b.batch].clone()
+        finally:
+            b.in_use = False
 
     @staticmethod
-    def _raise_if_not_finite(b: LoopBuffers, plan) -> None:
-        """One host sync on the common path: every step's model output and the sample are finite iff their
-        float32 sums are (the per-step sums were taken on the device as the loop ran)."""
-        sums = torch.cat([b.out_sums, b.x2[:b.batch].sum(dtype=torch.float32).view(1)])
-        if bool(torch.isfinite(sums).all()):
+    def _raise_if_not_finite(b: LoopBuffers, plan, step_sums, noise: torch.Tensor) -> None:
+        """One host sync on the common path: the noise, every step's model output and the sample are finite
+        iff their float32 sums are (``step_sums``: per-step sums taken as the loop ran, a [S] tensor or a list
+        of scalars). A sum that overflows while every value is finite only sends this to the exact checks
+        below, which then pass."""
+        x = b.x2[:b.batch]
+        sums = list(step_sums) if isinstance(step_sums, list) else [step_sums.sum()]
+        if math.isfinite(torch.stack([*sums, x.sum(dtype=torch.float32), noise.sum(dtype=torch.float32)]).sum().item()):
             return
-        bad_steps = (~torch.isfinite(b.out_sums)).nonzero().flatten().tolist()
+        step_sums = torch.stack(step_sums) if isinstance(step_sums, list) else step_sums
+        if not bool(torch.isfinite(noise).all()):
+            raise ValueError("noise: contains NaN or inf")
+        bad_steps = (~torch.isfinite(step_sums)).nonzero().flatten().tolist()
         if bad_steps:
             i = bad_steps[0]
             raise ValueError(f"model: output contained NaN/inf, first at step {i} (t={float(plan.timesteps[i]):g}); "
                              "the sample is not valid")
-        if not bool(torch.isfinite(b.x2[:b.batch]).all()):
+        if not bool(torch.isfinite(x).all()):
             raise ValueError("model: outputs were finite but the sample overflowed to NaN/inf (check the model's "
                              "output scale, the dtype, or the solver settings)")
 
     # ------------------------------------------------------------------ the loop
-    def _run(self, b: LoopBuffers, step: "StepImpl", plan, guidance, callback=None, show=False) -> None:
+    def _run(self, b: LoopBuffers, step: "StepImpl", plan, guidance, callback=None, show=False) -> torch.Tensor:
+        """The loop over b; returns the per-step float32 output sums (for the finite check)."""
         classifier = isinstance(guidance, ClassifierGuidance)
-        n, batch = plan.steps, b.batch
-        csl = slice(0, batch) if (self.cond_first or b.x2.shape[0] == batch) else slice(batch, 2 * batch)
+        batch, v = b.batch, b.per_step
         forward = self._model_fn(step.fused)
-        # Per-step views made once per call (each tensor index is an op; on a CPU that is microseconds).
-        t_all, t_cond = b.t.view(n, 1).expand(n, b.x2.shape[0]).unbind(0), b.t.view(n, 1).expand(n, batch).unbind(0)
-        g1, coef_dev, sum_rows = b.g1.unbind(0), b.coef.unbind(0), b.out_sums.unbind(0)
-        z = [None] * n if b.z is None else b.z.unbind(0)
-        steps_dev = [None] * n if b.steps is None else b.steps.unbind(0)
-        coef = b.coef_host if step.host else coef_dev
-        steps = ([None] * n if b.steps_host is None else b.steps_host) if step.host else steps_dev
-        x_cur, x_cond = b.x2[:batch], b.x2[csl]
-        sums = []  # eager path: per-step output sums, written to b.out_sums once after the loop
-        for i in (tqdm(range(n), desc="sampling", leave=False) if show else range(n)):
+        coef = b.plan_entry["coef_host"] if step.host else v["coef"]
+        steps = (b.plan_entry["steps_host"] or v["steps"]) if step.host else v["steps"]
+        x_cur, x_cond = v["x_cur"], v["x_cond"]
+        blocks = {"blocks": v["x_blocks"]} if step.host else {}  # the host step takes x2's block view ready-made
+        sums = []  # eager path: per-step output sums, stacked once after the loop
+        for i in (tqdm(range(plan.steps), desc="sampling", leave=False) if show else range(plan.steps)):
             if step.fused and not classifier:
-                inp, lab, t_i = (b.x2, b.labels, t_all[i]) if b.guided[i] else (x_cond, b.cond, t_cond[i])
-                self._hot_fn()(forward, step.fn, b.x2, inp, lab, t_i, g1[i], coef_dev[i], b.table, b.rows,
-                               steps_dev[i], z[i], sum_rows[i], batch, self.cond_first, plan.clip_range,
+                inp, lab, t_i = (b.x2, b.labels, v["t_all"][i]) if b.guided[i] else (x_cond, b.cond, v["t_cond"][i])
+                self._hot_fn()(forward, step.fn, b.x2, inp, lab, t_i, v["g1"][i], v["coef"][i], b.table, b.rows,
+                               v["steps"][i], v["z"][i], v["sums"][i], batch, self.cond_first, plan.clip_range,
                                self.check_finite)
             else:
                 if b.guided[i]:
-                    inp, lab, t_i = b.x2, b.labels, t_all[i]
+                    inp, lab, t_i = b.x2, b.labels, v["t_all"][i]
                 else:
-                    inp, t_i = x_cond, t_cond[i]
+                    inp, t_i = x_cond, v["t_cond"][i]
                     lab = self._null_batch(batch, b.cond) if classifier and guidance.use_null_cond else b.cond
                 out = forward(inp, t_i, lab)
                 self._check_model_output(out, inp, i)
                 if classifier:
-                    out = guidance.guided_eps(out, inp, t_cond[i], b.cond, float(plan.eps_scale[i]))
+                    out = guidance.guided_eps(out, inp, v["t_cond"][i], b.cond, float(plan.eps_scale[i]))
                 if self.check_finite:
                     total = out.sum(dtype=torch.float32)
-                    sum_rows[i].copy_(total) if step.fused else sums.append(total)
-                step.fn(b.x2, x_cur, out, g1[i], coef[i], cond_first=self.cond_first, table=b.table, rows=b.rows,
-                        table_steps=steps[i], clip_range=plan.clip_range, z=z[i])
+                    v["sums"][i].copy_(total) if step.fused else sums.append(total)
+                step.fn(b.x2, x_cur, out, v["g1"][i], coef[i], cond_first=self.cond_first, table=b.table,
+                        rows=b.rows, table_steps=steps[i], clip_range=plan.clip_range, z=v["z"][i], **blocks)
             if callback is not None:
                 callback(i, float(plan.timesteps[i]), x_cur)
-        if sums:
-            b.out_sums.copy_(torch.stack(sums))
+        return sums or b.out_sums
 
     def _model_fn(self, fused: bool):
         """The model as the loop calls it: compiled on its own when compiled but not fused with the step."""
@@ -285,9 +305,7 @@ class Sampler:
         return fn
 
     def _replay(self, b: LoopBuffers, step: "StepImpl", plan, guidance) -> None:
-        entry = self._loops[b.key()]
-        graph = entry.get("graph")
-        if graph is None:
+        if b.graph is None:
             # Warm up (compiles, autotunes, allocates) on a side stream, then capture the whole loop.
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
@@ -299,33 +317,80 @@ class Sampler:
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
                 self._run(b, step, plan, guidance)
-            entry["graph"] = graph
+            b.graph = graph
             b.x2.copy_(saved)
-        graph.replay()
+        b.graph.replay()
 
     # ------------------------------------------------------------------ buffers
-    def _new_buffers(self, x, cond, plan, sg: StepGuidance, seeds) -> LoopBuffers:
-        batch, dev = x.shape[0], x.device
-        cdt = compute_dtype_for(x.dtype)
-        guided = tuple(bool(g) for g in sg.guided)
-        rows2 = 2 * batch if any(guided) else batch
-        x2 = torch.empty((rows2, *x.shape[1:]), dtype=x.dtype, device=dev)
-        labels = self._labels(cond, batch, any(guided))
-        cond_view = labels[:batch] if (self.cond_first or not any(guided)) else labels[batch:]
-        pt = self._plan_tensors(plan, sg, dev, x.dtype)
-        b = LoopBuffers(
-            x2=x2, labels=labels, cond=cond_view, t=pt["t"], coef=pt["coef"], g1=sg.g1.to(dev, cdt),
-            table=pt["table"], rows=None if sg.rows is None else sg.rows.to(dev), steps=pt["steps"],
-            z=self._noise_for_steps(plan, x, seeds),
-            out_sums=torch.zeros(plan.steps, dtype=torch.float32, device=dev),
-            coef_host=pt["coef_host"], steps_host=pt["steps_host"], guided=guided, batch=batch)
-        self._load_x(b, x)
+    def _buffers(self, x, cond, plan, sg: StepGuidance, seeds) -> LoopBuffers:
+        """This call's loop buffers: the cached ones for its static key, refilled in place (a re-entrant call,
+        e.g. from a callback, gets fresh ones)."""
+        pt = self._plan_tensors(plan, sg, x.device, x.dtype)
+        guided = tuple(sg.guided)
+        table = pt["table"]
+        key = (tuple(x.shape), x.dtype, x.device, tuple(cond.shape), cond.dtype, guided, plan.steps,
+               plan.stochastic, None if table is None else (tuple(table.shape), table.dtype))
+        b = self._loops.get(key)
+        if b is None or b.in_use:
+            b = self._allocate(x, cond, plan, sg, guided)
+            if key not in self._loops:
+                if len(self._loops) >= MAX_CACHED_LOOPS:
+                    self._loops.pop(next(iter(self._loops)))  # the oldest key (and its graph)
+                self._loops[key] = b
+        self._refill(b, x, cond, plan, sg, seeds, pt)
         return b
+
+    def _allocate(self, x, cond, plan, sg: StepGuidance, guided: tuple) -> LoopBuffers:
+        batch, dev, steps = x.shape[0], x.device, plan.steps
+        run_uncond = any(guided)
+        labels = self._labels(cond, batch, run_uncond)
+        return LoopBuffers(
+            x2=torch.empty((2 * batch if run_uncond else batch, *x.shape[1:]), dtype=x.dtype, device=dev),
+            labels=labels, cond=labels[:batch] if (self.cond_first or not run_uncond) else labels[batch:],
+            g1=torch.empty((steps, batch), dtype=compute_dtype_for(x.dtype), device=dev),
+            rows=None if sg.rows is None else torch.empty(batch, dtype=sg.rows.dtype, device=dev),
+            z=torch.empty((steps, *x.shape), dtype=x.dtype, device=dev) if plan.stochastic else None,
+            out_sums=torch.zeros(steps, dtype=torch.float32, device=dev), guided=guided, batch=batch,
+            null_source=self.null_cond)
+
+    def _refill(self, b: LoopBuffers, x, cond, plan, sg: StepGuidance, seeds, pt: dict) -> None:
+        """Copy this call's inputs into b; what did not change since the last call (the plan tensors, the
+        guidance scales, the null label) is skipped."""
+        z = self._noise_for_steps(plan, x, seeds)  # validates seeds for every solver
+        if b.plan_entry is not pt:  # new plan tensors: rebind (a captured graph read the old ones)
+            b.plan_entry, b.graph = pt, None
+            self._set_views(b)
+        if b.null_source is not self.null_cond:
+            b.labels.copy_(self._labels(cond, b.batch, b.x2.shape[0] != b.batch))
+            b.null_source = self.null_cond
+        else:
+            b.cond.copy_(cond)
+        if b.g1_source is not sg.g1:
+            b.g1.copy_(sg.g1)
+            b.g1_source = sg.g1
+        if b.rows is not None:
+            b.rows.copy_(sg.rows)
+        if z is not None:
+            b.z.copy_(z)
+        reference.copy_into_blocks(b.x2, x, b.per_step["x_blocks"])
+
+    def _set_views(self, b: LoopBuffers) -> None:
+        n, batch, rows2 = b.g1.shape[0], b.batch, b.x2.shape[0]
+        none = [None] * n
+        b.per_step = {
+            "t_all": b.t.view(n, 1).expand(n, rows2).unbind(0),
+            "t_cond": b.t.view(n, 1).expand(n, batch).unbind(0),
+            "g1": b.g1.unbind(0), "coef": b.coef.unbind(0), "sums": b.out_sums.unbind(0),
+            "z": none if b.z is None else b.z.unbind(0), "steps": none if b.steps is None else b.steps.unbind(0),
+            "x_cur": b.x2[:batch], "x_blocks": b.x2.view(rows2 // batch, batch, *b.x2.shape[1:]),
+            "x_cond": b.x2[:batch] if (self.cond_first or rows2 == batch) else b.x2[batch:],
+        }
 
     def _plan_tensors(self, plan, sg: StepGuidance, dev, dtype) -> dict:
         """Per-step tensors that depend only on the plan and the table (not on this call's inputs), cached
         so repeated calls neither rebuild them nor copy the table to the device again."""
-        hit = self._plan_cache.get((dev, dtype))
+        key = (dev, dtype, None if sg.table is None else id(sg.table))  # the entry holds the table: ids stay unique
+        hit = self._plan_cache.get(key)
         if hit is not None and hit["plan"] is plan and hit["src_table"] is sg.table and (
                 (sg.table_w is None and hit["w"] is None)
                 or (sg.table_w is not None and hit["w"] is not None and torch.equal(hit["w"], sg.table_w))):
@@ -341,29 +406,10 @@ class Sampler:
             "steps": None if sg.table_steps is None else sg.table_steps.to(dev),
             "steps_host": None if sg.table_steps is None else [tuple(r) for r in sg.table_steps.tolist()],
         }
-        self._plan_cache[(dev, dtype)] = entry
+        if key not in self._plan_cache and len(self._plan_cache) >= MAX_CACHED_LOOPS:
+            self._plan_cache.pop(next(iter(self._plan_cache)))
+        self._plan_cache[key] = entry
         return entry
-
-    def _static_buffers(self, x, cond, plan, sg: StepGuidance, seeds) -> LoopBuffers:
-        """The cached buffers for this call's static key, refilled in place with this call's inputs."""
-        fresh = self._new_buffers(x, cond, plan, sg, seeds)
-        entry = self._loops.get(fresh.key())
-        if entry is None:
-            self._loops[fresh.key()] = {"buffers": fresh}
-            return fresh
-        b = entry["buffers"]
-        for name in ("x2", "labels", "t", "coef", "g1", "table", "rows", "steps", "z", "out_sums"):
-            dst, src = getattr(b, name), getattr(fresh, name)
-            if dst is not None:
-                if dst.shape != src.shape:  # e.g. a table of another size: not the same graph
-                    self._loops[fresh.key()] = {"buffers": fresh}
-                    return fresh
-                dst.copy_(src)
-        b.coef_host, b.steps_host = fresh.coef_host, fresh.steps_host
-        return b
-
-    def _load_x(self, b: LoopBuffers, x: torch.Tensor) -> None:
-        reference.copy_into_blocks(b.x2, x)
 
     def _noise_for_steps(self, plan, x, seeds):
         cdt = x.dtype  # z in the latent dtype: the kernel's narrowest (minimum-bytes, 32-register) variant
@@ -385,6 +431,12 @@ class Sampler:
         return guidance
 
     def _step_impl(self, device: torch.device) -> "StepImpl":
+        impl = self._impls.get((device, self.backend))
+        if impl is None:
+            impl = self._impls[(device, self.backend)] = self._choose_step_impl(device)
+        return impl
+
+    def _choose_step_impl(self, device: torch.device) -> "StepImpl":
         fused = self.compiled and self._fuse_step
         want = self.backend
         if want == "auto":
@@ -422,7 +474,7 @@ class Sampler:
         return torch.cat([cond, null] if self.cond_first else [null, cond])
 
     @staticmethod
-    def _check_noise(noise) -> torch.Tensor:
+    def _check_noise(noise, values: bool = True) -> torch.Tensor:
         if not isinstance(noise, torch.Tensor):
             raise TypeError(f"noise: expected a torch.Tensor [B, C, H, W], got {type(noise).__name__}")
         if noise.ndim != 4:
@@ -431,7 +483,7 @@ class Sampler:
             raise TypeError(f"noise: expected float64/float32/float16/bfloat16, got {noise.dtype}")
         if noise.shape[0] < 1 or noise.numel() == 0:
             raise ValueError(f"noise: expected a non-empty batch, got shape {tuple(noise.shape)}")
-        if not torch.isfinite(noise).all():
+        if values and not bool(torch.isfinite(noise).all()):
             raise ValueError("noise: contains NaN or inf")
         return noise.contiguous()
 

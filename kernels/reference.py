@@ -75,10 +75,12 @@ def guided_step(
     return out.to(x.dtype)
 
 
-def copy_into_blocks(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Write y [B, ...] into every B-row block of out [k*B, ...] with one copy (any memory layout)."""
-    blocks = out.shape[0] // y.shape[0]
-    out.unflatten(0, (blocks, y.shape[0])).copy_(y.unsqueeze(0).expand(blocks, *y.shape))
+def copy_into_blocks(out: torch.Tensor, y: torch.Tensor, blocks: torch.Tensor | None = None) -> torch.Tensor:
+    """Write y [B, ...] into every B-row block of out [k*B, ...] with one broadcasting copy (any memory
+    layout). ``blocks``: out already viewed as [k, B, ...] (a loop makes that view once)."""
+    if blocks is None:
+        blocks = out.view(out.shape[0] // y.shape[0], *y.shape)
+    blocks.copy_(y)
     return out
 
 

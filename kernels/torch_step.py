@@ -20,9 +20,10 @@ def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 def guided_step_into_host(out: torch.Tensor, x: torch.Tensor, model_out: torch.Tensor, g1: torch.Tensor,
                           coef, *, cond_first: bool = True, table: torch.Tensor | None = None,
                           rows: torch.Tensor | None = None, table_steps=None, clip_range: float | None = None,
-                          z: torch.Tensor | None = None) -> torch.Tensor:
+                          z: torch.Tensor | None = None, blocks: torch.Tensor | None = None) -> torch.Tensor:
     """Same contract as the reference, except ``coef`` is a sequence of 9 Python floats and
-    ``table_steps`` a pair of Python ints (i0, i1)."""
+    ``table_steps`` a pair of Python ints (i0, i1). ``blocks``: ``out`` viewed as [k, B, ...] (optional; a
+    loop makes it once instead of every step)."""
     A, B, S, Px, Pm, C0, Cx, Cm, w = coef
     batch = x.shape[0]
     dt = compute_dtype_for(x.dtype)
@@ -48,4 +49,4 @@ def guided_step_into_host(out: torch.Tensor, x: torch.Tensor, model_out: torch.T
             y.add_(m, alpha=Cm)
     if z is not None and S != 0:
         y.add_(_as(z, dt), alpha=S)
-    return copy_into_blocks(out, y)  # y is a fresh tensor, so x aliasing out[:B] is safe
+    return copy_into_blocks(out, y, blocks)  # y is a fresh tensor, so x aliasing out[:B] is safe

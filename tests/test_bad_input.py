@@ -43,11 +43,26 @@ def test_noise_that_is_not_a_float_tensor():
         sampler().sample(torch.zeros((2, *SHAPE), dtype=torch.int64), LABELS)
 
 
-def test_noise_with_nan():
+@pytest.mark.parametrize("check_finite", [True, False])  # checked with the sample, or up front
+@pytest.mark.parametrize("bad_value", [math.nan, math.inf])
+def test_noise_with_nan_or_inf(check_finite, bad_value):
     x = noise()
-    x[1, 0, 0, 0] = math.nan
-    with pytest.raises(ValueError, match="noise: contains NaN"):
-        sampler().sample(x, LABELS)
+    x[1, 0, 0, 0] = bad_value
+    with pytest.raises(ValueError, match="noise: contains NaN or inf"):
+        sampler(check_finite=check_finite).sample(x, LABELS)
+
+
+@pytest.mark.parametrize("clip", [False, True])
+def test_inf_noise_is_caught_even_when_the_sample_ends_finite(clip):
+    """A model that ignores x and a clipped one-step solver can turn inf noise into a finite sample; the noise
+    is still reported."""
+    solver = fg.DDIM(fg.NoiseSchedule.linear(clip_sample=clip, set_alpha_to_one=True), steps=1)
+    s = fg.Sampler(lambda x, t, c: torch.zeros_like(x), solver, fg.CFG(2.0), null_cond=NULL, backend="torch",
+                   progress=False)
+    x = noise()
+    x[0, 0, 0, 0] = math.inf
+    with pytest.raises(ValueError, match="noise: contains NaN or inf"):
+        s.sample(x, LABELS)
 
 
 @pytest.mark.parametrize("cond", [torch.tensor([0, 1, 2]), torch.tensor([0]), [0, 1, 2]])

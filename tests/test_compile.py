@@ -130,8 +130,8 @@ def test_static_buffer_loop_equals_eager_for_new_inputs(setup):
         want = eager_sample(net, solver, fg.ReCFG(g, table=table), noise, labels)
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
         (entry,) = sampler._loops.values()  # one static key: the buffers were reused, not reallocated
-        buffers = entry["buffers"].x2.data_ptr() if buffers is None else buffers
-        assert entry["buffers"].x2.data_ptr() == buffers
+        buffers = entry.x2.data_ptr() if buffers is None else buffers
+        assert entry.x2.data_ptr() == buffers
 
 
 @torch.no_grad()
@@ -182,7 +182,7 @@ def test_cuda_graph_replay_equals_eager_on_gpu(setup):
         want = eager_sample(net, solver, fg.ReCFG(g, table=table), noise, labels)
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     (entry,) = sampler._loops.values()
-    assert entry.get("graph") is not None
+    assert entry.graph is not None
 
 
 def test_sampler_benchmark_suite_runs_at_tiny_sizes():

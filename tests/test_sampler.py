@@ -212,3 +212,80 @@ def test_every_solver_runs_in_low_precision(make_solver, dtype):
     assert got.dtype == dtype and torch.isfinite(got).all()
     err = (got.double() - ref).abs().max().item()
     assert err <= solver.steps * torch.finfo(dtype).eps * max(ref.abs().max().item(), 1.0)  # measured <= 0.2 of it
+
+
+# ------------------------------------------------------------------ buffers reused across calls
+def _unit_ratio_table(solver, scale=0.9):
+    gen = torch.Generator().manual_seed(5)
+    ratios = 1 + scale * (torch.rand(NULL + 1, solver.plan.steps, *SHAPE, generator=gen, dtype=torch.float64) - 0.5)
+    return fg.RatioTable(ratios)
+
+
+def test_reused_buffers_give_the_same_samples_as_a_fresh_sampler():
+    """One sampler driven through calls that change everything a cached buffer could hold stale (noise,
+    labels, scale, rule, batch, null label, per-step noise) equals a new sampler for every call."""
+    solver = fg.DDIM(SCHEDULE, steps=5, eta=0.7)
+    table = _unit_ratio_table(solver)
+    ts = solver.plan.timesteps
+    calls = [
+        dict(batch=4, guidance=fg.CFG(2.0)),
+        dict(batch=4, guidance=fg.CFG(2.0)),  # same key, new noise / labels / seeds
+        dict(batch=4, guidance=fg.CFG(2.0), scale=4.5),
+        dict(batch=4, guidance=fg.CFG(2.0), scale=torch.tensor([1.0, 3.0, 6.0, 0.5])),
+        dict(batch=4, guidance=fg.ReCFG(3.0, table=table)),
+        dict(batch=3, guidance=fg.ReCFG(3.0, table=table)),
+        dict(batch=4, guidance=fg.CFG(2.0, interval=(float(ts[3]), float(ts[0])))),
+        dict(batch=4, guidance=fg.CFG(2.0), null=1),
+        dict(batch=4, guidance=fg.CFG(2.0)),  # back to the first key
+    ]
+    reused = sampler_for(solver)
+    for k, call in enumerate(calls):
+        gen = torch.Generator().manual_seed(100 + k)
+        seeds = list(range(10 * k, 10 * k + call["batch"]))
+        noise = fg.seeded_noise(seeds, SHAPE, torch.float64)
+        labels = torch.randint(0, NULL, (call["batch"],), generator=gen)
+        reused.null_cond = call.get("null", NULL)
+        fresh = fg.Sampler(toy_model, solver, call["guidance"], null_cond=call.get("null", NULL), backend="torch",
+                           progress=False)
+        kw = {"scale": call["scale"]} if "scale" in call else {}
+        got = reused.sample(noise, labels, seeds=seeds, guidance=call["guidance"], **kw)
+        want = fresh.sample(noise, labels, seeds=seeds, **kw)
+        assert torch.equal(got, want), f"call {k}: max diff {(got - want).abs().max().item():.3g}"
+    assert len(reused._loops) == 4  # cfg B4, recfg B4, recfg B3, cfg-interval B4: the other calls reused a key
+
+
+def test_loop_buffer_cache_is_bounded():
+    from fastguide.sampler import MAX_CACHED_LOOPS
+
+    sampler = sampler_for(fg.DDIM(SCHEDULE, steps=2))
+    for batch in range(1, MAX_CACHED_LOOPS + 4):
+        out = sampler.sample(fg.seeded_noise(range(batch), SHAPE, torch.float64), torch.arange(batch) % NULL)
+        assert out.shape[0] == batch
+    assert len(sampler._loops) == MAX_CACHED_LOOPS
+
+
+def test_a_sample_call_from_inside_a_callback_does_not_disturb_the_outer_loop():
+    solver = fg.DDIM(SCHEDULE, steps=4)
+    noise, labels = fg.seeded_noise(range(3), SHAPE, torch.float64), torch.tensor([0, 1, 2])
+    want = sampler_for(solver).sample(noise, labels)
+    sampler = sampler_for(solver)
+    inner = []
+
+    def nested(step, t, x):  # same sampler, same static key, other inputs
+        inner.append(sampler.sample(fg.seeded_noise(range(50 + step, 53 + step), SHAPE, torch.float64), labels))
+
+    got = sampler.sample(noise, labels, callback=nested)
+    assert torch.equal(got, want)
+    assert len(inner) == 4 and not torch.equal(inner[0], inner[1])
+
+
+def test_a_changed_scale_attribute_is_not_served_from_the_memo():
+    solver = fg.DDIM(SCHEDULE, steps=3)
+    guide = fg.CFG(2.0)
+    labels = torch.tensor([0, 1])
+    first = guide.prepare(solver.plan, labels, SHAPE)
+    assert guide.prepare(solver.plan, labels, SHAPE).g1 is first.g1  # memo hit: same scale and batch
+    guide.scale = 5.0
+    assert torch.equal(guide.prepare(solver.plan, labels, SHAPE).g1, torch.full((3, 2), 5.0, dtype=torch.float64))
+    assert torch.equal(guide.prepare(solver.plan, torch.tensor([0, 1, 2]), SHAPE).g1,
+                       torch.full((3, 3), 5.0, dtype=torch.float64))
