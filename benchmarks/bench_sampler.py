@@ -8,8 +8,9 @@ Two groups, each compared within one run (pytest-benchmark groups, medians):
   (cat, forward, chunk, combine, DDIMScheduler.step), fastguide eager, fastguide compiled.
 - ``overhead-B{batch}``: the same loops with the network replaced by a stub that returns a fixed output, so
   the time is everything but the network (batching, CFG combine, solver update, copies): diffusers-style,
-  fastguide's eager step (host scalars), and fastguide's fused compiled step.
-  `fastguide.bench.run_overhead` measures the same thing with the modes interleaved in blocks.
+  fastguide's eager step (host scalars), and fastguide's fused compiled step, plus the stub's own NFE calls
+  (eager and compiled) to subtract. `fastguide.bench.run_overhead` (`fastguide bench --overhead`) measures
+  the same thing with the modes interleaved in blocks and does the subtraction.
 Input noise rotates over 4 sets. FASTGUIDE_BENCH_QUICK=1 (CI) runs batch 1 only.
 """
 from __future__ import annotations
@@ -49,6 +50,12 @@ def make_runner(net, mode: str, batch: int):
         state["r"] += 1
         return noises[state["r"] % 4]
 
+    if mode in ("network_eager", "network_compiled"):  # the network part of the overhead loops: NFE stub calls
+        x2, t2 = torch.randn(2 * batch, *SHAPE), torch.full((2 * batch,), 500.0)
+        l2 = torch.cat([labels, torch.full_like(labels, NULL)])
+        call = torch.compile(net, dynamic=False) if mode == "network_compiled" else net
+        call(x2, t2, l2)
+        return lambda: [call(x2, t2, l2) for _ in range(NFE)][-1][:batch]
     if mode == "diffusers_eager":
         sch = diffusers_scheduler_for(schedule, NFE)
         return lambda: diffusers_style_loop(net, sch, nxt(), labels, NULL, SCALE)
@@ -73,7 +80,8 @@ def test_end_to_end(benchmark, mode, batch):
 
 
 @pytest.mark.parametrize("batch", BATCHES)
-@pytest.mark.parametrize("mode", ["diffusers_eager", "fastguide_eager", "fastguide_fused"])
+@pytest.mark.parametrize("mode", ["diffusers_eager", "fastguide_eager", "fastguide_fused", "network_eager",
+                                  "network_compiled"])
 def test_overhead(benchmark, mode, batch):
     benchmark.group = f"overhead-B{batch}"
     benchmark.extra_info.update(batch=batch, nfe=NFE, per="sample of NFE steps")

@@ -14,7 +14,19 @@ import torch
 
 import fastguide as fg
 
-MODES = ("diffusers_eager", "diffusers_compiled", "fastguide_eager", "fastguide_compiled", "fastguide_graph", "floor")
+MODES = ("diffusers_eager", "diffusers_compiled", "fastguide_eager", "fastguide_compiled_unfused",
+         "fastguide_compiled", "fastguide_graph", "fastguide_recfg", "fastguide_interval", "floor")
+MODE_HELP = {
+    "diffusers_eager": "diffusers-style loop (cat, forward, chunk, CFG combine, DDIMScheduler.step)",
+    "diffusers_compiled": "the same loop, network under torch.compile (reduce-overhead on CUDA)",
+    "fastguide_eager": "fastguide.Sampler, not compiled",
+    "fastguide_compiled_unfused": "Sampler.compile(fuse_step=False): network compiled, eager guided step",
+    "fastguide_compiled": "Sampler.compile(): forward + guided step as one compiled function",
+    "fastguide_graph": "Sampler.compile(cuda_graph=True): the whole loop replayed as one CUDA graph (CUDA only)",
+    "fastguide_recfg": "the best fastguide config (graph on CUDA, compiled on CPU) with ReCFG instead of CFG",
+    "fastguide_interval": "the best fastguide config, CFG on the high-noise half of the steps only (B rows elsewhere)",
+    "floor": "NFE x the compiled network's 2B forward alone (max-autotune and graph-replayed on CUDA)",
+}
 
 
 @dataclass
@@ -26,6 +38,7 @@ class Row:
     seconds: float  # median seconds per sample() call
     images_per_s: float
     vs_floor: float | None = None  # measured images/s / floor images/s
+    warmup_s: float | None = None  # the first call (compiles, captures); fastguide modes only
 
 
 def _sync(device):
@@ -72,11 +85,26 @@ def diffusers_style_loop(net, scheduler, noise, labels, null_label: int, scale: 
     return x
 
 
+def half_interval(timesteps) -> tuple[float, float]:
+    """(lo, hi) model times covering the high-noise half of a plan's steps (at least one step)."""
+    ts = [float(t) for t in timesteps]
+    return ts[max(len(ts) // 2, 1) - 1], ts[0]
+
+
+def bench_ratio_table(solver, shape, classes: int, dtype, device) -> torch.Tensor:
+    """A random ratio table [K, S, *shape] near 1 (K = classes used + the mean row): ReCFG's timing does not
+    depend on the values, only on the gather and the extra reads."""
+    gen = torch.Generator().manual_seed(0)
+    ratios = 1 + 0.1 * torch.randn(classes + 1, solver.plan.steps, *shape, generator=gen)
+    return ratios.to(device=device, dtype=dtype)
+
+
 def run_end_to_end(net, schedule, shape, *, model_name: str, batches=(1, 16, 64), nfes=(10,), device="cpu",
                    dtype=torch.float32, null_label: int = 10, num_classes: int = 10, scale: float = 3.0,
                    modes=MODES, reps: int = 5, warmup: int = 2, progress=print) -> list[Row]:
-    """Images/s per mode. All modes of one (batch, NFE) point are warmed up first, then timed interleaved
-    (rep 1 of every mode, rep 2 of every mode, ...) so drifting machine load hits them alike; medians."""
+    """Images/s per mode (see MODE_HELP). All modes of one (batch, NFE) point are warmed up first, then timed
+    interleaved (rep 1 of every mode, rep 2 of every mode, ...) so drifting machine load hits them alike;
+    medians. fastguide modes also report their first call's time (compile / capture warm-up)."""
     rows: list[Row] = []
     cuda = torch.device(device).type == "cuda"
     for nfe in nfes:
@@ -89,48 +117,91 @@ def run_end_to_end(net, schedule, shape, *, model_name: str, batches=(1, 16, 64)
             l2 = torch.cat([labels, torch.full_like(labels, null_label)])
             sch = diffusers_scheduler_for(schedule, nfe)
             cnet = torch.compile(net, mode="max-autotune-no-cudagraphs" if cuda else None, dynamic=False)
+            best = {"cuda_graph": True} if cuda else {"fuse_step": True}  # what a user would pick there
+            table = bench_ratio_table(solver, shape, min(num_classes, batch), dtype, device)
 
-            def sampler(**compile_kw):
-                s = fg.Sampler(net, solver, fg.CFG(scale), null_cond=null_label, progress=False)
+            def sampler(guidance=None, **compile_kw):
+                s = fg.Sampler(net, solver, guidance or fg.CFG(scale), null_cond=null_label, progress=False)
                 return s.compile(**compile_kw) if compile_kw else s
 
             def loop_of(s):
                 return lambda r: s.sample(noises[r % 4], labels)
 
-            fns = {"network_compiled": lambda r: [cnet(x2, t2, l2) for _ in range(nfe)]}
-            if "diffusers_eager" in modes:
-                fns["diffusers_eager"] = lambda r: diffusers_style_loop(net, sch, noises[r % 4], labels, null_label,
-                                                                        scale)
-            if "diffusers_compiled" in modes:
-                dnet = torch.compile(net, mode="reduce-overhead" if cuda else None, dynamic=False)
-                fns["diffusers_compiled"] = lambda r: diffusers_style_loop(dnet, sch, noises[r % 4], labels,
-                                                                           null_label, scale)
-            if "fastguide_eager" in modes:
-                fns["fastguide_eager"] = loop_of(sampler())
-            if "fastguide_compiled" in modes:
-                fns["fastguide_compiled"] = loop_of(sampler(fuse_step=False))
-                fns["fastguide_compiled_fused"] = loop_of(sampler(fuse_step=True))
-            if "fastguide_graph" in modes and cuda:
-                fns["fastguide_graph"] = loop_of(sampler(cuda_graph=True))
-            if "floor" in modes:
-                fns["floor"] = _floor_fn(cnet, x2, t2, l2, nfe) if cuda else fns["network_compiled"]
+            makers = {
+                "diffusers_eager": lambda: lambda r: diffusers_style_loop(net, sch, noises[r % 4], labels,
+                                                                          null_label, scale),
+                "diffusers_compiled": lambda: (lambda dnet: lambda r: diffusers_style_loop(
+                    dnet, sch, noises[r % 4], labels, null_label, scale))(
+                    torch.compile(net, mode="reduce-overhead" if cuda else None, dynamic=False)),
+                "fastguide_eager": lambda: loop_of(sampler()),
+                "fastguide_compiled_unfused": lambda: loop_of(sampler(fuse_step=False)),
+                "fastguide_compiled": lambda: loop_of(sampler(fuse_step=True)),
+                "fastguide_graph": lambda: loop_of(sampler(cuda_graph=True)),
+                "fastguide_recfg": lambda: loop_of(sampler(fg.ReCFG(scale, table=table, unknown_label="mean"),
+                                                           **best)),
+                "fastguide_interval": lambda: loop_of(sampler(fg.CFG(scale, interval=half_interval(
+                    solver.plan.timesteps)), **best)),
+                "floor": lambda: _floor_fn(cnet, x2, t2, l2, nfe) if cuda else
+                (lambda r: [cnet(x2, t2, l2) for _ in range(nfe)]),
+            }
+            fns = {m: makers[m]() for m in modes if m != "fastguide_graph" or cuda}
             times = {m: [] for m in fns}
+            first = {}
             with torch.inference_mode():
                 for m, fn in fns.items():
-                    for r in range(warmup + 1):
-                        fn(r)
+                    first[m] = median_time(fn, 1, 0, device)
+                    for r in range(warmup):
+                        fn(r + 1)
                 for r in range(reps):
                     for m, fn in fns.items():
                         times[m].append(median_time(fn, 1, 0, device))
             med = {m: statistics.median(v) for m, v in times.items()}
             for m in fns:
-                if m.startswith("network"):
-                    continue
                 row = Row(model_name, m, batch, nfe, med[m], batch / med[m],
-                          vs_floor=med["floor"] / med[m] if "floor" in med else None)
+                          vs_floor=med["floor"] / med[m] if "floor" in med else None,
+                          warmup_s=first[m] if m.startswith("fastguide") else None)
                 rows.append(row)
-                progress(f"  {model_name} B={batch} NFE={nfe} {m:24s} {row.images_per_s:10.1f} img/s")
+                progress(f"  {model_name} B={batch} NFE={nfe} {m:26s} {row.images_per_s:10.1f} img/s")
     return rows
+
+
+def goals(rows: list[Row], device: str) -> list[tuple[str, str, bool | None]]:
+    """The speed goals of the sampler issue, checked on the rows: (goal, measured, met?) per line; met is
+    None where the rows lack what the goal needs."""
+    by = {(r.model, r.mode, r.batch, r.nfe): r for r in rows}
+    points = sorted({(r.model, r.batch, r.nfe) for r in rows})
+    out = []
+
+    def ratio(a, b, point):
+        ra, rb = by.get((point[0], a, *point[1:])), by.get((point[0], b, *point[1:]))
+        return None if ra is None or rb is None else ra.images_per_s / rb.images_per_s
+
+    def line(goal, value, bound, point):
+        label = f"{point[0]} B={point[1]} NFE={point[2]}"
+        if value is None:
+            out.append((f"{goal} ({label})", "not measured", None))
+        else:
+            out.append((f"{goal} ({label})", f"{value:.3f}", value >= bound))
+
+    cuda = torch.device(device).type == "cuda"
+    for p in points:
+        if not cuda:
+            line("fastguide_compiled / diffusers_eager >= 1.5", ratio("fastguide_compiled", "diffusers_eager", p),
+                 1.5, p)
+            continue
+        line("fastguide_graph / floor >= 0.97", ratio("fastguide_graph", "floor", p), 0.97, p)
+        if p[1] == 8:
+            line("fastguide_graph / diffusers_compiled >= 1.10", ratio("fastguide_graph", "diffusers_compiled", p),
+                 1.10, p)
+        line("fastguide_recfg / fastguide_graph >= 0.98", ratio("fastguide_recfg", "fastguide_graph", p), 0.98, p)
+        if p[1] == 64:
+            line("fastguide_interval / floor >= 1.3", ratio("fastguide_interval", "floor", p), 1.3, p)
+    return out
+
+
+def format_goals(checks) -> str:
+    mark = {True: "met", False: "NOT met", None: "-"}
+    return "\n".join(f"{mark[ok]:8s} {value:>12s}  {goal}" for goal, value, ok in checks)
 
 
 def _floor_fn(cnet, x2, t2, l2, nfe):
@@ -153,12 +224,14 @@ def _floor_fn(cnet, x2, t2, l2, nfe):
 
 
 def format_rows(rows: list[Row]) -> str:
-    head = f"{'model':8s} {'mode':24s} {'B':>4s} {'NFE':>4s} {'img/s':>10s} {'ms/call':>9s} {'vs floor':>9s}"
+    head = (f"{'model':8s} {'mode':26s} {'B':>4s} {'NFE':>4s} {'img/s':>10s} {'ms/call':>9s} {'vs floor':>9s} "
+            f"{'warm-up s':>9s}")
     lines = [head, "-" * len(head)]
     for r in rows:
-        vs = f"{r.vs_floor:9.3f}" if r.vs_floor is not None else ""
-        lines.append(f"{r.model:8s} {r.mode:24s} {r.batch:4d} {r.nfe:4d} {r.images_per_s:10.1f} "
-                     f"{r.seconds * 1e3:9.2f} {vs}")
+        vs = f"{r.vs_floor:9.3f}" if r.vs_floor is not None else " " * 9
+        warm = f"{r.warmup_s:9.2f}" if r.warmup_s is not None else ""
+        lines.append(f"{r.model:8s} {r.mode:26s} {r.batch:4d} {r.nfe:4d} {r.images_per_s:10.1f} "
+                     f"{r.seconds * 1e3:9.2f} {vs} {warm}")
     return "\n".join(lines)
 
 
@@ -189,6 +262,10 @@ def tiny_dit(device="cpu", dtype=torch.float32, full: bool = False):
 
 
 OVERHEAD_MODES = ("diffusers_eager", "fastguide_eager", "fastguide_fused")
+# The network part of each mode's per-step time: the same stub call alone (compiled for the fused mode, whose
+# network runs inside one compiled function with the step; a compiled network pays that call anyway).
+NETWORK_OF = {"diffusers_eager": "network_eager", "fastguide_eager": "network_eager",
+              "fastguide_fused": "network_compiled"}
 
 
 class StubNet(torch.nn.Module):
@@ -205,15 +282,21 @@ class StubNet(torch.nn.Module):
 def run_overhead(schedule, shape, *, batches=(1, 16, 64), nfe: int = 10, device="cpu", dtype=torch.float32,
                  scale: float = 3.0, reps: int = 15, warmup: int = 3, block: int = 20,
                  modes=OVERHEAD_MODES) -> list[dict]:
-    """Per-step time of everything but the network (input batching, CFG combine, solver update, copies),
-    measured with the network replaced by :class:`StubNet`. Modes are interleaved per repetition so a
-    drifting machine load hits them alike."""
+    """Per-step time of everything but the network (input batching, CFG combine, solver update, copies,
+    and each sample() call's setup spread over its NFE steps), with the network replaced by
+    :class:`StubNet`. The stub's own calls are timed too and subtracted (``overhead_us_per_step``), and
+    ``vs_diffusers`` is that overhead over the diffusers-style loop's. Modes are interleaved per repetition
+    so a drifting machine load hits them alike."""
     out = []
     solver = fg.DDIM(schedule, steps=nfe)
     for batch in batches:
         stub = StubNet(torch.randn(2 * batch, *shape, device=device, dtype=dtype)).to(device)
         noises = [torch.randn(batch, *shape, device=device, dtype=dtype) for _ in range(4)]
         labels = torch.arange(batch, device=device) % 10
+        x2 = torch.randn(2 * batch, *shape, device=device, dtype=dtype)
+        t2 = torch.full((2 * batch,), 500.0, device=device)
+        l2 = torch.cat([labels, torch.full_like(labels, 10)])
+        cstub = torch.compile(stub, dynamic=False)
         sch = diffusers_scheduler_for(schedule, nfe)
         eager = fg.Sampler(stub, solver, fg.CFG(scale), null_cond=10, progress=False)
         fused = fg.Sampler(stub, solver, fg.CFG(scale), null_cond=10, progress=False).compile(fuse_step=True)
@@ -221,21 +304,28 @@ def run_overhead(schedule, shape, *, batches=(1, 16, 64), nfe: int = 10, device=
             "diffusers_eager": lambda r: diffusers_style_loop(stub, sch, noises[r % 4], labels, 10, scale),
             "fastguide_eager": lambda r: eager.sample(noises[r % 4], labels),  # = compiled's overhead on the CPU
             "fastguide_fused": lambda r: fused.sample(noises[r % 4], labels),
+            "network_eager": lambda r: [stub(x2, t2, l2) for _ in range(nfe)],
+            "network_compiled": lambda r: [cstub(x2, t2, l2) for _ in range(nfe)],
         }
-        times = {m: [] for m in modes}
+        timed = [*modes, *sorted({NETWORK_OF[m] for m in modes})]
+        times = {m: [] for m in timed}
         with torch.inference_mode():
-            for m in modes:
+            for m in timed:
                 for r in range(warmup):
                     fns[m](r)
             for r in range(reps):  # blocks of `block` calls per mode, interleaved
-                for m in modes:
+                for m in timed:
                     _sync(device)
                     t0 = time.perf_counter()
                     for k in range(block):
                         fns[m](k)
                     _sync(device)
                     times[m].append((time.perf_counter() - t0) / block)
+        per_step = {m: statistics.median(v) / nfe * 1e6 for m, v in times.items()}
+        overhead = {m: per_step[m] - per_step[NETWORK_OF[m]] for m in modes}
+        base = overhead.get("diffusers_eager")
         for m in modes:
-            out.append({"mode": m, "batch": batch, "nfe": nfe,
-                        "us_per_step": statistics.median(times[m]) / nfe * 1e6})
+            out.append({"mode": m, "batch": batch, "nfe": nfe, "us_per_step": per_step[m],
+                        "network_us_per_step": per_step[NETWORK_OF[m]], "overhead_us_per_step": overhead[m],
+                        "vs_diffusers": overhead[m] / base if base else None})
     return out

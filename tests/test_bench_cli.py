@@ -1,19 +1,47 @@
 """`fastguide bench` runs end to end at tiny sizes and writes what it prints (CI keeps it working)."""
 import json
 
+import pytest
+
 from fastguide import cli
 
 
 def test_bench_quick_writes_every_mode(tmp_path, capsys):
     out = tmp_path / "bench.json"
     assert cli.main(["bench", "--quick", "--batch", "2", "--json", str(out)]) == 0
-    rows = json.loads(out.read_text())["rows"]
+    report = json.loads(out.read_text())
+    rows = report["rows"]
     modes = {r["mode"] for r in rows}
-    assert {"diffusers_eager", "fastguide_eager", "fastguide_compiled", "fastguide_compiled_fused", "floor"} <= modes
+    assert modes == {"diffusers_eager", "diffusers_compiled", "fastguide_eager", "fastguide_compiled_unfused",
+                     "fastguide_compiled", "fastguide_recfg", "fastguide_interval", "floor"}  # no graph on a CPU
     assert all(r["images_per_s"] > 0 and r["batch"] == 2 for r in rows)
     floor = next(r for r in rows if r["mode"] == "floor")
     assert floor["vs_floor"] == 1.0
-    assert "fastguide_compiled_fused" in capsys.readouterr().out
+    assert all((r["warmup_s"] is not None) == r["mode"].startswith("fastguide") for r in rows)
+    printed = capsys.readouterr().out
+    assert "fastguide_compiled_unfused" in printed and "goals" in printed
+    (goal,) = report["goals"]  # on a CPU: compiled >= 1.5x the diffusers eager loop, per point
+    want = next(r for r in rows if r["mode"] == "fastguide_compiled")["images_per_s"] / next(
+        r for r in rows if r["mode"] == "diffusers_eager")["images_per_s"]
+    assert float(goal["measured"]) == pytest.approx(want, abs=1e-3) and goal["met"] == (want >= 1.5)
+
+    # benchmarks/report_sampler.py renders the same file into its own RESULTS section, replacing it on rewrite
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "report_sampler", Path(__file__).resolve().parents[1] / "benchmarks" / "report_sampler.py")
+    report_sampler = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report_sampler)
+    results = tmp_path / "RESULTS.md"
+    results.write_text("# Benchmark results\n\nkept\n")
+    for _ in range(2):
+        assert report_sampler.main([str(out), "--write", "--results", str(results)]) == 0
+    doc = results.read_text()
+    assert doc.count("<!-- bench-cpu:begin -->") == 1 and "kept" in doc
+    ips = next(r for r in rows if r["mode"] == "fastguide_compiled")["images_per_s"]
+    assert f"| fastguide_compiled | {ips:.1f} (" in doc
+    assert report_sampler.main([str(tmp_path / "missing.json")]) == 2
 
 
 def test_bench_overhead_quick(tmp_path):
@@ -21,7 +49,11 @@ def test_bench_overhead_quick(tmp_path):
     assert cli.main(["bench", "--overhead", "--quick", "--batch", "3", "--json", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
     assert {r["mode"] for r in rows} == {"diffusers_eager", "fastguide_eager", "fastguide_fused"}
-    assert all(r["us_per_step"] > 0 for r in rows)
+    assert all(r["us_per_step"] > 0 and r["network_us_per_step"] > 0 for r in rows)
+    for r in rows:
+        assert r["overhead_us_per_step"] == pytest.approx(r["us_per_step"] - r["network_us_per_step"])
+    base = next(r for r in rows if r["mode"] == "diffusers_eager")
+    assert base["vs_diffusers"] == 1.0
 
 
 def test_bench_rejects_bad_arguments(capsys):
@@ -29,3 +61,24 @@ def test_bench_rejects_bad_arguments(capsys):
     assert "--batch" in capsys.readouterr().err
     assert cli.main(["bench", "--device", "tpu"]) == 2
     assert "--device" in capsys.readouterr().err
+
+
+def test_gpu_goals_are_checked_from_the_rows():
+    from fastguide.bench import Row, goals
+
+    def row(mode, batch, ips):
+        return Row("dit", mode, batch, 8, batch / ips, ips)
+
+    rows = [row("floor", 8, 100.0), row("fastguide_graph", 8, 97.5), row("diffusers_compiled", 8, 90.0),
+            row("fastguide_recfg", 8, 95.0), row("floor", 64, 100.0), row("fastguide_graph", 64, 96.0),
+            row("fastguide_recfg", 64, 96.0), row("fastguide_interval", 64, 131.0)]
+    got = {g.split(" (")[0] + f" B={g.split('B=')[1].split()[0]}": (v, ok) for g, v, ok in goals(rows, "cuda")}
+    assert got["fastguide_graph / floor >= 0.97 B=8"] == ("0.975", True)
+    assert got["fastguide_graph / diffusers_compiled >= 1.10 B=8"] == ("1.083", False)
+    assert got["fastguide_recfg / fastguide_graph >= 0.98 B=8"] == ("0.974", False)
+    assert got["fastguide_graph / floor >= 0.97 B=64"] == ("0.960", False)
+    assert got["fastguide_recfg / fastguide_graph >= 0.98 B=64"] == ("1.000", True)
+    assert got["fastguide_interval / floor >= 1.3 B=64"] == ("1.310", True)
+    assert len(got) == 6
+    missing = goals([row("floor", 1, 10.0)], "cuda")
+    assert [(v, ok) for _, v, ok in missing] == [("not measured", None), ("not measured", None)]

@@ -1,0 +1,93 @@
+"""Render `fastguide bench --json` results as markdown tables (and optionally into benchmarks/RESULTS.md).
+
+    fastguide bench --model dit --model digits --json bench.json     # on a GPU: NFE 4/8/16, batch 1/8/64
+    python benchmarks/report_sampler.py bench.json                   # print the tables + the goal checks
+    python benchmarks/report_sampler.py bench.json --write           # ... into RESULTS.md (own section)
+
+One table per (model, NFE): a row per mode, a column per batch, images/s and measured / floor; then the
+issue's goals as the bench checked them. The section is keyed by the device kind (cpu / cuda), so a GPU
+run does not overwrite the CPU one.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+
+
+def render(report: dict) -> str:
+    meta, rows = report["meta"], report["rows"]
+    lines = [f"Device: {meta['device_name']} ({meta['device']}, {meta.get('threads', '?')} CPU threads), "
+             f"torch {meta['torch']}, date {meta['date']}. Images/s, median of interleaved repetitions; "
+             "`x/floor` = measured / floor images/s; warm-up = the mode's first call in the run (compile, capture; "
+             "inductor's on-disk cache may be warm from earlier modes).", ""]
+    for model, nfe in sorted({(r["model"], r["nfe"]) for r in rows}):
+        sel = [r for r in rows if r["model"] == model and r["nfe"] == nfe]
+        batches = sorted({r["batch"] for r in sel})
+        modes = list(dict.fromkeys(r["mode"] for r in sel))
+        lines += [f"**{model}, NFE {nfe}**", "",
+                  "| mode | " + " | ".join(f"B = {b}: img/s (x/floor)" for b in batches) + " | warm-up s |",
+                  "|---|" + "---|" * (len(batches) + 1)]
+        for m in modes:
+            cells, warm = [], []
+            for b in batches:
+                r = next((r for r in sel if r["mode"] == m and r["batch"] == b), None)
+                if r is None:
+                    cells.append("-")
+                    continue
+                vs = f" ({r['vs_floor']:.2f})" if r.get("vs_floor") is not None else ""
+                cells.append(f"{r['images_per_s']:.1f}{vs}")
+                if r.get("warmup_s") is not None:
+                    warm.append(r["warmup_s"])
+            warm_cell = f"{min(warm):.1f}-{max(warm):.1f}" if warm else ""
+            lines.append(f"| {m} | " + " | ".join(cells) + f" | {warm_cell} |")
+        lines.append("")
+    goals = report.get("goals") or []
+    if goals:
+        mark = {True: "met", False: "**not met**", None: "not measured"}
+        lines += ["| goal | measured | |", "|---|---|---|"]
+        lines += [f"| {g['goal']} | {g['measured']} | {mark[g['met']]} |" for g in goals]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def write_section(text: str, kind: str, path: Path = RESULTS) -> None:
+    begin, end = f"<!-- bench-{kind}:begin -->", f"<!-- bench-{kind}:end -->"
+    block = f"{begin}\n{text}{end}"
+    doc = path.read_text() if path.exists() else "# Benchmark results\n"
+    if begin in doc:
+        doc = re.sub(re.escape(begin) + ".*?" + re.escape(end), lambda _: block, doc, flags=re.S)
+    else:
+        doc = doc.rstrip() + "\n\n" + block + "\n"
+    path.write_text(doc)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("json_path", help="a file written by `fastguide bench --json`")
+    p.add_argument("--write", action="store_true", help="replace this device kind's section of RESULTS.md")
+    p.add_argument("--results", default=str(RESULTS), help="the markdown file --write edits")
+    args = p.parse_args(argv)
+    try:
+        report = json.loads(Path(args.json_path).read_text())
+        rows = report["rows"]
+        kind = report["meta"]["device"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        print(f"json_path: expected a `fastguide bench --json` file ({e})", file=sys.stderr)
+        return 2
+    if not rows or "images_per_s" not in rows[0]:
+        print("json_path: no end-to-end rows (an --overhead file?)", file=sys.stderr)
+        return 2
+    text = render(report)
+    print(text)
+    if args.write:
+        write_section(text, kind, Path(args.results))
+        print(f"wrote the bench-{kind} section of {args.results}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
