@@ -250,8 +250,11 @@ class Sampler:
                              "output scale, the dtype, or the solver settings)")
 
     # ------------------------------------------------------------------ the loop
-    def _run(self, b: LoopBuffers, step: "StepImpl", plan, guidance, callback=None, show=False) -> torch.Tensor:
-        """The loop over b; returns the per-step float32 output sums (for the finite check)."""
+    def _run(self, b: LoopBuffers, step: "StepImpl", plan, guidance, callback=None, show=False,
+             sums_into_buffer: bool = False):
+        """The loop over b; returns the per-step float32 output sums (for the finite check): b.out_sums, or a
+        list of scalars from the eager step unless ``sums_into_buffer`` (a captured loop must leave them in
+        b.out_sums, where its replays write them)."""
         classifier = isinstance(guidance, ClassifierGuidance)
         batch, v = b.batch, b.per_step
         forward = self._model_fn(step.fused)
@@ -283,6 +286,9 @@ class Sampler:
                         rows=b.rows, table_steps=steps[i], clip_range=plan.clip_range, z=v["z"][i], **blocks)
             if callback is not None:
                 callback(i, float(plan.timesteps[i]), x_cur)
+        if sums and sums_into_buffer:
+            b.out_sums.copy_(torch.stack(sums))
+            return b.out_sums
         return sums or b.out_sums
 
     def _model_fn(self, fused: bool):
@@ -311,12 +317,12 @@ class Sampler:
             stream.wait_stream(torch.cuda.current_stream())
             saved = b.x2.clone()
             with torch.cuda.stream(stream):
-                self._run(b, step, plan, guidance)
+                self._run(b, step, plan, guidance, sums_into_buffer=True)
             torch.cuda.current_stream().wait_stream(stream)
             b.x2.copy_(saved)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
-                self._run(b, step, plan, guidance)
+                self._run(b, step, plan, guidance, sums_into_buffer=True)
             b.graph = graph
             b.x2.copy_(saved)
         b.graph.replay()
