@@ -91,12 +91,14 @@ def half_interval(timesteps) -> tuple[float, float]:
     return ts[max(len(ts) // 2, 1) - 1], ts[0]
 
 
-def bench_ratio_table(solver, shape, classes: int, dtype, device) -> torch.Tensor:
-    """A random ratio table [K, S, *shape] near 1 (K = classes used + the mean row): ReCFG's timing does not
-    depend on the values, only on the gather and the extra reads."""
+def bench_ratio_table(schedule, shape, classes: int, dtype, device, grid: int = 20) -> fg.RatioTable:
+    """A random ratio table near 1 on a grid of ``grid`` training timesteps (K = classes used + the mean row):
+    ReCFG's timing does not depend on the values, only on the gather, the lerp between grid rows and the
+    extra reads. On a grid its shape does not depend on the NFE, so one compiled step serves every NFE."""
     gen = torch.Generator().manual_seed(0)
-    ratios = 1 + 0.1 * torch.randn(classes + 1, solver.plan.steps, *shape, generator=gen)
-    return ratios.to(device=device, dtype=dtype)
+    ratios = 1 + 0.1 * torch.randn(classes + 1, grid, *shape, generator=gen)
+    steps = torch.linspace(0, schedule.num_train_timesteps - 1, grid, dtype=torch.float64)
+    return fg.RatioTable(ratios.to(device=device, dtype=dtype), steps)
 
 
 def run_end_to_end(net, schedule, shape, *, model_name: str, batches=(1, 16, 64), nfes=(10,), device="cpu",
@@ -104,47 +106,58 @@ def run_end_to_end(net, schedule, shape, *, model_name: str, batches=(1, 16, 64)
                    modes=MODES, reps: int = 5, warmup: int = 2, progress=print) -> list[Row]:
     """Images/s per mode (see MODE_HELP). All modes of one (batch, NFE) point are warmed up first, then timed
     interleaved (rep 1 of every mode, rep 2 of every mode, ...) so drifting machine load hits them alike;
-    medians. fastguide modes also report their first call's time (compile / capture warm-up)."""
+    medians. fastguide modes also report their first call's time (compile / capture warm-up).
+
+    Compiled things are made once per batch and reused for every NFE (a Sampler's solver is swapped, which
+    keeps its compiled step; ReCFG and the interval run through the best sampler with ``guidance=``), so a
+    GPU sweep of NFE 4/8/16 compiles each network variant once per batch size."""
     rows: list[Row] = []
     cuda = torch.device(device).type == "cuda"
-    for nfe in nfes:
-        solver = fg.DDIM(schedule, steps=nfe)
-        for batch in batches:
-            noises = [torch.randn(batch, *shape, device=device, dtype=dtype) for _ in range(4)]
-            labels = torch.arange(batch, device=device) % num_classes
-            x2 = torch.randn(2 * batch, *shape, device=device, dtype=dtype)
-            t2 = torch.full((2 * batch,), 500.0, device=device)
-            l2 = torch.cat([labels, torch.full_like(labels, null_label)])
+    modes = [m for m in modes if m != "fastguide_graph" or cuda]
+    for batch in batches:
+        noises = [torch.randn(batch, *shape, device=device, dtype=dtype) for _ in range(4)]
+        labels = torch.arange(batch, device=device) % num_classes
+        x2 = torch.randn(2 * batch, *shape, device=device, dtype=dtype)
+        t2 = torch.full((2 * batch,), 500.0, device=device)
+        l2 = torch.cat([labels, torch.full_like(labels, null_label)])
+        cnet = torch.compile(net, mode="max-autotune-no-cudagraphs" if cuda else None, dynamic=False)
+        dnet = torch.compile(net, mode="reduce-overhead" if cuda else None, dynamic=False)
+        table = bench_ratio_table(schedule, shape, min(num_classes, batch), dtype, device)
+
+        def sampler(**compile_kw):
+            s = fg.Sampler(net, fg.DDIM(schedule, steps=nfes[0]), fg.CFG(scale), null_cond=null_label,
+                           progress=False)
+            return s.compile(**compile_kw) if compile_kw else s
+
+        samplers = {"fastguide_eager": sampler(), "fastguide_compiled_unfused": sampler(fuse_step=False),
+                    "fastguide_compiled": sampler(fuse_step=True)}
+        if cuda:
+            samplers["fastguide_graph"] = sampler(cuda_graph=True)
+        best = samplers["fastguide_graph" if cuda else "fastguide_compiled"]  # what a user would pick there
+        for nfe in nfes:
+            solver = fg.DDIM(schedule, steps=nfe)
+            for s in samplers.values():
+                s.solver = solver
             sch = diffusers_scheduler_for(schedule, nfe)
-            cnet = torch.compile(net, mode="max-autotune-no-cudagraphs" if cuda else None, dynamic=False)
-            best = {"cuda_graph": True} if cuda else {"fuse_step": True}  # what a user would pick there
-            table = bench_ratio_table(solver, shape, min(num_classes, batch), dtype, device)
+            recfg = fg.ReCFG(scale, table=table, unknown_label="mean")
+            interval = fg.CFG(scale, interval=half_interval(solver.plan.timesteps))
 
-            def sampler(guidance=None, **compile_kw):
-                s = fg.Sampler(net, solver, guidance or fg.CFG(scale), null_cond=null_label, progress=False)
-                return s.compile(**compile_kw) if compile_kw else s
+            def loop_of(s, guidance=None):
+                return lambda r: s.sample(noises[r % 4], labels, guidance=guidance)
 
-            def loop_of(s):
-                return lambda r: s.sample(noises[r % 4], labels)
+            def diffusers_loop(network):
+                return lambda r: diffusers_style_loop(network, sch, noises[r % 4], labels, null_label, scale)
 
             makers = {
-                "diffusers_eager": lambda: lambda r: diffusers_style_loop(net, sch, noises[r % 4], labels,
-                                                                          null_label, scale),
-                "diffusers_compiled": lambda: (lambda dnet: lambda r: diffusers_style_loop(
-                    dnet, sch, noises[r % 4], labels, null_label, scale))(
-                    torch.compile(net, mode="reduce-overhead" if cuda else None, dynamic=False)),
-                "fastguide_eager": lambda: loop_of(sampler()),
-                "fastguide_compiled_unfused": lambda: loop_of(sampler(fuse_step=False)),
-                "fastguide_compiled": lambda: loop_of(sampler(fuse_step=True)),
-                "fastguide_graph": lambda: loop_of(sampler(cuda_graph=True)),
-                "fastguide_recfg": lambda: loop_of(sampler(fg.ReCFG(scale, table=table, unknown_label="mean"),
-                                                           **best)),
-                "fastguide_interval": lambda: loop_of(sampler(fg.CFG(scale, interval=half_interval(
-                    solver.plan.timesteps)), **best)),
+                "diffusers_eager": lambda: diffusers_loop(net),
+                "diffusers_compiled": lambda: diffusers_loop(dnet),
+                "fastguide_recfg": lambda: loop_of(best, recfg),
+                "fastguide_interval": lambda: loop_of(best, interval),
                 "floor": lambda: _floor_fn(cnet, x2, t2, l2, nfe) if cuda else
                 (lambda r: [cnet(x2, t2, l2) for _ in range(nfe)]),
+                **{m: (lambda s: lambda: loop_of(s))(s) for m, s in samplers.items()},
             }
-            fns = {m: makers[m]() for m in modes if m != "fastguide_graph" or cuda}
+            fns = {m: makers[m]() for m in modes}
             times = {m: [] for m in fns}
             first = {}
             with torch.inference_mode():

@@ -149,11 +149,10 @@ class Sampler:
                  cond_first: bool = True, progress: bool = True, check_finite: bool = True):
         if not callable(model):
             raise TypeError("model: expected a callable model(x, t, cond) -> tensor")
-        if not hasattr(solver, "plan"):
-            raise TypeError(f"solver: expected a fastguide solver (DDIM, DDPM, FlowEuler), got {type(solver).__name__}")
         if backend not in BACKENDS:
             raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
-        self.model, self.solver, self.null_cond = model, solver, null_cond
+        self.model, self.null_cond = model, null_cond
+        self.solver = solver
         self.guidance = self._check_guidance(CFG(1.0) if guidance is None else guidance)
         self.backend, self.cond_first = backend, bool(cond_first)
         self.progress, self.check_finite = progress, check_finite
@@ -165,6 +164,19 @@ class Sampler:
         self._hot = {}  # the compiled hot step (this Sampler's own code object), created on first use
         self._loops = {}  # LoopBuffers (+ captured graph) per static key
         self._impls = {}  # (device, backend) -> StepImpl
+
+    @property
+    def solver(self):
+        """The solver whose plan each call runs. Assigning another one (e.g. a different NFE) keeps the
+        compiled step: every per-step value is a tensor input, so only new loop buffers (and, with
+        cuda_graph=True, a new capture) are made."""
+        return self._solver
+
+    @solver.setter
+    def solver(self, solver):
+        if not hasattr(solver, "plan"):
+            raise TypeError(f"solver: expected a fastguide solver (DDIM, DDPM, FlowEuler), got {type(solver).__name__}")
+        self._solver = solver
 
     # ------------------------------------------------------------------ public
     def compile(self, mode: str | None = None, cuda_graph: bool = False, fullgraph: bool = False,

@@ -199,3 +199,33 @@ def test_sampler_benchmark_suite_runs_at_tiny_sizes():
                          cwd=repo, env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert "8 passed" in res.stdout  # 3 end-to-end + 5 overhead cases at batch 1
+
+
+@torch.no_grad()
+def test_swapping_the_solver_keeps_the_compiled_step(setup):
+    """An NFE sweep on one compiled sampler: new deterministic solvers compile nothing new; stochastic ones
+    add one graph (the per-step noise input) the first time only."""
+    net, solver, _ = setup
+    noise, labels = fg.seeded_noise(range(B), SHAPE), torch.tensor([2, 2, 7, 1])
+    sampler = fg.Sampler(net, solver, fg.CFG(3.0), null_cond=10, progress=False).compile()
+    sampler.sample(noise, labels)
+    graphs, recompiles = counters["stats"]["unique_graphs"], sum(counters["recompiles"].values())
+    sched = fg.NoiseSchedule.linear()
+    def sweep(solvers):
+        for other in solvers:
+            sampler.solver = other
+            seeds = list(range(B))
+            got = sampler.sample(noise, labels, seeds=seeds)
+            torch.testing.assert_close(got, eager_sample(net, other, fg.CFG(3.0), noise, labels, seeds=seeds),
+                                       rtol=1e-4, atol=1e-4)
+
+    sweep([fg.DDIM(sched, steps=3), fg.DDIM(sched, steps=9), solver])
+    assert counters["stats"]["unique_graphs"] == graphs
+    assert sum(counters["recompiles"].values()) == recompiles
+    sweep([fg.DDIM(sched, steps=4, eta=1.0)])
+    graphs += 1  # z is now a tensor, not None
+    assert counters["stats"]["unique_graphs"] == graphs
+    sweep([fg.DDPM(sched, steps=7), fg.DDIM(sched, steps=5, eta=0.5)])
+    assert counters["stats"]["unique_graphs"] == graphs
+    with pytest.raises(TypeError, match="solver: expected a fastguide solver"):
+        sampler.solver = "ddim"
