@@ -1,7 +1,7 @@
 """Render `fastguide bench --json` results as markdown tables (and optionally into benchmarks/RESULTS.md).
 
     fastguide bench --model dit --model digits --json bench.json     # on a GPU: NFE 4/8/16, batch 1/8/64
-    python benchmarks/report_sampler.py bench.json                   # print the tables + the goal checks
+    python benchmarks/report_sampler.py bench.json [more.json ...]   # print the tables + the goal checks
     python benchmarks/report_sampler.py bench.json --write           # ... into RESULTS.md (own section)
 
 One table per (model, NFE): a row per mode, a column per batch, images/s and measured / floor; then the
@@ -67,20 +67,30 @@ def write_section(text: str, kind: str, path: Path = RESULTS) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("json_path", help="a file written by `fastguide bench --json`")
+    p.add_argument("json_paths", nargs="+", metavar="json_path",
+                   help="files written by `fastguide bench --json` on one device kind (merged into one section)")
     p.add_argument("--write", action="store_true", help="replace this device kind's section of RESULTS.md")
     p.add_argument("--results", default=str(RESULTS), help="the markdown file --write edits")
     args = p.parse_args(argv)
-    try:
-        report = json.loads(Path(args.json_path).read_text())
-        rows = report["rows"]
-        kind = report["meta"]["device"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        print(f"json_path: expected a `fastguide bench --json` file ({e})", file=sys.stderr)
+    reports = []
+    for path in args.json_paths:
+        try:
+            report = json.loads(Path(path).read_text())
+            rows, kind = report["rows"], report["meta"]["device"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            print(f"json_path: expected a `fastguide bench --json` file, {path}: {e}", file=sys.stderr)
+            return 2
+        if not rows or "images_per_s" not in rows[0]:
+            print(f"json_path: no end-to-end rows in {path} (an --overhead file?)", file=sys.stderr)
+            return 2
+        reports.append(report)
+    kinds = {r["meta"]["device"] for r in reports}
+    if len(kinds) > 1:
+        print(f"json_path: results from different device kinds {sorted(kinds)}; render them separately",
+              file=sys.stderr)
         return 2
-    if not rows or "images_per_s" not in rows[0]:
-        print("json_path: no end-to-end rows (an --overhead file?)", file=sys.stderr)
-        return 2
+    report = {"meta": reports[0]["meta"], "rows": [row for r in reports for row in r["rows"]],
+              "goals": [g for r in reports for g in r.get("goals") or []]}
     text = render(report)
     print(text)
     if args.write:

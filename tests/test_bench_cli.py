@@ -82,3 +82,12 @@ def test_gpu_goals_are_checked_from_the_rows():
     assert len(got) == 6
     missing = goals([row("floor", 1, 10.0)], "cuda")
     assert [(v, ok) for _, v, ok in missing] == [("not measured", None), ("not measured", None)]
+
+
+def test_bench_runs_only_the_modes_asked_for(tmp_path, capsys):
+    out = tmp_path / "two.json"
+    assert cli.main(["bench", "--quick", "--batch", "1", "--mode", "floor", "--mode", "fastguide_compiled",
+                     "--json", str(out)]) == 0
+    assert {r["mode"] for r in json.loads(out.read_text())["rows"]} == {"floor", "fastguide_compiled"}
+    assert cli.main(["bench", "--mode", "fastest"]) == 2
+    assert "--mode: unknown ['fastest']" in capsys.readouterr().err

@@ -8,6 +8,8 @@ from datetime import date
 
 import torch
 
+from fastguide.bench import MODES
+
 
 def add_parser(sub):
     p = sub.add_parser("bench", help="benchmark sampling throughput (printed table + optional JSON)",
@@ -18,6 +20,8 @@ def add_parser(sub):
     p.add_argument("--batch", type=int, action="append", help="batch size(s) (default 1, 16, 64 on CPU; 1, 8, 64 on CUDA)")
     p.add_argument("--nfe", type=int, action="append", help="steps (default 10 on CPU; 4, 8, 16 on CUDA)")
     p.add_argument("--reps", type=int, default=5, help="timed repetitions per point (median reported)")
+    p.add_argument("--mode", action="append", metavar="MODE",
+                   help="only these modes (repeatable; default all). One of: " + ", ".join(MODES))
     p.add_argument("--quick", action="store_true", help="tiny sizes, few repetitions (a smoke run)")
     p.add_argument("--overhead", action="store_true",
                    help="instead: per-step sampler overhead (the network replaced by a stub) vs a diffusers-style loop")
@@ -39,6 +43,9 @@ def run(args) -> int:
     for name, vals in (("--batch", batches), ("--nfe", nfes)):
         if any(v < 1 for v in vals):
             raise ValueError(f"{name}: expected values >= 1, got {vals}")
+    bad = sorted(set(args.mode or []) - set(MODES))
+    if bad:
+        raise ValueError(f"--mode: unknown {bad}; expected some of {', '.join(MODES)}")
     if args.reps < 1:
         raise ValueError(f"--reps: expected >= 1, got {args.reps}")
     reps = 2 if args.quick else args.reps
@@ -59,6 +66,7 @@ def run(args) -> int:
             schedule, null, classes = fg.NoiseSchedule.linear(), net.null_label, 1000
         rows += run_end_to_end(net, schedule, shape, model_name=model, batches=batches, nfes=nfes, device=device,
                                dtype=dtype, null_label=null, num_classes=classes, reps=reps,
+                               modes=tuple(args.mode) if args.mode else MODES,
                                warmup=1 if args.quick else 2)
     print(format_rows(rows))
     print("\n".join(f"  {m}: {h}" for m, h in MODE_HELP.items() if any(r.mode == m for r in rows)))

@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# Everything a session lent a GPU should run for fastguide, in parts that each fit one 10-minute device command.
+#
+# Prepare here (with network), once: the device image has torch, triton, onnxruntime, safetensors, sklearn...
+# but not diffusers (the bench's diffusers-style baseline and the DiT-XL/2-shaped network need it):
+#   echo /.whl/ >> .git/info/exclude
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#       --platform manylinux2014_x86_64 -d .whl diffusers==0.42.1 importlib_metadata
+# Then, on the device (carry [".whl"]), one part per command, in this order (results land in $OUT):
+#   bash benchmarks/gpu_session.sh tests      # the CUDA tests: kernel vs reference, graph replay == eager
+#   bash benchmarks/gpu_session.sh kernel     # fused-kernel roofline table -> $OUT/RESULTS.md
+#   bash benchmarks/gpu_session.sh dit 8      # DiT-XL/2 shape, fp16, NFE 4/8/16 at batch 8 (one batch per command)
+#   bash benchmarks/gpu_session.sh dit 64
+#   bash benchmarks/gpu_session.sh dit 1
+#   bash benchmarks/gpu_session.sh digits     # the digits UNet, batch 1/8/64
+# Untimed estimate: each dit part compiles DiT-XL/2 about six times (inductor, max-autotune for the floor); if a
+# part runs into the limit, drop --nfe 4 / --nfe 16 (the goals are at NFE 8) or split the modes over two commands.
+# Back here: python benchmarks/report_sampler.py <the bench-cuda-*.json files> --write, and copy the kernel
+# section of $OUT/RESULTS.md into benchmarks/RESULTS.md.
+set -euo pipefail
+OUT=${OUT:-/tmp/fastguide-gpu}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+if [ -d .whl ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . >/dev/null
+python3 -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.cuda.get_device_name(), torch.__version__)"
+
+case "${1:-}" in
+tests)
+    FASTGUIDE_TEST_CUDA=1 python3 -m pytest -q -x tests/test_guided_step.py tests/test_compile.py \
+        tests/test_torch_step.py tests/test_sampler.py 2>&1 | tee "$OUT/tests-cuda.log"
+    ;;
+kernel)
+    python3 benchmarks/report_guided_step.py --write 2>&1 | tee "$OUT/kernel.log"
+    cp benchmarks/RESULTS.md "$OUT/RESULTS.md"
+    ;;
+dit)
+    batch=${2:?usage: gpu_session.sh dit BATCH}
+    python3 -m fastguide.cli bench --model dit --batch "$batch" --nfe 4 --nfe 8 --nfe 16 --reps 7 \
+        --mode diffusers_eager --mode diffusers_compiled --mode fastguide_compiled --mode fastguide_graph \
+        --mode fastguide_recfg --mode fastguide_interval --mode floor \
+        --json "$OUT/bench-cuda-dit-b$batch.json" 2>&1 | tee "$OUT/bench-dit-b$batch.log"
+    ;;
+digits)
+    python3 -m fastguide.cli bench --model digits --reps 7 --json "$OUT/bench-cuda-digits.json" 2>&1 \
+        | tee "$OUT/bench-digits.log"
+    ;;
+*)
+    echo "usage: bash benchmarks/gpu_session.sh tests|kernel|dit BATCH|digits" >&2
+    exit 2
+    ;;
+esac
