@@ -158,7 +158,6 @@ class Sampler:
         self.progress, self.check_finite = progress, check_finite
         self.compiled = False
         self.cuda_graph = False
-        self._compiled_model = None
         self._fuse_step = True
         self._plan_cache = {}  # (device, dtype, table) -> plan-derived per-step tensors (see _plan_tensors)
         self._hot = {}  # the compiled hot step (this Sampler's own code object), created on first use
@@ -190,13 +189,14 @@ class Sampler:
         few in-place ops with host scalars), which can win for large CPU batches.
         ``cuda_graph=True`` also captures the whole fixed-NFE loop as one CUDA graph per (batch, shape,
         dtype, rule) and replays it; on the CPU it warns and runs eagerly over the same static buffers.
-        Use mode=None/"default" or "max-autotune-no-cudagraphs" with cuda_graph=True ("reduce-overhead"
-        makes its own graphs).
+        ``mode``: torch.compile's mode. None is inductor's default, except with ``cuda_graph=True`` on CUDA,
+        where it is "max-autotune-no-cudagraphs" (the mode the benchmark floor compiles the network with; a
+        longer warm-up for the fastest kernels); pass "default" for the plain default there. Do not combine
+        "reduce-overhead" with cuda_graph=True (it makes its own graphs).
         """
         self.compiled = True
         self._compile_kw = {"mode": mode, "fullgraph": fullgraph, "dynamic": False}
         self._fuse_step = fuse_step
-        self._compiled_model = None
         self._hot = {}
         self.cuda_graph = bool(cuda_graph)
         self._loops, self._impls = {}, {}
@@ -269,7 +269,8 @@ class Sampler:
         b.out_sums, where its replays write them)."""
         classifier = isinstance(guidance, ClassifierGuidance)
         batch, v = b.batch, b.per_step
-        forward = self._model_fn(step.fused)
+        forward = self._model_fn(step.fused, b.x2.device)
+        hot = self._hot_fn(b.x2.device) if step.fused else None
         coef = b.plan_entry["coef_host"] if step.host else v["coef"]
         steps = (b.plan_entry["steps_host"] or v["steps"]) if step.host else v["steps"]
         x_cur, x_cond = v["x_cur"], v["x_cond"]
@@ -278,7 +279,7 @@ class Sampler:
         for i in (tqdm(range(plan.steps), desc="sampling", leave=False) if show else range(plan.steps)):
             if step.fused and not classifier:
                 inp, lab, t_i = (b.x2, b.labels, v["t_all"][i]) if b.guided[i] else (x_cond, b.cond, v["t_cond"][i])
-                self._hot_fn()(forward, step.fn, b.x2, inp, lab, t_i, v["g1"][i], v["coef"][i], b.table, b.rows,
+                hot(forward, step.fn, b.x2, inp, lab, t_i, v["g1"][i], v["coef"][i], b.table, b.rows,
                                v["steps"][i], v["z"][i], v["sums"][i], batch, self.cond_first, plan.clip_range,
                                self.check_finite)
             else:
@@ -303,23 +304,32 @@ class Sampler:
             return b.out_sums
         return sums or b.out_sums
 
-    def _model_fn(self, fused: bool):
+    def _compile_options(self, device: torch.device) -> dict:
+        kw = dict(self._compile_kw)
+        if kw["mode"] is None and self.cuda_graph and device.type == "cuda":
+            kw["mode"] = "max-autotune-no-cudagraphs"
+        return kw
+
+    def _model_fn(self, fused: bool, device: torch.device):
         """The model as the loop calls it: compiled on its own when compiled but not fused with the step."""
         if not self.compiled or fused:
             return self.model
-        if self._compiled_model is None:
-            self._compiled_model = torch.compile(self.model, **self._compile_kw)
-        return self._compiled_model
+        kw = self._compile_options(device)
+        fn = self._hot.get(("model", kw["mode"]))
+        if fn is None:
+            fn = self._hot[("model", kw["mode"])] = torch.compile(self.model, **kw)
+        return fn
 
-    def _hot_fn(self):
+    def _hot_fn(self, device: torch.device):
         if not self.compiled:
             return _hot_step
-        fn = self._hot.get("guided")
+        kw = self._compile_options(device)
+        fn = self._hot.get(("guided", kw["mode"]))
         if fn is None:
             # dynamo keeps its compiled variants (and its recompile limit) per code object; a private copy of
             # the hot step's code per Sampler keeps samplers from evicting each other's graphs.
             own = types.FunctionType(_hot_step.__code__.replace(), _hot_step.__globals__, f"_hot_step_{id(self):x}")
-            fn = self._hot["guided"] = torch.compile(own, **self._compile_kw)
+            fn = self._hot[("guided", kw["mode"])] = torch.compile(own, **kw)
         return fn
 
     def _replay(self, b: LoopBuffers, step: "StepImpl", plan, guidance) -> None:

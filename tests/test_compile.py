@@ -229,3 +229,17 @@ def test_swapping_the_solver_keeps_the_compiled_step(setup):
     assert counters["stats"]["unique_graphs"] == graphs
     with pytest.raises(TypeError, match="solver: expected a fastguide solver"):
         sampler.solver = "ddim"
+
+
+@pytest.mark.parametrize("mode, cuda_graph, device, want", [
+    (None, True, "cuda", "max-autotune-no-cudagraphs"),  # what the floor compiles the network with
+    (None, True, "cpu", None),
+    (None, False, "cuda", None),
+    ("default", True, "cuda", "default"),
+    ("max-autotune", False, "cpu", "max-autotune"),
+])
+def test_compile_mode_defaults_to_max_autotune_only_for_cuda_graphs_on_cuda(setup, mode, cuda_graph, device, want):
+    net, solver, _ = setup
+    sampler = fg.Sampler(net, solver, fg.CFG(2.0), null_cond=10, progress=False)
+    sampler.compile(mode=mode, cuda_graph=cuda_graph)
+    assert sampler._compile_options(torch.device(device))["mode"] == want
