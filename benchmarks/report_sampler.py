@@ -3,6 +3,8 @@
     fastguide bench --model dit --model digits --json bench.json     # on a GPU: NFE 4/8/16, batch 1/8/64
     python benchmarks/report_sampler.py bench.json [more.json ...]   # print the tables + the goal checks
     python benchmarks/report_sampler.py bench.json --write           # ... into RESULTS.md (own section)
+    python -m pytest benchmarks/bench_sampler.py --benchmark-enable --benchmark-json pb.json
+    python benchmarks/report_sampler.py pb.json --write              # the pytest-benchmark suite's medians
 
 One table per (model, NFE): a row per mode, a column per batch, images/s and measured / floor; then the
 issue's goals as the bench checked them. The section is keyed by the device kind (cpu / cuda), so a GPU
@@ -17,6 +19,7 @@ import sys
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+NFE = 10  # benchmarks/bench_sampler.py's step count
 
 
 def render(report: dict) -> str:
@@ -54,6 +57,45 @@ def render(report: dict) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
+def render_pytest_benchmark(report: dict) -> str:
+    """benchmarks/bench_sampler.py's --benchmark-json: end-to-end medians and their ratio to the diffusers-style
+    eager loop, and the per-step overhead net of the stub network (vs the diffusers-style loop's)."""
+    med = {(b["params"]["mode"], b["params"]["batch"], b["group"].split("-")[0]): b["stats"]["median"]
+           for b in report["benchmarks"]}
+    info = report.get("machine_info", {})
+    lines = [f"pytest-benchmark, one run ({report.get('datetime', '?')[:10]}, {info.get('cpu', {}).get('brand_raw', '?')}, "
+             f"python {info.get('python_version', '?')}); medians of each case's rounds, cases run one after another "
+             "(not interleaved).", ""]
+    batches = sorted({k[1] for k in med})
+    e2e = [m for m in ("diffusers_eager", "fastguide_eager", "fastguide_compiled") if (m, batches[0], "e2e") in med]
+    if e2e:
+        lines += ["| end to end, NFE 10 | " + " | ".join(f"B = {b}: ms (vs diffusers eager)" for b in batches) + " |",
+                  "|---|" + "---|" * len(batches)]
+        for m in e2e:
+            cells = []
+            for b in batches:
+                t, base = med.get((m, b, "e2e")), med.get(("diffusers_eager", b, "e2e"))
+                cells.append("-" if t is None else f"{t * 1e3:.1f} ({base / t:.2f}x)")
+            lines.append(f"| {m} | " + " | ".join(cells) + " |")
+        lines.append("")
+    net_of = {"diffusers_eager": "network_eager", "fastguide_eager": "network_eager",
+              "fastguide_fused": "network_compiled"}
+    if ("diffusers_eager", batches[0], "overhead") in med:
+        lines += ["| overhead per step, net of the stub network | " + " | ".join(
+            f"B = {b}: us (vs diffusers)" for b in batches) + " |", "|---|" + "---|" * len(batches)]
+        for m, net in net_of.items():
+            cells = []
+            for b in batches:
+                try:
+                    us = (med[(m, b, "overhead")] - med[(net, b, "overhead")]) / NFE * 1e6
+                    base = (med[("diffusers_eager", b, "overhead")] - med[("network_eager", b, "overhead")]) / NFE * 1e6
+                    cells.append(f"{us:.1f} ({us / base:.2f})")
+                except KeyError:
+                    cells.append("-")
+            lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return "\n".join(lines).rstrip() + "\n"
+
+
 def write_section(text: str, kind: str, path: Path = RESULTS) -> None:
     begin, end = f"<!-- bench-{kind}:begin -->", f"<!-- bench-{kind}:end -->"
     block = f"{begin}\n{text}{end}"
@@ -76,6 +118,13 @@ def main(argv=None) -> int:
     for path in args.json_paths:
         try:
             report = json.loads(Path(path).read_text())
+            if "benchmarks" in report:  # pytest-benchmark's --benchmark-json of benchmarks/bench_sampler.py
+                text = render_pytest_benchmark(report)
+                print(text)
+                if args.write:
+                    write_section(text, "pytest", Path(args.results))
+                    print(f"wrote the bench-pytest section of {args.results}")
+                continue
             rows, kind = report["rows"], report["meta"]["device"]
         except (OSError, ValueError, KeyError, TypeError) as e:
             print(f"json_path: expected a `fastguide bench --json` file, {path}: {e}", file=sys.stderr)
@@ -84,6 +133,8 @@ def main(argv=None) -> int:
             print(f"json_path: no end-to-end rows in {path} (an --overhead file?)", file=sys.stderr)
             return 2
         reports.append(report)
+    if not reports:
+        return 0
     kinds = {r["meta"]["device"] for r in reports}
     if len(kinds) > 1:
         print(f"json_path: results from different device kinds {sorted(kinds)}; render them separately",

@@ -91,3 +91,27 @@ def test_bench_runs_only_the_modes_asked_for(tmp_path, capsys):
     assert {r["mode"] for r in json.loads(out.read_text())["rows"]} == {"floor", "fastguide_compiled"}
     assert cli.main(["bench", "--mode", "fastest"]) == 2
     assert "--mode: unknown ['fastest']" in capsys.readouterr().err
+
+
+def test_report_sampler_reads_pytest_benchmark_json(tmp_path, capsys):
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "report_sampler", Path(__file__).resolve().parents[1] / "benchmarks" / "report_sampler.py")
+    report_sampler = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report_sampler)
+    medians = {("e2e", "diffusers_eager"): 0.090, ("e2e", "fastguide_compiled"): 0.060,
+               ("overhead", "diffusers_eager"): 1.0e-3, ("overhead", "network_eager"): 0.1e-3,
+               ("overhead", "fastguide_eager"): 0.28e-3, ("overhead", "network_compiled"): 0.4e-3,
+               ("overhead", "fastguide_fused"): 0.49e-3}
+    bench = {"datetime": "2026-11-22T00:00:00", "benchmarks": [
+        {"group": f"{group}-B16", "params": {"mode": mode, "batch": 16}, "stats": {"median": med}}
+        for (group, mode), med in medians.items()]}
+    path = tmp_path / "pb.json"
+    path.write_text(json.dumps(bench))
+    assert report_sampler.main([str(path)]) == 0
+    text = capsys.readouterr().out
+    assert "| fastguide_compiled | 60.0 (1.50x) |" in text
+    assert "| fastguide_eager | 18.0 (0.20) |" in text  # (0.28 - 0.1) ms / 10 steps; diffusers (1.0 - 0.1) / 10
+    assert "| fastguide_fused | 9.0 (0.10) |" in text  # net of the compiled stub's calls
