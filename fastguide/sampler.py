@@ -27,7 +27,7 @@ from fastguide.kernels.torch_step import guided_step_into_host
 BACKENDS = ("auto", "torch", "triton")
 FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 _STEP_NOISE_SALT = 0x9E3779B97F4A7C15
-MAX_CACHED_LOOPS = 8  # loop buffers (and captured graphs) kept per Sampler, oldest dropped first
+MAX_CACHED_LOOPS = 8  # loop buffers (and captured graphs) kept per Sampler, least recently used dropped first
 
 
 def seeded_noise(seeds, shape, dtype=torch.float32, device="cpu") -> torch.Tensor:
@@ -280,9 +280,8 @@ class Sampler:
         for i in (tqdm(range(plan.steps), desc="sampling", leave=False) if show else range(plan.steps)):
             if step.fused and not classifier:
                 inp, lab, t_i = (b.x2, b.labels, v["t_all"][i]) if b.guided[i] else (x_cond, b.cond, v["t_cond"][i])
-                hot(forward, step.fn, b.x2, inp, lab, t_i, v["g1"][i], v["coef"][i], b.table, b.rows,
-                               v["steps"][i], v["z"][i], v["sums"][i], batch, self.cond_first, plan.clip_range,
-                               self.check_finite)
+                hot(forward, step.fn, b.x2, inp, lab, t_i, v["g1"][i], v["coef"][i], b.table, b.rows, v["steps"][i],
+                    v["z"][i], v["sums"][i], batch, self.cond_first, plan.clip_range, self.check_finite)
             else:
                 if b.guided[i]:
                     inp, lab, t_i = b.x2, b.labels, v["t_all"][i]
@@ -359,12 +358,14 @@ class Sampler:
         table = pt["table"]
         key = (tuple(x.shape), x.dtype, x.device, tuple(cond.shape), cond.dtype, guided, plan.steps,
                plan.stochastic, None if table is None else (tuple(table.shape), table.dtype))
-        b = self._loops.get(key)
+        b = self._loops.pop(key, None)
+        if b is not None:
+            self._loops[key] = b  # most recently used last
         if b is None or b.in_use:
             b = self._allocate(x, cond, plan, sg, guided)
             if key not in self._loops:
                 if len(self._loops) >= MAX_CACHED_LOOPS:
-                    self._loops.pop(next(iter(self._loops)))  # the oldest key (and its graph)
+                    self._loops.pop(next(iter(self._loops)))  # the least recently used key (and its graph)
                 self._loops[key] = b
         self._refill(b, x, cond, plan, sg, seeds, pt)
         return b
@@ -389,7 +390,7 @@ class Sampler:
         if b.plan_entry is not pt:  # new plan tensors: rebind (a captured graph read the old ones)
             b.plan_entry, b.graph = pt, None
             self._set_views(b)
-        if b.null_source is not self.null_cond:
+        if b.null_source is not self.null_cond or isinstance(self.null_cond, torch.Tensor):  # may change in place
             b.labels.copy_(self._labels(cond, b.batch, b.x2.shape[0] != b.batch))
             b.null_source = self.null_cond
         else:

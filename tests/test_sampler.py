@@ -289,3 +289,39 @@ def test_a_changed_scale_attribute_is_not_served_from_the_memo():
     assert torch.equal(guide.prepare(solver.plan, labels, SHAPE).g1, torch.full((3, 2), 5.0, dtype=torch.float64))
     assert torch.equal(guide.prepare(solver.plan, torch.tensor([0, 1, 2]), SHAPE).g1,
                        torch.full((3, 3), 5.0, dtype=torch.float64))
+
+
+def test_loop_buffer_cache_keeps_the_most_recently_used_keys():
+    from fastguide.sampler import MAX_CACHED_LOOPS
+
+    sampler = sampler_for(fg.DDIM(SCHEDULE, steps=2))
+
+    def run(batch):
+        sampler.sample(fg.seeded_noise(range(batch), SHAPE, torch.float64), torch.arange(batch) % NULL)
+
+    run(1)
+    first = next(iter(sampler._loops.values()))
+    for batch in range(2, MAX_CACHED_LOOPS + 1):
+        run(batch)
+        run(1)  # keeps batch 1 in use
+    run(MAX_CACHED_LOOPS + 1)  # evicts batch 2, the least recently used
+    assert any(b is first for b in sampler._loops.values())
+    assert sorted(b.batch for b in sampler._loops.values()) == [1, *range(3, MAX_CACHED_LOOPS + 2)]
+
+
+def test_a_null_embedding_changed_in_place_is_used():
+    gen = torch.Generator().manual_seed(3)
+    proj = torch.randn(4, SHAPE[0], generator=gen, dtype=torch.float64)
+
+    def emb_model(x, t, cond):
+        return torch.tanh(x * 0.5 + (cond @ proj).view(-1, SHAPE[0], 1, 1))
+
+    null = torch.zeros(4, dtype=torch.float64)
+    cond = torch.randn(2, 4, generator=gen, dtype=torch.float64)
+    noise = fg.seeded_noise(range(2), SHAPE, torch.float64)
+    sampler = fg.Sampler(emb_model, fg.DDIM(SCHEDULE, steps=3), fg.CFG(3.0), null_cond=null, progress=False)
+    sampler.sample(noise, cond)
+    null.add_(1.0)
+    want = fg.Sampler(emb_model, fg.DDIM(SCHEDULE, steps=3), fg.CFG(3.0), null_cond=null.clone(),
+                      progress=False).sample(noise, cond)
+    assert torch.equal(sampler.sample(noise, cond), want)
