@@ -12,6 +12,7 @@ import copy
 import functools
 import math
 import os
+import threading
 import types
 import warnings
 from dataclasses import dataclass
@@ -164,6 +165,7 @@ class Sampler:
         self._hot = {}  # the compiled hot step (this Sampler's own code object), created on first use
         self._loops = {}  # LoopBuffers (+ captured graph) per static key
         self._impls = {}  # (device, backend) -> StepImpl
+        self._lock = threading.Lock()  # guards claiming cached loop buffers
 
     @property
     def solver(self):
@@ -225,8 +227,7 @@ class Sampler:
         if self.cuda_graph and not use_graph:
             warnings.warn("cuda_graph=True: running eagerly over static buffers (needs CUDA tensors, no callback, "
                           "no classifier guidance)", stacklevel=2)
-        b = self._buffers(x, cond, plan, sg, seeds)
-        b.in_use = True
+        b = self._buffers(x, cond, plan, sg, seeds)  # marked in use
         try:
             show = (self.progress if progress is None else progress) and not use_graph
             if use_graph:
@@ -351,23 +352,29 @@ class Sampler:
 
     # ------------------------------------------------------------------ buffers
     def _buffers(self, x, cond, plan, sg: StepGuidance, seeds) -> LoopBuffers:
-        """This call's loop buffers: the cached ones for its static key, refilled in place (a re-entrant call,
-        e.g. from a callback, gets fresh ones)."""
+        """This call's loop buffers, marked in use: the cached ones for its static key, refilled in place. A
+        call that finds them in use (re-entrant from a callback, or another thread's) gets fresh ones."""
         pt = self._plan_tensors(plan, sg, x.device, x.dtype)
         guided = tuple(sg.guided)
         table = pt["table"]
         key = (tuple(x.shape), x.dtype, x.device, tuple(cond.shape), cond.dtype, guided, plan.steps,
                plan.stochastic, None if table is None else (tuple(table.shape), table.dtype))
-        b = self._loops.pop(key, None)
-        if b is not None:
-            self._loops[key] = b  # most recently used last
-        if b is None or b.in_use:
-            b = self._allocate(x, cond, plan, sg, guided)
-            if key not in self._loops:
-                if len(self._loops) >= MAX_CACHED_LOOPS:
-                    self._loops.pop(next(iter(self._loops)))  # the least recently used key (and its graph)
-                self._loops[key] = b
-        self._refill(b, x, cond, plan, sg, seeds, pt)
+        with self._lock:  # find-and-claim is atomic across threads
+            b = self._loops.pop(key, None)
+            if b is not None:
+                self._loops[key] = b  # most recently used last
+            if b is None or b.in_use:
+                b = self._allocate(x, cond, plan, sg, guided)
+                if key not in self._loops:
+                    if len(self._loops) >= MAX_CACHED_LOOPS:
+                        self._loops.pop(next(iter(self._loops)))  # the least recently used key (and its graph)
+                    self._loops[key] = b
+            b.in_use = True
+        try:
+            self._refill(b, x, cond, plan, sg, seeds, pt)
+        except BaseException:
+            b.in_use = False
+            raise
         return b
 
     def _allocate(self, x, cond, plan, sg: StepGuidance, guided: tuple) -> LoopBuffers:

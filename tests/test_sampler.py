@@ -325,3 +325,31 @@ def test_a_null_embedding_changed_in_place_is_used():
     want = fg.Sampler(emb_model, fg.DDIM(SCHEDULE, steps=3), fg.CFG(3.0), null_cond=null.clone(),
                       progress=False).sample(noise, cond)
     assert torch.equal(sampler.sample(noise, cond), want)
+
+
+def test_concurrent_calls_on_one_sampler_from_threads_do_not_share_buffers():
+    """A server may call one Sampler from several threads: each call must get buffers no other running call
+    uses (torch ops release the GIL, so the calls really overlap; without the claim lock this failed about
+    every other run)."""
+    import threading
+
+    solver = fg.DDIM(SCHEDULE, steps=6)
+    sampler = sampler_for(solver)
+    inputs = [(fg.seeded_noise(range(10 * k, 10 * k + 3), SHAPE, torch.float64), torch.tensor([k % 4, 1, 2]))
+              for k in range(8)]
+    want = [sampler_for(solver).sample(noise, labels) for noise, labels in inputs]
+    got = [None] * len(inputs)
+    start = threading.Barrier(len(inputs))
+
+    def work(k):
+        start.wait()
+        for _ in range(5):
+            got[k] = sampler.sample(*inputs[k])
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(len(inputs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for k in range(len(inputs)):
+        assert torch.equal(got[k], want[k]), f"thread {k}"
