@@ -443,9 +443,10 @@ class Sampler:
             "steps": None if sg.table_steps is None else sg.table_steps.to(dev),
             "steps_host": None if sg.table_steps is None else [tuple(r) for r in sg.table_steps.tolist()],
         }
-        if key not in self._plan_cache and len(self._plan_cache) >= MAX_CACHED_LOOPS:
-            self._plan_cache.pop(next(iter(self._plan_cache)))
-        self._plan_cache[key] = entry
+        with self._lock:
+            if key not in self._plan_cache and len(self._plan_cache) >= MAX_CACHED_LOOPS:
+                self._plan_cache.pop(next(iter(self._plan_cache)))
+            self._plan_cache[key] = entry
         return entry
 
     def _noise_for_steps(self, plan, x, seeds):
