@@ -51,7 +51,7 @@ def make_runner(net, mode: str, batch: int):
         return noises[state["r"] % 4]
 
     if mode in ("network_eager", "network_compiled"):  # the network part of the overhead loops: NFE stub calls
-        x2, t2 = torch.randn(2 * batch, *SHAPE), torch.full((2 * batch,), 500.0)
+        x2, t2 = torch.randn(2 * batch, *SHAPE), torch.full((1,), 500.0).expand(2 * batch)  # as the loops pass t
         l2 = torch.cat([labels, torch.full_like(labels, NULL)])
         call = torch.compile(net, dynamic=False) if mode == "network_compiled" else net
         call(x2, t2, l2)

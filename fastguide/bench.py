@@ -118,7 +118,9 @@ def run_end_to_end(net, schedule, shape, *, model_name: str, batches=(1, 16, 64)
         noises = [torch.randn(batch, *shape, device=device, dtype=dtype) for _ in range(4)]
         labels = torch.arange(batch, device=device) % num_classes
         x2 = torch.randn(2 * batch, *shape, device=device, dtype=dtype)
-        t2 = torch.full((2 * batch,), 500.0, device=device)
+        # t as the sampler passes it (one value per step expanded over the rows): the compiled network measured
+        # 2-11% faster with that layout than with a materialized [2B] t on the CPU, so the floor uses it too
+        t2 = torch.full((1,), 500.0, device=device).expand(2 * batch)
         l2 = torch.cat([labels, torch.full_like(labels, null_label)])
         cnet = torch.compile(net, mode="max-autotune-no-cudagraphs" if cuda else None, dynamic=False)
         dnet = torch.compile(net, mode="reduce-overhead" if cuda else None, dynamic=False)
@@ -307,7 +309,7 @@ def run_overhead(schedule, shape, *, batches=(1, 16, 64), nfe: int = 10, device=
         noises = [torch.randn(batch, *shape, device=device, dtype=dtype) for _ in range(4)]
         labels = torch.arange(batch, device=device) % 10
         x2 = torch.randn(2 * batch, *shape, device=device, dtype=dtype)
-        t2 = torch.full((2 * batch,), 500.0, device=device)
+        t2 = torch.full((1,), 500.0, device=device).expand(2 * batch)  # the layout the loops pass
         l2 = torch.cat([labels, torch.full_like(labels, 10)])
         cstub = torch.compile(stub, dynamic=False)
         sch = diffusers_scheduler_for(schedule, nfe)
