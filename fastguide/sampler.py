@@ -13,6 +13,7 @@ import functools
 import math
 import os
 import threading
+import time
 import types
 import warnings
 from dataclasses import dataclass
@@ -204,6 +205,30 @@ class Sampler:
         self.cuda_graph = bool(cuda_graph)
         self._loops, self._impls = {}, {}
         return self
+
+    def warmup(self, noise_shape, cond=None, *, dtype=torch.float32, device="cpu", guidance=None) -> float:
+        """Run one throw-away call for ``noise_shape`` [B, C, H, W] so that compiling (and, with cuda_graph=True,
+        capturing) happens now rather than in the first real call; returns the seconds it took.
+
+        ``cond`` defaults to label 0 for every sample (pass a [B, ...] tensor for embedding conditions);
+        ``guidance`` picks the rule to prepare (ReCFG compiles a variant of its own). Warm up each (batch,
+        shape, dtype, rule) a service will see: each is its own compiled shape and captured graph.
+        """
+        shape = tuple(noise_shape) if isinstance(noise_shape, (tuple, list, torch.Size)) else None
+        if shape is None or len(shape) != 4 or not all(isinstance(n, int) and n > 0 for n in shape):
+            raise ValueError(f"noise_shape: expected 4 positive ints (B, C, H, W), got {noise_shape!r}")
+        dev = torch.device(device)
+        noise = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(device=dev, dtype=dtype)
+        if cond is None:
+            cond = torch.zeros(shape[0], dtype=torch.long, device=dev)
+        sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+        sync()
+        start = time.perf_counter()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # cuda_graph=True on the CPU warns on every call; not news here
+            self.sample(noise, cond, guidance=guidance, progress=False)
+        sync()
+        return time.perf_counter() - start
 
     def sample(self, noise: torch.Tensor, cond, *, seeds=None, scale=None, guidance=None, callback=None,
                progress=None) -> torch.Tensor:

@@ -243,3 +243,28 @@ def test_compile_mode_defaults_to_max_autotune_only_for_cuda_graphs_on_cuda(setu
     sampler = fg.Sampler(net, solver, fg.CFG(2.0), null_cond=10, progress=False)
     sampler.compile(mode=mode, cuda_graph=cuda_graph)
     assert sampler._compile_options(torch.device(device))["mode"] == want
+
+
+@torch.no_grad()
+def test_warmup_compiles_ahead_so_the_first_real_call_compiles_nothing(setup):
+    net, solver, table = setup
+    sampler = fg.Sampler(net, solver, fg.CFG(3.0), null_cond=10, progress=False).compile()
+    seconds = sampler.warmup((B, *SHAPE))
+    seconds_recfg = sampler.warmup((B, *SHAPE), guidance=fg.ReCFG(2.0, table=table))
+    assert seconds > 0 and seconds_recfg > 0
+    graphs, recompiles = counters["stats"]["unique_graphs"], sum(counters["recompiles"].values())
+    noise, labels = fg.seeded_noise(range(B), SHAPE), torch.tensor([3, 1, 4, 1])
+    got = sampler.sample(noise, labels, scale=5.0)
+    got_recfg = sampler.sample(noise, labels, guidance=fg.ReCFG(4.0, table=table))
+    assert counters["stats"]["unique_graphs"] == graphs
+    assert sum(counters["recompiles"].values()) == recompiles
+    torch.testing.assert_close(got, eager_sample(net, solver, fg.CFG(5.0), noise, labels), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got_recfg, eager_sample(net, solver, fg.ReCFG(4.0, table=table), noise, labels),
+                               rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("shape", [(4, 2, 5), (0, 2, 5, 6), "4x2x5x6", (4, 2, 5.0, 6)])
+def test_warmup_rejects_a_shape_that_is_not_four_positive_ints(setup, shape):
+    net, solver, _ = setup
+    with pytest.raises(ValueError, match=r"noise_shape: expected 4 positive ints \(B, C, H, W\)"):
+        fg.Sampler(net, solver, fg.CFG(3.0), null_cond=10, progress=False).warmup(shape)
