@@ -30,6 +30,7 @@ BACKENDS = ("auto", "torch", "triton")
 FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 _STEP_NOISE_SALT = 0x9E3779B97F4A7C15
 MAX_CACHED_LOOPS = 8  # loop buffers (and captured graphs) kept per Sampler, least recently used dropped first
+MAX_CACHED_PLANS = 4  # plan tensors (incl. a device copy of each ReCFG table) kept per Sampler
 
 
 def seeded_noise(seeds, shape, dtype=torch.float32, device="cpu") -> torch.Tensor:
@@ -469,7 +470,7 @@ class Sampler:
             "steps_host": None if sg.table_steps is None else [tuple(r) for r in sg.table_steps.tolist()],
         }
         with self._lock:
-            if key not in self._plan_cache and len(self._plan_cache) >= MAX_CACHED_LOOPS:
+            if key not in self._plan_cache and len(self._plan_cache) >= MAX_CACHED_PLANS:
                 self._plan_cache.pop(next(iter(self._plan_cache)))
             self._plan_cache[key] = entry
         return entry
