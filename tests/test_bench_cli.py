@@ -91,6 +91,8 @@ def test_bench_runs_only_the_modes_asked_for(tmp_path, capsys):
     assert {r["mode"] for r in json.loads(out.read_text())["rows"]} == {"floor", "fastguide_compiled"}
     assert cli.main(["bench", "--mode", "fastest"]) == 2
     assert "--mode: unknown ['fastest']" in capsys.readouterr().err
+    assert cli.main(["bench", "--overhead", "--mode", "floor"]) == 2
+    assert "--mode: picks end-to-end modes" in capsys.readouterr().err
 
 
 def test_report_sampler_reads_pytest_benchmark_json(tmp_path, capsys):

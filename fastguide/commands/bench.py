@@ -43,6 +43,8 @@ def run(args) -> int:
     for name, vals in (("--batch", batches), ("--nfe", nfes)):
         if any(v < 1 for v in vals):
             raise ValueError(f"{name}: expected values >= 1, got {vals}")
+    if args.mode and args.overhead:
+        raise ValueError("--mode: picks end-to-end modes; --overhead always times its three loops and the stub")
     bad = sorted(set(args.mode or []) - set(MODES))
     if bad:
         raise ValueError(f"--mode: unknown {bad}; expected some of {', '.join(MODES)}")
