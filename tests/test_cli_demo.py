@@ -56,7 +56,34 @@ def test_sample_writes_a_grid_of_the_requested_shape(tmp_path, capsys):
     assert (imread(out2) == img).all() and not (imread(out3) == img).all()
 
 
+def test_sample_with_a_guidance_interval_guides_only_those_steps(tmp_path, capsys):
+    from matplotlib.image import imread
+
+    args = ["sample", "--labels", "4,9", "--steps", "4", "--per-label", "3"]
+    code, stdout, err = run_cli(capsys, *args, "--interval", "500,999", "--out", str(tmp_path / "interval.png"))
+    assert code == 0, err
+    assert "guided at t in [500, 999]" in stdout
+    run_cli(capsys, *args, "--out", str(tmp_path / "every.png"))
+    run_cli(capsys, *args, "--scale", "1", "--out", str(tmp_path / "none.png"))
+    picture = imread(tmp_path / "interval.png")
+    assert not (picture == imread(tmp_path / "every.png")).all() and not (picture == imread(tmp_path / "none.png")).all()
+    # what the command runs: CFG (2N rows) at the steps with t in [500, 999] only (trailing DDIM: 999, 749),
+    # the N conditional rows alone at t = 499, 249
+    rows_seen = []
+    model = digits.load_digits_model()
+
+    def counting(x, t, c):
+        rows_seen.append(x.shape[0])
+        return model(x, t, c)
+
+    digits.sample_digits(counting, torch.tensor([4, 4, 4, 9, 9, 9]), [0, 1, 2] * 2, scale=3.0, steps=4,
+                         interval=(500.0, 999.0))
+    assert rows_seen == [12, 12, 6, 6]
+
+
 @pytest.mark.parametrize("argv, needle", [
+    (["sample", "--interval", "5"], "--interval"),
+    (["sample", "--interval", "900,100"], "--interval"),
     (["sample", "--labels", "1,11"], "--labels"),
     (["sample", "--labels", "a"], "--labels"),
     (["sample", "--scale", "-1"], "--scale"),

@@ -19,6 +19,9 @@ def add_parser(sub):
     p.add_argument("--rule", default="cfg", choices=sorted(RULES), help="guidance rule")
     p.add_argument("--scale", type=float, default=3.0, help="guidance scale g (1 = conditional model only)")
     p.add_argument("--steps", type=int, default=10, help="DDIM steps = NFE")
+    p.add_argument("--interval", default=None, metavar="LO,HI",
+                   help="guide only at model times t in [LO, HI] (0..999), e.g. 500,999 for the high-noise half; "
+                        "other steps run the conditional rows alone (less work)")
     p.add_argument("--seed", type=int, default=0, help="seed of the first sample in each row")
     p.add_argument("--per-label", type=int, default=8, help="samples per label (columns)")
     p.add_argument("--out", default="grid.png", help="output PNG file")
@@ -39,6 +42,7 @@ def run(args) -> int:
         raise ValueError(f"--per-label: expected 1..64, got {args.per_label}")
     if args.seed < 0:
         raise ValueError(f"--seed: expected >= 0, got {args.seed}")
+    interval = _parse_interval(args.interval)
     out = common.check_out_file(args.out)
     device = common.resolve_device(args.device)
     model, _, tables = common.load_assets(args.assets, device)
@@ -46,12 +50,25 @@ def run(args) -> int:
     label_t = torch.tensor(labels).repeat_interleave(n)
     seeds = [args.seed + j for _ in labels for j in range(n)]
     x = digits.sample_digits(model, label_t, seeds, rule=args.rule, scale=scale, steps=args.steps, tables=tables,
-                             device=device, backend=args.backend)
+                             device=device, backend=args.backend, interval=interval)
     canvas = common.mosaic(x, len(labels), n).repeat(8, 0).repeat(8, 1)  # 8x nearest upscale: visible pixels
     try:
         imsave(out, canvas, cmap="gray_r", vmin=-1, vmax=1)
     except OSError as e:
         raise ValueError(f"--out: cannot write {out} ({e.strerror or e})") from None
-    print(f"wrote {out}: labels {labels} (rows) x {n} seeds from {args.seed}, {args.rule} g={scale:g}, "
+    guided = "" if interval is None else f" guided at t in [{interval[0]:g}, {interval[1]:g}]"
+    print(f"wrote {out}: labels {labels} (rows) x {n} seeds from {args.seed}, {args.rule} g={scale:g}{guided}, "
           f"{args.steps} steps")
     return 0
+
+
+def _parse_interval(text):
+    if text is None:
+        return None
+    try:
+        lo, hi = (float(v) for v in text.split(","))
+    except ValueError:
+        raise ValueError(f"--interval: expected LO,HI model times (e.g. 500,999), got {text!r}") from None
+    if not 0 <= lo <= hi <= 999:
+        raise ValueError(f"--interval: expected 0 <= LO <= HI <= 999, got {text!r}")
+    return lo, hi

@@ -134,33 +134,35 @@ def check_labels(labels) -> torch.Tensor:
     return labels.long()
 
 
-def make_guidance(rule: str, scale, tables: dict | None = None):
-    """The guidance object for a rule name: "cfg", "recfg-paper" or "recfg-ls" (tables from load_digits_tables())."""
+def make_guidance(rule: str, scale, tables: dict | None = None, interval=None):
+    """The guidance object for a rule name: "cfg", "recfg-paper" or "recfg-ls" (tables from load_digits_tables());
+    ``interval`` (lo, hi): guide only at model times in [lo, hi]."""
     from fastguide.guidance import CFG, ReCFG
 
     if rule not in RULES:
         raise ValueError(f"rule: expected one of {sorted(RULES)}, got {rule!r}")
     if RULES[rule] is None:
-        return CFG(scale)
+        return CFG(scale, interval=interval)
     if tables is None or RULES[rule] not in tables:
         raise ValueError(f"rule: {rule!r} needs the {RULES[rule]!r} ratio table")
-    return ReCFG(scale, table=tables[RULES[rule]])
+    return ReCFG(scale, table=tables[RULES[rule]], interval=interval)
 
 
 @torch.no_grad()
 def sample_digits(model, labels, seeds, *, rule: str = "cfg", scale=3.0, steps: int = 10, tables: dict | None = None,
-                  device="cpu", backend: str = "auto", progress: bool = False) -> torch.Tensor:
+                  device="cpu", backend: str = "auto", progress: bool = False, interval=None) -> torch.Tensor:
     """[N, 1, 8, 8] samples of the digits model for ``labels`` [N]; sample i starts from noise seeded by seeds[i].
 
     DDIM (eta = 0, trailing spacing) with ``steps`` model evaluations of the 2N batch; ``scale`` is a float or
-    a per-sample [N] tensor.
+    a per-sample [N] tensor; ``interval`` (lo, hi) guides only the steps at model times in [lo, hi] (the
+    others run the N conditional rows alone).
     """
     from fastguide.sampler import Sampler, seeded_noise
     from fastguide.solvers import DDIM
 
     labels = check_labels(labels)
     solver = DDIM(digits_schedule(), steps=steps)
-    sampler = Sampler(model, solver, make_guidance(rule, scale, tables), null_cond=NULL_LABEL, backend=backend,
+    sampler = Sampler(model, solver, make_guidance(rule, scale, tables, interval), null_cond=NULL_LABEL, backend=backend,
                       progress=progress)
     noise = seeded_noise(list(seeds), IMAGE_SHAPE, device=device)
     return sampler.sample(noise, labels.to(device)).cpu()
