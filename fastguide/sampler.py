@@ -370,7 +370,8 @@ class Sampler:
             torch.cuda.current_stream().wait_stream(stream)
             b.x2.copy_(saved)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
+            # thread_local: a serving process's other threads may keep using the GPU while this one captures
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
                 self._run(b, step, plan, guidance, sums_into_buffer=True)
             b.graph = graph
             b.x2.copy_(saved)
