@@ -18,27 +18,19 @@ CUDA = torch.cuda.is_available() and not os.environ.get("FASTGUIDE_BENCH_QUICK")
 if not CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernel import
 
+from fastguide.bench_kernel import GPU_SHAPES, make_step_inputs  # noqa: E402
 from fastguide.kernels import guided_step as gs  # noqa: E402
 from fastguide.kernels import reference  # noqa: E402
 
 DEVICE = "cuda" if CUDA else "cpu"
-SHAPES = [(64, 4, 32, 32), (16, 4, 128, 128), (8, 16, 128, 128), (1, 4, 64, 64), (64, 16, 128, 128)] if CUDA \
-    else [(2, 4, 8, 8)]
+SHAPES = GPU_SHAPES if CUDA else [(2, 4, 8, 8)]
 DTYPES = [torch.float32, torch.bfloat16] if CUDA else [torch.float32]
 _COMPILED = {}
 
 
 def make_step(shape, dtype, rule):
-    b, latent = shape[0], shape[1:]
-    buf = torch.randn((2 * b, *latent), dtype=dtype, device=DEVICE)
-    args = (buf, buf[:b], torch.randn((2 * b, *latent), dtype=dtype, device=DEVICE),
-            torch.full((b,), 4.0, device=DEVICE),
-            torch.tensor([0.99, -0.1, 0.0, 1.0, -0.2, 0.9, 0.05, 0.1, 0.25], device=DEVICE))
-    kw = {}
-    if rule == "recfg":
-        kw = dict(table=torch.rand((11, 8, *latent), dtype=dtype, device=DEVICE) + 0.5,
-                  rows=torch.randint(0, 11, (b,), device=DEVICE), table_steps=torch.tensor([3, 4], device=DEVICE))
-    return args, kw
+    d = make_step_inputs(shape, dtype, rule, DEVICE, lerp=True)
+    return (d["out"], d["x"], d["model_out"], d["g1"], d["coef"]), d["kw"]
 
 
 def _impl(name):

@@ -13,13 +13,11 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import math
 import os
 import re
 import subprocess
 import sys
 import tempfile
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -30,13 +28,11 @@ if not torch.cuda.is_available() and "--static" not in sys.argv:
 
 import triton  # noqa: E402
 
-from fastguide.kernels import reference  # noqa: E402
+from fastguide.bench_kernel import CPU_SHAPES, GPU_SHAPES, run_kernel_bench  # noqa: E402
 from fastguide.kernels import guided_step as gs  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 BEGIN, END = "<!-- guided_step:begin -->", "<!-- guided_step:end -->"
-GPU_SHAPES = [(64, 4, 32, 32), (16, 4, 128, 128), (8, 16, 128, 128), (1, 4, 64, 64), (64, 16, 128, 128)]
-CPU_SHAPES = [(2, 4, 8, 8), (16, 4, 32, 32)]
 TRITON_DTYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 RULES = ("cond", "cfg", "recfg")
 ARCHES = (90, 80)
@@ -165,138 +161,28 @@ def static_markdown(rows: list[dict]) -> str:
 
 
 # ---------------------------------------------------------------------------- timed runs
-def make_step_inputs(shape, dtype, rule, device, lerp=False) -> dict:
-    b, latent = shape[0], shape[1:]
-    d = dict(out=torch.empty((2 * b, *latent), dtype=dtype, device=device),
-             model_out=torch.randn((2 * b, *latent), dtype=dtype, device=device),
-             g1=torch.full((b,), 4.0, device=device),
-             coef=torch.tensor([0.99, -0.1, 0.0, 1.0, -0.2, 0.9, 0.05, 0.1, 0.25], device=device),
-             kw=dict(cond_first=True))
-    d["out"].normal_()
-    d["x"] = d["out"][:b]
-    if rule == "recfg":
-        d["kw"].update(table=torch.rand((11, 8, *latent), dtype=dtype, device=device) + 0.5,
-                       rows=torch.randint(0, 11, (b,), device=device),
-                       table_steps=torch.tensor([3, 4 if lerp else 3], device=device))
-    return d
-
-
-def floor_bytes(shape, dtype, rule, lerp=False) -> int:
-    """Bytes a step must move: read x, m_cond, m_uncond (+ table rows), write both halves of the 2B buffer."""
-    streams = 3 + 2 + (0 if rule != "recfg" else 2 if lerp else 1)
-    return streams * math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-
-
-def _impls(compiled_ref):
-    def triton_step(d):
-        gs.guided_step_into(d["out"], d["x"], d["model_out"], d["g1"], d["coef"], check=False, **d["kw"])
-
-    def eager_step(d):
-        reference.guided_step_into(d["out"], d["x"], d["model_out"], d["g1"], d["coef"], **d["kw"])
-
-    def compiled_step(d):
-        compiled_ref(d["out"], d["x"], d["model_out"], d["g1"], d["coef"], **d["kw"])
-
-    return {"triton": triton_step, "eager": eager_step, "compiled": compiled_step}
-
-
-def copy_bandwidth(nbytes=1 << 30) -> float:
-    """Device copy bandwidth in bytes/s (read + write counted), best of several copies."""
-    src = torch.empty(nbytes // 4, dtype=torch.float32, device="cuda").normal_()
-    dst = torch.empty_like(src)
-    best = float("inf")
-    for _ in range(10):
-        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        dst.copy_(src)
-        stop.record()
-        torch.cuda.synchronize()
-        best = min(best, start.elapsed_time(stop) / 1e3)
-    return 2 * nbytes / best
-
-
-def gpu_time_per_step(fn, sets, calls=2000) -> float:
-    """GPU seconds per step: a CUDA graph of ~``calls`` steps cycling over >= 4 rotating input sets (so L2
-    cannot hold them), replayed and timed with events; median of 5 replays."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for d in sets:
-            fn(d)
-    torch.cuda.current_stream().wait_stream(stream)
-    reps = max(1, calls // len(sets))
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(reps):
-            for d in sets:
-                fn(d)
-    times = []
-    for _ in range(5):
-        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        stop.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(stop) / 1e3 / (reps * len(sets)))
-    return sorted(times)[len(times) // 2]
-
-
-def host_time_per_call(fn, d, calls=200, rounds=5) -> float:
-    """Wall seconds per eager call, best of ``rounds`` (host issue cost; on a GPU the small shapes' work
-    hides behind it)."""
-    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
-    for _ in range(10):
-        fn(d)
-    best = float("inf")
-    for _ in range(rounds):
-        sync()
-        t0 = time.perf_counter()
-        for _ in range(calls):
-            fn(d)
-        sync()
-        best = min(best, (time.perf_counter() - t0) / calls)
-    return best
-
-
 def gpu_report() -> str:
-    compiled_ref = torch.compile(reference.guided_step_into, dynamic=False)
-    impls = _impls(compiled_ref)
-    bw = copy_bandwidth()
-    lines = [f"Copy bandwidth (measured, read + write): {bw / 1e9:.0f} GB/s.", "",
+    rows = run_kernel_bench("cuda", GPU_SHAPES, [torch.float32, torch.bfloat16])
+    lines = [f"Copy bandwidth (measured, read + write): {rows[0]['copy_bw_gbs']:.0f} GB/s.", "",
              "| shape | dtype | rule | floor us | triton us | % copy BW | eager us | compiled us | x eager "
              "| x compiled | triton host us/call |", "|---|---|---|---|---|---|---|---|---|---|---|"]
-    l2 = torch.cuda.get_device_properties(0).L2_cache_size
-    for shape in GPU_SHAPES:
-        for dtype in (torch.float32, torch.bfloat16):
-            for rule in ("cfg", "recfg"):
-                nbytes = floor_bytes(shape, dtype, rule)
-                nsets = max(4, math.ceil(4 * l2 / nbytes))
-                sets = [make_step_inputs(shape, dtype, rule, "cuda") for _ in range(nsets)]
-                t = {name: gpu_time_per_step(fn, sets) for name, fn in impls.items()}
-                host = host_time_per_call(impls["triton"], sets[0])
-                lines.append(f"| {shape} | {TRITON_DTYPE[dtype]} | {rule} | {nbytes / bw * 1e6:.2f} | "
-                             f"{t['triton'] * 1e6:.2f} | {100 * nbytes / t['triton'] / bw:.0f}% | "
-                             f"{t['eager'] * 1e6:.2f} | {t['compiled'] * 1e6:.2f} | {t['eager'] / t['triton']:.1f} | "
-                             f"{t['compiled'] / t['triton']:.2f} | {host * 1e6:.1f} |")
-                del sets
+    for r in rows:
+        lines.append(f"| {tuple(r['shape'])} | {r['dtype']} | {r['rule']} | {r['floor_us']:.2f} | {r['triton_us']:.2f} | "
+                     f"{r['pct_copy_bw']:.0f}% | {r['eager_us']:.2f} | {r['compiled_us']:.2f} | {r['x_eager']:.1f} | "
+                     f"{r['x_compiled']:.2f} | {r['triton_host_us']:.1f} |")
     return "\n".join(lines)
 
 
 def cpu_report() -> str:
-    compiled_ref = torch.compile(reference.guided_step_into, dynamic=False)
-    impls = _impls(compiled_ref)
+    rows = run_kernel_bench("cpu", CPU_SHAPES, [torch.float32])
     lines = ["**GPU numbers: unmeasured** (this run had no GPU). Run this script on a GPU to fill in GPU time per "
              "step, % of copy bandwidth, speed-ups and host time per call.", "",
              "CPU only: eager reference vs torch.compile(reference), wall time per call. The Triton kernel runs "
              "here only in the interpreter, which measures nothing about its GPU speed, so it is not timed. "
              "Best of 5 rounds; the CPU is small and shared, so treat these as rough.", "",
              "| shape | dtype | rule | eager us | compiled us |", "|---|---|---|---|---|"]
-    for shape in CPU_SHAPES:
-        for rule in ("cfg", "recfg"):
-            d = make_step_inputs(shape, torch.float32, rule, "cpu")
-            eager = host_time_per_call(impls["eager"], d, calls=20)
-            comp = host_time_per_call(impls["compiled"], d, calls=20)
-            lines.append(f"| {shape} | fp32 | {rule} | {eager * 1e6:.0f} | {comp * 1e6:.0f} |")
+    for r in rows:
+        lines.append(f"| {tuple(r['shape'])} | {r['dtype']} | {r['rule']} | {r['eager_us']:.0f} | {r['compiled_us']:.0f} |")
     return "\n".join(lines)
 
 

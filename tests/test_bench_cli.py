@@ -2,6 +2,7 @@
 import json
 
 import pytest
+import torch
 
 from fastguide import cli
 
@@ -117,3 +118,16 @@ def test_report_sampler_reads_pytest_benchmark_json(tmp_path, capsys):
     assert "| fastguide_compiled | 60.0 (1.50x) |" in text
     assert "| fastguide_eager | 18.0 (0.20) |" in text  # (0.28 - 0.1) ms / 10 steps; diffusers (1.0 - 0.1) / 10
     assert "| fastguide_fused | 9.0 (0.10) |" in text  # net of the compiled stub's calls
+
+
+def test_bench_kernel_quick_times_the_reference_on_the_cpu(tmp_path):
+    from fastguide.bench_kernel import floor_bytes
+
+    out = tmp_path / "kernel.json"
+    assert cli.main(["bench", "--kernel", "--quick", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["shape"], r["rule"]) for r in rows] == [([2, 4, 8, 8], "cfg"), ([2, 4, 8, 8], "recfg")]
+    assert all(r["eager_us"] > 0 and r["compiled_us"] > 0 and "triton_us" not in r for r in rows)
+    # bytes a step must move: x, m_cond, m_uncond read, both halves written (+ 1 or 2 table rows)
+    assert floor_bytes((2, 4, 8, 8), torch.float32, "cfg") == 5 * 512 * 4
+    assert floor_bytes((2, 4, 8, 8), torch.float16, "recfg", lerp=True) == 7 * 512 * 2

@@ -1,5 +1,6 @@
-"""`fastguide bench`: end-to-end images/s of fastguide vs a diffusers-style loop on the same network,
-plus the guided-step kernel benchmark when the kernel module provides one. Prints a table; --json writes it."""
+"""`fastguide bench`: end-to-end images/s of fastguide vs a diffusers-style loop on the same network
+(default), the sampler's per-step overhead (--overhead), or one guided step: the fused kernel vs the
+reference (--kernel). Prints a table; --json writes it."""
 from __future__ import annotations
 
 import json
@@ -25,6 +26,9 @@ def add_parser(sub):
     p.add_argument("--quick", action="store_true", help="tiny sizes, few repetitions (a smoke run)")
     p.add_argument("--overhead", action="store_true",
                    help="instead: per-step sampler overhead (the network replaced by a stub) vs a diffusers-style loop")
+    p.add_argument("--kernel", action="store_true",
+                   help="instead: one guided step, fused Triton kernel vs eager / compiled reference (GPU time, %% of "
+                        "copy bandwidth, host time; on a CPU only the reference and its compiled form)")
     p.add_argument("--json", dest="json_path", default=None, help="also write the rows to this JSON file")
     p.set_defaults(func=run)
 
@@ -43,8 +47,10 @@ def run(args) -> int:
     for name, vals in (("--batch", batches), ("--nfe", nfes)):
         if any(v < 1 for v in vals):
             raise ValueError(f"{name}: expected values >= 1, got {vals}")
-    if args.mode and args.overhead:
-        raise ValueError("--mode: picks end-to-end modes; --overhead always times its three loops and the stub")
+    if args.mode and (args.overhead or args.kernel):
+        raise ValueError("--mode: picks end-to-end modes; --overhead and --kernel time their own fixed sets")
+    if args.overhead and args.kernel:
+        raise ValueError("--kernel: choose one of --kernel and --overhead")
     bad = sorted(set(args.mode or []) - set(MODES))
     if bad:
         raise ValueError(f"--mode: unknown {bad}; expected some of {', '.join(MODES)}")
@@ -53,6 +59,8 @@ def run(args) -> int:
     reps = 2 if args.quick else args.reps
     if args.overhead:
         return _overhead(args, device, batches, nfes, reps)
+    if args.kernel:
+        return _kernel(args, device)
     rows = []
     for model in args.model or ["digits"]:
         if model == "digits":
@@ -93,6 +101,18 @@ def _overhead(args, device, batches, nfes, reps) -> int:
               f"{r['overhead_us_per_step']:9.1f} {r['vs_diffusers']:13.2f}")
     print("overhead = us/step minus the stub network's own calls (compiled for fastguide_fused); per-call setup "
           "is spread over the NFE steps")
+    _write_json(args.json_path, device, rows)
+    return 0
+
+
+def _kernel(args, device) -> int:
+    from fastguide.bench_kernel import format_kernel_rows, run_kernel_bench
+
+    shapes = [(2, 4, 8, 8)] if args.quick else None
+    rows = run_kernel_bench(device, shapes=shapes, calls=5 if args.quick else None)
+    print(format_kernel_rows(rows))
+    if device == "cpu":
+        print("CPU: wall us per call of the reference eager and compiled; the Triton kernel's GPU time needs CUDA")
     _write_json(args.json_path, device, rows)
     return 0
 
