@@ -246,7 +246,7 @@ class Sampler:
         if scale is not None:
             guidance = _with_scale(guidance, scale)
         plan = self.solver.plan
-        sg = guidance.prepare(plan, cond.cpu() if not cond.is_floating_point() else cond, x.shape[1:])
+        sg = guidance.prepare(plan, cond, x.shape[1:])  # only ReCFG reads label values (on the host, itself)
         step = self._step_impl(x.device)
         use_graph = self.cuda_graph and x.device.type == "cuda" and callback is None \
             and not isinstance(guidance, ClassifierGuidance)
