@@ -274,7 +274,7 @@ class Sampler:
         of scalars). A sum that overflows while every value is finite only sends this to the exact checks
         below, which then pass."""
         x = b.x2[:b.batch]
-        sums = list(step_sums) if isinstance(step_sums, list) else [step_sums.sum()]
+        sums = step_sums if isinstance(step_sums, list) else [step_sums.sum()]
         if math.isfinite(torch.stack([*sums, x.sum(dtype=torch.float32), noise.sum(dtype=torch.float32)]).sum().item()):
             return
         step_sums = torch.stack(step_sums) if isinstance(step_sums, list) else step_sums

@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file
 
 from fastguide.data import IMAGE_SHAPE, NULL_LABEL, NUM_CLASSES
 from fastguide.models.classifier import DigitsClassifier
@@ -53,15 +52,16 @@ def read_safetensors(path, what: str) -> tuple[dict[str, torch.Tensor], dict[str
     if not path.is_file():
         raise FileNotFoundError(f"{what}: checkpoint {path} not found (run `fastguide train --out DIR` to create it)")
     try:
-        with safe_open(str(path), framework="pt") as f:
-            metadata = dict(f.metadata() or {})
-        return load_file(str(path)), metadata
+        with safe_open(str(path), framework="pt") as f:  # one pass: metadata and tensors
+            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
     except (SafetensorError, OSError) as e:
         raise ValueError(f"{what}: {path} is not a readable safetensors file ({e})") from None
 
 
-def _load_module(path, what: str, fmt: str, build, device) -> torch.nn.Module:
+def _load_module(path, what: str, fmt: str, build, device, check_meta=None) -> torch.nn.Module:
     tensors, meta = read_safetensors(path, what)
+    if check_meta is not None:
+        check_meta(meta)
     if meta.get("format") != fmt:
         raise ValueError(f"{what}: {path} has format {meta.get('format')!r}, expected {fmt!r}")
     module = build(**json.loads(meta["config"]))
@@ -78,10 +78,12 @@ def load_digits_model(path=None, device="cpu") -> DigitsUNet:
     Labels 0..9 are digits; label 10 is the null (unconditional) condition.
     """
     path = asset_path(UNET_FILE) if path is None else path
-    _, meta = read_safetensors(path, "model")
-    if meta.get("schedule_fingerprint") not in (None, digits_schedule().fingerprint()):
-        raise ValueError(f"model: {path} was trained on a different noise schedule than digits_schedule()")
-    return _load_module(path, "model", UNET_FORMAT, DigitsUNet, device)
+
+    def same_schedule(meta):
+        if meta.get("schedule_fingerprint") not in (None, digits_schedule().fingerprint()):
+            raise ValueError(f"model: {path} was trained on a different noise schedule than digits_schedule()")
+
+    return _load_module(path, "model", UNET_FORMAT, DigitsUNet, device, check_meta=same_schedule)
 
 
 def load_digits_classifier(path=None, device="cpu") -> DigitsClassifier:
