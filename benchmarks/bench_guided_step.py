@@ -18,7 +18,7 @@ CUDA = torch.cuda.is_available() and not os.environ.get("FASTGUIDE_BENCH_QUICK")
 if not CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernel import
 
-from fastguide.bench_kernel import GPU_SHAPES, make_step_inputs  # noqa: E402
+from fastguide.bench.kernel import GPU_SHAPES, make_step_inputs  # noqa: E402
 from fastguide.kernels import guided_step as gs  # noqa: E402
 from fastguide.kernels import reference  # noqa: E402
 

@@ -9,7 +9,7 @@ Two groups, each compared within one run (pytest-benchmark groups, medians):
 - ``overhead-B{batch}``: the same loops with the network replaced by a stub that returns a fixed output, so
   the time is everything but the network (batching, CFG combine, solver update, copies): diffusers-style,
   fastguide's eager step (host scalars), and fastguide's fused compiled step, plus the stub's own NFE calls
-  (eager and compiled) to subtract. `fastguide.bench.run_overhead` (`fastguide bench --overhead`) measures
+  (eager and compiled) to subtract. `fastguide.bench.overhead.run_overhead` (`fastguide bench --overhead`) measures
   the same thing with the modes interleaved in blocks and does the subtraction.
 Input noise rotates over 4 sets. FASTGUIDE_BENCH_QUICK=1 (CI) runs batch 1 only.
 """
@@ -21,8 +21,9 @@ import pytest
 import torch
 
 import fastguide as fg
-from fastguide.bench import StubNet, diffusers_scheduler_for, diffusers_style_loop
-from fastguide.models.unet import DigitsUNet
+from fastguide.bench.end_to_end import diffusers_scheduler_for, diffusers_style_loop
+from fastguide.bench.overhead import StubNet
+from fastguide.demo.unet import DigitsUNet
 
 QUICK = bool(os.environ.get("FASTGUIDE_BENCH_QUICK"))
 BATCHES = [1] if QUICK else [1, 16, 64]
@@ -32,7 +33,7 @@ NFE, SCALE, NULL, SHAPE = 10, 3.0, 10, (1, 8, 8)
 
 def digits_net():
     try:
-        from fastguide.models.digits import load_digits_model
+        from fastguide.demo.digits import load_digits_model
 
         return load_digits_model()
     except Exception:  # timing does not depend on the weights; fall back to a fresh network

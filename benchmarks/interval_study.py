@@ -13,8 +13,8 @@ import json
 import torch
 
 import fastguide as fg
-from fastguide.evaluate import evaluate_samples
-from fastguide.models.digits import IMAGE_SHAPE, NULL_LABEL, digits_schedule, load_digits_model, load_digits_tables
+from fastguide.demo.evaluate import evaluate_samples
+from fastguide.demo.digits import IMAGE_SHAPE, NULL_LABEL, digits_schedule, load_digits_model, load_digits_tables
 
 
 def intervals_for(timesteps) -> dict:

@@ -28,7 +28,7 @@ if not torch.cuda.is_available() and "--static" not in sys.argv:
 
 import triton  # noqa: E402
 
-from fastguide.bench_kernel import CPU_SHAPES, GPU_SHAPES, run_kernel_bench  # noqa: E402
+from fastguide.bench.kernel import CPU_SHAPES, GPU_SHAPES, run_kernel_bench  # noqa: E402
 from fastguide.kernels import guided_step as gs  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
@@ -82,7 +82,7 @@ def _signature(v: dict) -> tuple[dict, dict]:
     sig = {"out_ptr": ptr, "out2_ptr": ptr, "x_ptr": ptr, "m_cond_ptr": ptr, "m_uncond_ptr": ptr,
            "g1_ptr": "*fp32", "coef_ptr": "*fp32", "table_ptr": table,
            "rows_ptr": "*i64" if v["rule"] == "recfg" else "*fp32",
-           "steps_ptr": "*i64" if v["rule"] == "recfg" else "*fp32",
+           "steps_ptr": "*i64" if v["rule"] == "recfg" else "*fp32", "w_ptr": "*fp32",
            "z_ptr": "*" + TRITON_DTYPE[v["z_dtype"]] if v["z_dtype"] else ptr,
            "n_per_row": "i32", "table_k": "i32", "table_t": "i32", "clip_range": "fp32"}
     block, _ = gs.launch_config(v["dtype"])

@@ -18,7 +18,8 @@ Learned-sigma models (``out_channels == 2 * in_channels``, e.g. DiT) return the 
 takes two conditions (token embeddings [L, D] and a pooled vector [P]); :meth:`SD3Adapter.pack` stores the
 pooled vector in ``k = ceil(P / D)`` extra zero-padded rows after the tokens so one tensor carries both, which
 is what the sampler's batching and ``null_cond`` need. For ReCFG (integer condition ids), wrap any text adapter
-with :meth:`with_condition_ids` (a :class:`fastguide.table.ConditionIdModel`). docs/adapters.md has examples.
+with :meth:`with_condition_ids` (a :class:`ConditionIdModel`, which wraps any embedding-conditioned model the same
+way). docs/adapters.md has examples.
 
 diffusers is optional: it is imported only when an adapter is built.
 """
@@ -31,7 +32,6 @@ import torch
 from fastguide.sampler import Sampler
 from fastguide.schedule import NoiseSchedule
 from fastguide.solvers import DDIM, FlowEuler
-from fastguide.table import ConditionIdModel
 
 
 def _diffusers():
@@ -170,6 +170,38 @@ class DiTAdapter(_Adapter):
         _check_t(t, x.shape[0])
         _check_ids(cond, x.shape[0])
         return _output_half(self.model(x, timestep=t, class_labels=cond).sample, x.shape[1])
+
+
+# ====================================================================== integer condition ids
+class ConditionIdModel(torch.nn.Module):
+    """Adapt a model conditioned on embeddings (e.g. text) to integer condition ids, for tables and samplers.
+
+    ``embeddings`` [K, ...]: one model condition per id 0..K-1 (the caller maps prompts to ids);
+    ``null_embedding``: the unconditional condition, reached by id K (use ``null_cond=K``).
+    """
+
+    def __init__(self, model, embeddings: torch.Tensor, null_embedding: torch.Tensor):
+        super().__init__()
+        if not callable(model):
+            raise TypeError("model: expected a callable model(x, t, cond) -> tensor")
+        if not isinstance(embeddings, torch.Tensor) or embeddings.ndim < 1:
+            raise TypeError("embeddings: expected a tensor [K, ...] of per-id conditions")
+        if not isinstance(null_embedding, torch.Tensor) or tuple(null_embedding.shape) != tuple(embeddings.shape[1:]):
+            raise ValueError(f"null_embedding: expected a tensor of shape {tuple(embeddings.shape[1:])} "
+                             "(one condition)")
+        self.model = model
+        self.register_buffer("conditions", torch.cat([embeddings, null_embedding.unsqueeze(0).to(embeddings)]))
+
+    @property
+    def null_id(self) -> int:
+        return self.conditions.shape[0] - 1
+
+    def forward(self, x, t, ids):
+        if ids.is_floating_point() or ids.ndim != 1:
+            raise TypeError("ids: expected integer condition ids [N]")
+        if bool(((ids < 0) | (ids > self.null_id)).any()):
+            raise ValueError(f"ids: expected condition ids in [0, {self.null_id}] ({self.null_id} = null)")
+        return self.model(x, t, self.conditions[ids.to(self.conditions.device)])
 
 
 # ====================================================================== text-conditional

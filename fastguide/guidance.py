@@ -2,42 +2,26 @@
 
     CFG:    m = g1 * m_c + (1 - g1) * m_u                 (g1 = g = 1 + w)
     ReCFG:  m = g1 * m_c + (1 - g1) * R[c, t] * m_u       (element-wise, arXiv 2410.18737)
-    Classifier guidance: eps = eps_c - s * sqrt(1 - abar_t) * grad_x log p(y | x_t)
+    Classifier guidance: eps = eps_c - s * sqrt(1 - abar_t) * grad_x log p(y | x_t)   (a model wrapper)
 
 A guidance interval (lo, hi) applies the rule only at steps whose model time t lies in [lo, hi];
 elsewhere the step is purely conditional (g1 = 1, and the sampler runs only the B conditional rows).
+
+Every rule answers ``prepare(plan, cond, latent_shape) -> StepGuidance`` (what one sampling call needs) and
+``wrap_model(model, plan, null_cond)`` (the model the loop calls: the model itself, except for rules that
+change the model output themselves, as classifier guidance does, k-diffusion style).
 """
 from __future__ import annotations
 
-import math
+import copy
 from dataclasses import dataclass
 
 import torch
 
-from fastguide.table import RatioTable, check_lo_hi
-
-
-def _check_scale(scale, name: str = "scale"):
-    if isinstance(scale, bool):
-        raise TypeError(f"{name}: expected a float or a [B] tensor, got bool")
-    if isinstance(scale, (int, float)):
-        if not math.isfinite(scale) or scale < 0:
-            raise ValueError(f"{name}: expected a finite value >= 0, got {scale}")
-        return float(scale)
-    if isinstance(scale, torch.Tensor):
-        if scale.ndim != 1 or not scale.is_floating_point() and scale.dtype not in (torch.int32, torch.int64):
-            raise ValueError(f"{name}: expected a float or a 1-D [B] tensor, got shape {tuple(scale.shape)} {scale.dtype}")
-        s = scale.detach().double().cpu()
-        if not torch.isfinite(s).all() or (s < 0).any():
-            raise ValueError(f"{name}: expected finite values >= 0")
-        return s
-    raise TypeError(f"{name}: expected a float or a [B] tensor, got {type(scale).__name__}")
-
-
-def _check_interval(interval):
-    if interval is None:
-        return None
-    return check_lo_hi(interval, "interval", "a (lo, hi) pair of model times")
+from fastguide.checks import check_interval, check_model_output, check_scale
+from fastguide.conditions import null_batch
+from fastguide.kernels.reference import compute_dtype_for
+from fastguide.table import RatioTable
 
 
 @dataclass
@@ -48,24 +32,49 @@ class StepGuidance:
     guided: tuple[bool, ...] | list[bool]  # [S] run the unconditional half at this step?
     table: torch.Tensor | None = None  # [K, T, *shape]
     rows: torch.Tensor | None = None  # [B] int64
-    table_steps: torch.Tensor | None = None  # [S, 2] int64
-    table_w: torch.Tensor | None = None  # [S] float64
+    table_steps: torch.Tensor | None = None  # [S, 2] int64: the table rows (i0, i1) around each step's time
+    table_w: torch.Tensor | None = None  # [S] float64: the lerp weight between them (0 on grid points)
 
 
-class CFG:
+class GuidanceRule:
+    """What every rule shares: ``needs_null`` (the sampler needs a null condition), ``traceable`` (the loop
+    may compile the hot step and capture it: no autograd inside), and the identity :meth:`wrap_model`."""
+
+    needs_null = True
+    traceable = True
+    interval = None
+
+    def wrap_model(self, model, plan, null_cond):
+        return model
+
+    def prepare(self, plan, cond: torch.Tensor, latent_shape) -> StepGuidance:
+        raise NotImplementedError
+
+
+class NoGuidance(GuidanceRule):
+    """The conditional model alone: B rows a step, no null half (what ``Sampler(model, solver)`` runs)."""
+
+    needs_null = False
+
+    def prepare(self, plan, cond: torch.Tensor, latent_shape) -> StepGuidance:
+        return StepGuidance(torch.ones(plan.steps, cond.shape[0], dtype=torch.float64), (False,) * plan.steps)
+
+    def __repr__(self):
+        return "NoGuidance()"
+
+
+class CFG(GuidanceRule):
     """Classifier-free guidance ``m = m_u + g (m_c - m_u)``; ``CFG.from_w(w)`` is the ``(1 + w) m_c - w m_u`` spelling."""
 
-    needs_uncond = True
-
     def __init__(self, scale=4.0, interval=None):
-        self.scale = _check_scale(scale)
-        self.interval = _check_interval(interval)
+        self.scale = check_scale(scale)
+        self.interval = check_interval(interval)
 
     @classmethod
     def from_w(cls, w, interval=None):
         if isinstance(w, (int, float)) and not isinstance(w, bool):
             return cls(1.0 + w, interval)
-        return cls(_check_scale(w + 1.0 if isinstance(w, torch.Tensor) else w), interval)
+        return cls(check_scale(w + 1.0 if isinstance(w, torch.Tensor) else w), interval)
 
     def _g1(self, timesteps: torch.Tensor, batch: int):
         """([S, B] float64 g1, [S] guided flags). A float scale's result is kept for the next call with the
@@ -140,21 +149,25 @@ class ReCFG(CFG):
         return StepGuidance(g1, guided, self.table.ratios, rows, steps, w)
 
 
-class ClassifierGuidance:
+class ClassifierGuidance(GuidanceRule):
     """``eps = eps_c - scale * sqrt(1 - abar_t) * grad_x log p(y | x_t)`` (Dhariwal & Nichol 2021).
 
     ``classifier(x_t, t) -> logits [B, K]``. The model runs on the B conditional rows only; with
     ``use_null_cond=True`` it runs with the null condition instead (classifier guidance of an
-    unconditional model). Needs an epsilon-prediction discrete solver.
+    unconditional model). Needs an epsilon-prediction discrete solver. The gradient needs autograd, so the
+    loop runs it eagerly (no compiled hot step, no CUDA graph).
     """
 
-    needs_uncond = False
+    traceable = False
 
     def __init__(self, classifier, scale=1.0, use_null_cond: bool = False):
         if not callable(classifier):
             raise TypeError("classifier: expected a callable classifier(x_t, t) -> logits [B, K]")
-        self.classifier, self.scale, self.use_null_cond = classifier, _check_scale(scale), bool(use_null_cond)
-        self.interval = None
+        self.classifier, self.scale, self.use_null_cond = classifier, check_scale(scale), bool(use_null_cond)
+
+    @property
+    def needs_null(self) -> bool:
+        return self.use_null_cond
 
     def prepare(self, plan, cond: torch.Tensor, latent_shape) -> StepGuidance:
         if plan.kind != "discrete" or plan.prediction_type != "epsilon":
@@ -162,21 +175,56 @@ class ClassifierGuidance:
                              f"{plan.kind} / {plan.prediction_type}")
         if cond.ndim != 1 or cond.is_floating_point():
             raise TypeError("cond: ClassifierGuidance needs integer class labels [B]")
-        return StepGuidance(torch.ones(plan.steps, cond.shape[0], dtype=torch.float64), [False] * plan.steps)
+        return StepGuidance(torch.ones(plan.steps, cond.shape[0], dtype=torch.float64), (False,) * plan.steps)
 
-    def guided_eps(self, eps_c: torch.Tensor, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor,
-                   eps_scale: float) -> torch.Tensor:
-        # The classifier runs in float32; the update runs in the step's compute dtype, so a float64 run stays
-        # float64 (and scale 0 leaves eps_c untouched).
-        cdt = torch.float64 if eps_c.dtype == torch.float64 else torch.float32
-        scale = self.scale if not isinstance(self.scale, torch.Tensor) else \
-            self.scale.to(x.device, cdt).view(-1, *([1] * (x.ndim - 1)))
-        with torch.enable_grad():
-            xg = x.detach().float().requires_grad_(True)
-            logp = torch.log_softmax(self.classifier(xg, t).float(), dim=-1)
-            sel = logp.gather(1, labels.view(-1, 1).long()).sum()
-            (grad,) = torch.autograd.grad(sel, xg)
-        return (eps_c.to(cdt) - scale * eps_scale * grad.to(cdt)).to(eps_c.dtype)
+    def wrap_model(self, model, plan, null_cond):
+        return ClassifierGuidedModel(model, self.classifier, self.scale, plan.schedule.alphas_cumprod,
+                                     null_cond if self.use_null_cond else None)
 
     def __repr__(self):
         return f"ClassifierGuidance(scale={self.scale})"
+
+
+class ClassifierGuidedModel:
+    """``model`` with the classifier's gradient folded into its epsilon output (model times are training
+    indices; ``null_cond``: run the model with the null condition, the classifier with the labels)."""
+
+    def __init__(self, model, classifier, scale, alphas_cumprod: torch.Tensor, null_cond=None):
+        self.model, self.classifier, self.scale, self.null_cond = model, classifier, scale, null_cond
+        self.alphas_cumprod = alphas_cumprod
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        eps = self.model(x, t, cond if self.null_cond is None else null_batch(self.null_cond, cond))
+        check_model_output(eps, x)
+        # The classifier runs in float32; the update in the step's compute dtype, so a float64 run stays float64
+        # (and scale 0 leaves eps untouched).
+        cdt = compute_dtype_for(eps.dtype)
+        bcast = (-1, *([1] * (x.ndim - 1)))
+        eps_scale = (1 - self.alphas_cumprod.to(x.device)[t.long()]).sqrt().view(bcast)  # float64
+        if isinstance(self.scale, torch.Tensor):
+            factor = self.scale.to(x.device, cdt).view(bcast) * eps_scale.to(cdt)
+        else:
+            factor = (self.scale * eps_scale).to(cdt)
+        with torch.enable_grad():
+            xg = x.detach().float().requires_grad_(True)
+            logp = torch.log_softmax(self.classifier(xg, t).float(), dim=-1)
+            (grad,) = torch.autograd.grad(logp.gather(1, cond.view(-1, 1).long()).sum(), xg)
+        return (eps.to(cdt) - factor * grad.to(cdt)).to(eps.dtype)
+
+
+def check_guidance(guidance, null_cond) -> GuidanceRule:
+    """A guidance rule whose null condition (if it needs one) the sampler has."""
+    if not isinstance(guidance, GuidanceRule):
+        raise TypeError(f"guidance: expected CFG, ReCFG or ClassifierGuidance, got {type(guidance).__name__}")
+    if guidance.needs_null and null_cond is None:
+        raise ValueError(f"null_cond: {type(guidance).__name__} needs the unconditional (null) condition")
+    return guidance
+
+
+def with_scale(guidance: GuidanceRule, scale) -> GuidanceRule:
+    """A shallow copy of a rule with another scale (validated like the constructor's)."""
+    if not hasattr(guidance, "scale"):
+        raise ValueError(f"scale: {type(guidance).__name__} has no scale to override")
+    g = copy.copy(guidance)
+    g.scale = check_scale(scale)
+    return g

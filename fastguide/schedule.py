@@ -8,6 +8,8 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import torch
 
+from fastguide.checks import check_steps
+
 SPACINGS = ("leading", "trailing", "linspace")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
@@ -200,12 +202,3 @@ class NoiseSchedule:
 def _check_num_train(n: int) -> None:
     if not isinstance(n, (int, np.integer)) or n < 2:
         raise ValueError(f"num_train_timesteps: expected an int >= 2, got {n!r}")
-
-
-def check_steps(steps, num_train_timesteps: int | None = None) -> None:
-    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)):
-        raise TypeError(f"steps: expected an int, got {type(steps).__name__}")
-    if steps < 1:
-        raise ValueError(f"steps: expected >= 1, got {steps}")
-    if num_train_timesteps is not None and steps > num_train_timesteps:
-        raise ValueError(f"steps: expected <= num_train_timesteps ({num_train_timesteps}), got {steps}")

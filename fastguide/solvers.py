@@ -1,7 +1,8 @@
 """Solvers as plans: per-step coefficients computed once on the host in float64.
 
 Every solver here maps (x, guided model output m) to x_next with the element-wise form documented in
-``fastguide.kernels.reference``; a solver is just the table of its per-step scalars.
+``fastguide.kernels.reference``; a solver is just the table of its per-step scalars, one column per
+``Coef`` name.
 """
 from __future__ import annotations
 
@@ -12,8 +13,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from fastguide.kernels.reference import NUM_COEF
-from fastguide.schedule import PREDICTION_TYPES, NoiseSchedule, check_steps
+from fastguide.checks import check_steps
+from fastguide.kernels.reference import NUM_COEF, Coef
+from fastguide.schedule import PREDICTION_TYPES, NoiseSchedule
 
 
 @dataclass(frozen=True, eq=False)
@@ -21,7 +23,7 @@ class Plan:
     """What a sampler needs from a solver. All tensors float64 on the CPU."""
 
     timesteps: torch.Tensor  # [S] model time input: training index (discrete) or flow time sigma in [0, 1]
-    coef: torch.Tensor  # [S, 9]: A, B, S, Px, Pm, C0, Cx, Cm, w (w, the table lerp weight, is filled by guidance)
+    coef: torch.Tensor  # [S, NUM_COEF]: one column per Coef name
     eps_scale: torch.Tensor  # [S] sqrt(1 - abar_t): score = -eps / eps_scale (NaN for flow plans)
     clip_range: float | None
     prediction_type: str
@@ -34,7 +36,15 @@ class Plan:
 
     @functools.cached_property
     def stochastic(self) -> bool:
-        return bool((self.coef[:, 2] != 0).any())
+        return bool((self.coef[:, Coef.S] != 0).any())
+
+
+def coef_row(**values: float) -> list[float]:
+    """One step's coefficients by name (``coef_row(A=..., B=..., PX=...)``); columns not named are 0."""
+    row = [0.0] * NUM_COEF
+    for name, value in values.items():
+        row[Coef[name]] = value
+    return row
 
 
 def prediction_to_x0_eps(abar: float, prediction_type: str, roots: tuple[float, float] | None = None
@@ -71,17 +81,20 @@ def ddim_coefficients(abar_t: float, abar_prev: float, eta: float, prediction_ty
         px, pm, ex, em = prediction_to_x0_eps(abar_t, prediction_type, roots=(sa, sb))
         if not math.isfinite(d):
             raise ValueError(f"eta: {eta} makes the DDIM direction term imaginary (1 - abar_prev - sigma^2 < 0)")
-        cx, cm = d * ex, d * em
-        return [c0 * px + cx, c0 * pm + cm, s, px, pm, c0, cx, cm, 0.0]
+        return _ddim_row(px, pm, ex, em, c0, d, s)
     px, pm, ex, em = prediction_to_x0_eps(abar_t, prediction_type)
     var = (1 - abar_prev) / (1 - abar_t) * (1 - abar_t / abar_prev)
     s = eta * math.sqrt(max(var, 0.0))
     d2 = 1 - abar_prev - s * s
     if d2 < -1e-12:
         raise ValueError(f"eta: {eta} makes the DDIM direction term imaginary (1 - abar_prev - sigma^2 < 0)")
-    c0, d = math.sqrt(abar_prev), math.sqrt(max(d2, 0.0))
+    return _ddim_row(px, pm, ex, em, math.sqrt(abar_prev), math.sqrt(max(d2, 0.0)), s)
+
+
+def _ddim_row(px: float, pm: float, ex: float, em: float, c0: float, d: float, s: float) -> list[float]:
+    """x_prev = c0 x0 + d eps + s z with x0 = px x + pm m and eps = ex x + em m."""
     cx, cm = d * ex, d * em
-    return [c0 * px + cx, c0 * pm + cm, s, px, pm, c0, cx, cm, 0.0]
+    return coef_row(A=c0 * px + cx, B=c0 * pm + cm, S=s, PX=px, PM=pm, C0=c0, CX=cx, CM=cm)
 
 
 def _ddpm_scalars_float32(abar_t: float, abar_prev: float, variance_type: str) -> tuple[float, ...]:
@@ -103,8 +116,7 @@ def ddpm_coefficients(abar_t: float, abar_prev: float, prediction_type: str, var
     if float32_arithmetic:
         sa, sb, c0, cx, std = _ddpm_scalars_float32(abar_t, abar_prev, variance_type)
         px, pm, _, _ = prediction_to_x0_eps(abar_t, prediction_type, roots=(sa, sb))
-        s = 0.0 if last else std
-        return [c0 * px + cx, c0 * pm, s, px, pm, c0, cx, 0.0, 0.0]
+        return _ddpm_row(px, pm, c0, cx, 0.0 if last else std)
     px, pm, _, _ = prediction_to_x0_eps(abar_t, prediction_type)
     alpha_t = abar_t / abar_prev
     beta_t = 1 - alpha_t
@@ -114,8 +126,12 @@ def ddpm_coefficients(abar_t: float, abar_prev: float, prediction_type: str, var
         var = max((1 - abar_prev) / (1 - abar_t) * beta_t, 1e-20)
     else:
         var = beta_t
-    s = 0.0 if last else math.sqrt(var)
-    return [c0 * px + cx, c0 * pm, s, px, pm, c0, cx, 0.0, 0.0]
+    return _ddpm_row(px, pm, c0, cx, 0.0 if last else math.sqrt(var))
+
+
+def _ddpm_row(px: float, pm: float, c0: float, cx: float, s: float) -> list[float]:
+    """x_prev = c0 x0 + cx x + s z with x0 = px x + pm m (the posterior mean, then the noise)."""
+    return coef_row(A=c0 * px + cx, B=c0 * pm, S=s, PX=px, PM=pm, C0=c0, CX=cx)
 
 
 def _check_finite_plan(coef: np.ndarray, what: str) -> None:
@@ -239,11 +255,9 @@ class FlowEuler:
             raise ValueError(f"shift: expected a float > 0, got {shift!r}")
         self.steps, self.shift, self.num_train_timesteps = steps, float(shift), int(num_train_timesteps)
         sig = flow_sigmas(steps, self.shift, self.num_train_timesteps)
-        coef = np.zeros((steps, NUM_COEF))
         dt = sig[1:] - sig[:-1]
-        coef[:, 0], coef[:, 1] = 1.0, dt  # A, B
-        coef[:, 3], coef[:, 4] = 1.0, -sig[:-1]  # x0 = x - sigma v
-        coef[:, 6], coef[:, 7] = 1.0, dt
+        # x <- x + dt v; x0 = x - sigma v (what a clip would clamp)
+        coef = np.array([coef_row(A=1.0, B=d, PX=1.0, PM=-s, CX=1.0, CM=d) for d, s in zip(dt, sig[:-1])])
         self.plan = Plan(torch.from_numpy(sig[:-1].copy()), torch.from_numpy(coef),
                          torch.full((steps,), math.nan, dtype=torch.float64), None, "flow", "flow")
 

@@ -8,7 +8,8 @@ is read once and x_next is stored into each B-row block of ``out``:
     y  = A * x + B * m + S * z                         (no clip)
     y  = C0 * clamp(Px * x + Pm * m, -r, r) + Cx * x + Cm * m + S * z   (clip)
 
-Per-step scalars (coef [9] float32, g1 [B] float32, rows [B], table_steps [2]) are read from device memory,
+Per-step scalars (coef [NUM_COEF] float32, g1 [B] float32, rows [B], table_steps [2], table_w [] float32) are read
+from device memory,
 so changing them never recompiles and the launch is CUDA-graph capturable. Math is float32; float64
 inputs fall back to the reference. See docs/kernel.md.
 """
@@ -19,18 +20,21 @@ import triton
 import triton.language as tl
 
 from fastguide.kernels import reference
+from fastguide.kernels.reference import Coef
 
 NUM_WARPS = 8
 VECTOR_BYTES = 16  # one 128-bit access per thread per operand
 MAX_BATCH = 65535  # CUDA grid axis 1 limit
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 INDEX_DTYPES = (torch.int64, torch.int32)
+# The coefficient columns as compile-time offsets (a @triton.jit function may read only constexpr globals).
+COEF_A, COEF_B, COEF_S, COEF_PX, COEF_PM, COEF_C0, COEF_CX, COEF_CM = (tl.constexpr(int(c)) for c in Coef)
 
 
 @triton.jit
 def guided_step_kernel(
     out_ptr, out2_ptr, x_ptr, m_cond_ptr, m_uncond_ptr, g1_ptr, coef_ptr,
-    table_ptr, rows_ptr, steps_ptr, z_ptr,
+    table_ptr, rows_ptr, steps_ptr, w_ptr, z_ptr,
     n_per_row, table_k, table_t, clip_range,
     HAS_UNCOND: tl.constexpr, HAS_TABLE: tl.constexpr, CLIP: tl.constexpr, HAS_Z: tl.constexpr,
     TWO_OUT: tl.constexpr, BLOCK: tl.constexpr,
@@ -57,24 +61,24 @@ def guided_step_kernel(
             # On grid steps (i0 == i1) the second row is predicated off: one table read per element.
             lerp = i1 != i0
             ratio1 = tl.load(table_ptr + slab1 + offs, mask=mask & lerp, other=0.0).to(tl.float32)
-            w = tl.load(coef_ptr + 8)
+            w = tl.load(w_ptr)
             ratio = tl.where(lerp, ratio + w * (ratio1 - ratio), ratio)
             g0 = g0 * ratio
         m = g1 * m + g0 * m_uncond
     if CLIP:
-        px = tl.load(coef_ptr + 3)
-        pm = tl.load(coef_ptr + 4)
-        c0 = tl.load(coef_ptr + 5)
-        cx = tl.load(coef_ptr + 6)
-        cm = tl.load(coef_ptr + 7)
+        px = tl.load(coef_ptr + COEF_PX)
+        pm = tl.load(coef_ptr + COEF_PM)
+        c0 = tl.load(coef_ptr + COEF_C0)
+        cx = tl.load(coef_ptr + COEF_CX)
+        cm = tl.load(coef_ptr + COEF_CM)
         x0 = tl.clamp(px * x + pm * m, -clip_range, clip_range)
         y = c0 * x0 + cx * x + cm * m
     else:
-        a = tl.load(coef_ptr + 0)
-        b = tl.load(coef_ptr + 1)
+        a = tl.load(coef_ptr + COEF_A)
+        b = tl.load(coef_ptr + COEF_B)
         y = a * x + b * m
     if HAS_Z:
-        s = tl.load(coef_ptr + 2)
+        s = tl.load(coef_ptr + COEF_S)
         y = y + s * tl.load(z_ptr + base + offs, mask=mask).to(tl.float32)
     y = y.to(out_ptr.dtype.element_ty)
     tl.store(out_ptr + base + offs, y, mask=mask)
@@ -120,8 +124,8 @@ def _check_shape(name: str, t: torch.Tensor, shape) -> None:
         raise ValueError(f"{name}: expected shape {tuple(shape)}, got {tuple(t.shape)}")
 
 
-def validate(out, x, model_out, g1, coef, *, table=None, rows=None, table_steps=None, clip_range=None,
-             z=None) -> bool:
+def validate(out, x, model_out, g1, coef, *, table=None, rows=None, table_steps=None, table_w=None,
+             clip_range=None, z=None) -> bool:
     """Check everything the kernel relies on that needs no device->host sync; return whether the
     streamed operands are channels_last. Raises ValueError / TypeError naming the bad argument."""
     _check_tensor("out", out, getattr(out, "device", None), KERNEL_DTYPES)
@@ -155,10 +159,15 @@ def validate(out, x, model_out, g1, coef, *, table=None, rows=None, table_steps=
             raise ValueError("rows: a ratio table needs the per-sample table rows [B]")
         if table_steps is None:
             raise ValueError("table_steps: a ratio table needs the step's table rows (i0, i1)")
+        if table_w is None:
+            raise ValueError("table_w: a ratio table needs the step's lerp weight between its two rows")
         _check_tensor("rows", rows, device, INDEX_DTYPES)
         _check_shape("rows", rows, (batch,))
         _check_tensor("table_steps", table_steps, device, INDEX_DTYPES)
         _check_shape("table_steps", table_steps, (2,))
+        _check_tensor("table_w", table_w, device, (torch.float32,))
+        if table_w.numel() != 1:
+            raise ValueError(f"table_w: expected one lerp weight (shape () or (1,)), got shape {tuple(table_w.shape)}")
     channels_last = x.ndim == 4 and not _has_layout(out, False) and _has_layout(out, True)
     streamed = [("out", out), ("x", x), ("model_out", model_out)] + ([("z", z)] if z is not None else [])
     streamed += [("table", table)] if table is not None else []
@@ -189,7 +198,7 @@ def _can_sync() -> bool:
 
 
 # ---------------------------------------------------------------------------- launch
-def launch(out, x, m_cond, m_uncond, g1, coef, table, rows, table_steps, clip_range, z) -> None:
+def launch(out, x, m_cond, m_uncond, g1, coef, table, rows, table_steps, table_w, clip_range, z) -> None:
     """Launch the kernel on validated operands (no checks, no syncs)."""
     batch, n_per_row = x.shape[0], x[0].numel()
     block, num_warps = launch_config(out.dtype)
@@ -199,7 +208,7 @@ def launch(out, x, m_cond, m_uncond, g1, coef, table, rows, table_steps, clip_ra
     guided_step_kernel[grid](
         out, out[batch:] if two_out else out, x, m_cond, m_uncond if has_uncond else m_cond, g1, coef,
         table if has_table else x, rows if has_table else g1, table_steps if has_table else g1,
-        z if z is not None else x,
+        table_w if has_table else g1, z if z is not None else x,
         n_per_row, table.shape[0] if has_table else 1, table.shape[1] if has_table else 1,
         float(clip_range) if clip_range is not None else 0.0,
         HAS_UNCOND=has_uncond, HAS_TABLE=has_table, CLIP=clip_range is not None, HAS_Z=z is not None,
@@ -207,26 +216,27 @@ def launch(out, x, m_cond, m_uncond, g1, coef, table, rows, table_steps, clip_ra
     )
 
 
-def _launch_step(out, x, model_out, g1, coef, cond_first, table, rows, table_steps, clip_range, z) -> None:
+def _launch_step(out, x, model_out, g1, coef, cond_first, table, rows, table_steps, table_w, clip_range, z) -> None:
     m_cond, m_uncond = reference.split_model_output(model_out, x.shape[0], cond_first)
     launch(out, x, m_cond, m_uncond, g1.contiguous(), coef.contiguous(), table,
            None if rows is None else rows.contiguous(), None if table_steps is None else table_steps.contiguous(),
-           clip_range, z)
+           table_w, clip_range, z)
 
 
 @torch.library.custom_op("fastguide::guided_step", mutates_args=("out",))
 def guided_step_op(out: torch.Tensor, x: torch.Tensor, model_out: torch.Tensor, g1: torch.Tensor,
                    coef: torch.Tensor, cond_first: bool, table: torch.Tensor | None, rows: torch.Tensor | None,
-                   table_steps: torch.Tensor | None, clip_range: float | None, z: torch.Tensor | None) -> None:
+                   table_steps: torch.Tensor | None, table_w: torch.Tensor | None, clip_range: float | None,
+                   z: torch.Tensor | None) -> None:
     """torch.library entry point (validated inputs): torch.compile traces it as one opaque op, no graph break.
 
     A custom_op rather than a triton_op: a triton_op cannot be traced by torch.compile when the kernel runs
     under TRITON_INTERPRET (it reads data pointers of fake tensors), so CI could not test it."""
-    _launch_step(out, x, model_out, g1, coef, cond_first, table, rows, table_steps, clip_range, z)
+    _launch_step(out, x, model_out, g1, coef, cond_first, table, rows, table_steps, table_w, clip_range, z)
 
 
 @guided_step_op.register_fake
-def _(out, x, model_out, g1, coef, cond_first, table, rows, table_steps, clip_range, z) -> None:
+def _(out, x, model_out, g1, coef, cond_first, table, rows, table_steps, table_w, clip_range, z) -> None:
     return None
 
 
@@ -236,7 +246,7 @@ def _traced(t: torch.Tensor) -> bool:
 
 
 def guided_step_into(out, x, model_out, g1, coef, *, cond_first=True, table=None, rows=None, table_steps=None,
-                     clip_range=None, z=None, check: bool = True):
+                     table_w=None, clip_range=None, z=None, check: bool = True):
     """Drop-in for :func:`fastguide.kernels.reference.guided_step_into`, fused into one kernel launch.
 
     float64 inputs run the reference. ``check=True`` also verifies that ``rows`` lie in [0, K) and
@@ -248,14 +258,15 @@ def guided_step_into(out, x, model_out, g1, coef, *, cond_first=True, table=None
     """
     if isinstance(x, torch.Tensor) and x.dtype == torch.float64:
         return reference.guided_step_into(out, x, model_out, g1, coef, cond_first=cond_first, table=table, rows=rows,
-                                          table_steps=table_steps, clip_range=clip_range, z=z)
-    validate(out, x, model_out, g1, coef, table=table, rows=rows, table_steps=table_steps, clip_range=clip_range, z=z)
+                                          table_steps=table_steps, table_w=table_w, clip_range=clip_range, z=z)
+    validate(out, x, model_out, g1, coef, table=table, rows=rows, table_steps=table_steps, table_w=table_w,
+             clip_range=clip_range, z=z)
     uses_table = table is not None and model_out.shape[0] == 2 * x.shape[0]
     if check and uses_table and _can_sync():
         check_indices(table, rows, table_steps)
     if not uses_table:
-        table = rows = table_steps = None
+        table = rows = table_steps = table_w = None
     clip = None if clip_range is None else float(clip_range)
     step = guided_step_op if _traced(out) else _launch_step
-    step(out, x, model_out, g1, coef, bool(cond_first), table, rows, table_steps, clip, z)
+    step(out, x, model_out, g1, coef, bool(cond_first), table, rows, table_steps, table_w, clip, z)
     return out

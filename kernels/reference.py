@@ -8,7 +8,8 @@ Every solver and guidance rule in fastguide reduces to this element-wise form (s
     clip:     x0 = clamp(Px * x + Pm * m, -r, r);  x_next = C0 * x0 + Cx * x + Cm * m + S * z
 
 ``m`` is the model's raw output (epsilon, v or sample prediction, or a flow velocity); the per-step
-scalars ``coef = (A, B, S, Px, Pm, C0, Cx, Cm, w)`` come from the solver's plan (float64 on the host).
+scalars ``coef`` (the columns of :class:`Coef`) come from the solver's plan (float64 on the host); the table
+rows ``table_steps`` and their lerp weight ``table_w`` come from the guidance rule.
 With no unconditional half (``m_uncond`` absent: outside a guidance interval, or classifier guidance
 whose gradient is already folded into ``m_cond``) ``m = m_cond``.
 
@@ -17,10 +18,25 @@ against it.
 """
 from __future__ import annotations
 
+from enum import IntEnum
+
 import torch
 
-COEF_FIELDS = ("A", "B", "S", "Px", "Pm", "C0", "Cx", "Cm", "w")
-NUM_COEF = len(COEF_FIELDS)
+
+class Coef(IntEnum):
+    """The columns of a solver plan's per-step coefficient rows, named once for every implementation."""
+
+    A = 0  # x_next = A x + B m + S z (no clip)
+    B = 1
+    S = 2  # the per-step noise's scale (stochastic solvers)
+    PX = 3  # x0 = PX x + PM m (clip: x0 is clamped to [-r, r])
+    PM = 4
+    C0 = 5  # x_next = C0 x0 + CX x + CM m + S z (clip)
+    CX = 6
+    CM = 7
+
+
+NUM_COEF = len(Coef)
 
 
 def compute_dtype_for(dtype: torch.dtype) -> torch.dtype:
@@ -42,17 +58,19 @@ def guided_step(
     table: torch.Tensor | None = None,
     rows: torch.Tensor | None = None,
     table_steps: torch.Tensor | None = None,
+    table_w: torch.Tensor | None = None,
     clip_range: float | None = None,
     z: torch.Tensor | None = None,
     compute_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """One guided step; returns x_next in x's dtype.
 
-    x, m_cond, m_uncond, z: [B, *shape]; g1: [B]; coef: [9] (COEF_FIELDS);
-    table: [K, T, *shape] ratio rows; rows: [B] int64 row per sample; table_steps: [2] int (i0, i1).
+    x, m_cond, m_uncond, z: [B, *shape]; g1: [B]; coef: [NUM_COEF] (the columns of :class:`Coef`);
+    table: [K, T, *shape] ratio rows; rows: [B] int64 row per sample; table_steps: [2] int (i0, i1);
+    table_w: [] the lerp weight between the two rows.
     """
     dt = compute_dtype or compute_dtype_for(x.dtype)
-    A, B, S, Px, Pm, C0, Cx, Cm, w = coef.to(dt).unbind()
+    A, B, S, Px, Pm, C0, Cx, Cm = coef.to(dt).unbind()
     xf = x.to(dt)
     m = m_cond.to(dt)
     if m_uncond is not None:
@@ -62,7 +80,7 @@ def guided_step(
             flat = table.flatten(0, 1)  # [K*T, *shape]; tensor indices keep this traceable without host syncs
             r0 = flat[rows * table.shape[1] + table_steps[0]].to(dt)
             r1 = flat[rows * table.shape[1] + table_steps[1]].to(dt)
-            r = r0 + w * (r1 - r0)  # exactly r0 on grid points (w = 0, i1 = i0)
+            r = r0 + table_w.to(dt) * (r1 - r0)  # exactly r0 on grid points (w = 0, i1 = i0)
             g0 = g0 * r
         m = g1b * m + g0 * m_uncond.to(dt)
     if clip_range is None:
@@ -105,6 +123,7 @@ def guided_step_into(
     table: torch.Tensor | None = None,
     rows: torch.Tensor | None = None,
     table_steps: torch.Tensor | None = None,
+    table_w: torch.Tensor | None = None,
     clip_range: float | None = None,
     z: torch.Tensor | None = None,
 ) -> torch.Tensor:
@@ -113,5 +132,5 @@ def guided_step_into(
     batch = x.shape[0]
     m_cond, m_uncond = split_model_output(model_out, batch, cond_first)
     x_next = guided_step(x, m_cond, m_uncond, g1, coef, table=table, rows=rows, table_steps=table_steps,
-                         clip_range=clip_range, z=z)
+                         table_w=table_w, clip_range=clip_range, z=z)
     return copy_into_blocks(out, x_next)

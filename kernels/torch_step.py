@@ -19,12 +19,13 @@ def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 def guided_step_into_host(out: torch.Tensor, x: torch.Tensor, model_out: torch.Tensor, g1: torch.Tensor,
                           coef, *, cond_first: bool = True, table: torch.Tensor | None = None,
-                          rows: torch.Tensor | None = None, table_steps=None, clip_range: float | None = None,
-                          z: torch.Tensor | None = None, blocks: torch.Tensor | None = None) -> torch.Tensor:
-    """Same contract as the reference, except ``coef`` is a sequence of 9 Python floats and
-    ``table_steps`` a pair of Python ints (i0, i1). ``blocks``: ``out`` viewed as [k, B, ...] (optional; a
-    loop makes it once instead of every step)."""
-    A, B, S, Px, Pm, C0, Cx, Cm, w = coef
+                          rows: torch.Tensor | None = None, table_steps=None, table_w: float | None = None,
+                          clip_range: float | None = None, z: torch.Tensor | None = None,
+                          blocks: torch.Tensor | None = None) -> torch.Tensor:
+    """Same contract as the reference, except ``coef`` is a sequence of NUM_COEF Python floats (the columns of
+    ``Coef``), ``table_steps`` a pair of Python ints (i0, i1) and ``table_w`` a Python float. ``blocks``:
+    ``out`` viewed as [k, B, ...] (optional; a loop makes it once instead of every step)."""
+    A, B, S, Px, Pm, C0, Cx, Cm = coef
     batch = x.shape[0]
     dt = compute_dtype_for(x.dtype)
     m_cond, m_uncond = split_model_output(model_out, batch, cond_first)
@@ -36,7 +37,7 @@ def guided_step_into_host(out: torch.Tensor, x: torch.Tensor, model_out: torch.T
             i0, i1 = table_steps
             ratio = _as(table[:, i0].index_select(0, rows), dt)
             if i1 != i0:
-                ratio = torch.lerp(ratio, _as(table[:, i1].index_select(0, rows), dt), w)
+                ratio = torch.lerp(ratio, _as(table[:, i1].index_select(0, rows), dt), table_w)
             m_u = ratio.mul_(m_u)  # R * m_u; R == 1 leaves m_u bit-identical, so a unit table is exactly CFG
         m = torch.lerp(m_u, m, g1b)  # m_u + g1 (m_c - m_u) = g1 m_c + (1 - g1) R m_u
     xf = _as(x, dt)

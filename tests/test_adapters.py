@@ -293,7 +293,8 @@ def test_dit_table_build_flow_of_the_docs(dit):
 
     The built table must reproduce what its definition says at one entry (least squares, from the model's
     outputs on the same noised images), and sampling with it must match the pipeline loop with those ratios."""
-    from fastguide.table import ConditionIdModel, accumulate_ratio_sums, image_noise
+    from fastguide.adapters import ConditionIdModel
+    from fastguide.table_build import accumulate_ratio_sums, image_noise
 
     adapter = adapters.DiTAdapter(dit, ddim_scheduler().config)
     classes = torch.tensor([207, 3])  # ImageNet labels; table ids 0, 1

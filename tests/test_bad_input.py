@@ -322,23 +322,28 @@ def test_empty_batch():
         sampler().sample(torch.zeros(0, *SHAPE, dtype=torch.float64), torch.zeros(0, dtype=torch.long))
 
 
-@pytest.mark.parametrize("compile_kw", [None, {"fuse_step": False}, {}], ids=["eager", "unfused", "fused"])
-def test_the_loop_a_cuda_graph_captures_leaves_every_step_sum_in_its_buffer(compile_kw):
+@pytest.mark.parametrize("impl", ["eager", "unfused", "fused"])
+def test_the_loop_a_cuda_graph_captures_leaves_every_step_sum_in_its_buffer(impl):
     """Replays of a captured loop report NaN steps from b.out_sums, so the loop captured with
     sums_into_buffer=True must write every step's output sum there, whichever step implementation runs."""
+    from fastguide import loop
+    from fastguide.backends import step_impl
+
     def nan_from_t_400(x, t, cond):
         return torch.tanh(x) + torch.where(t <= 400, math.nan, 0.0).view(-1, 1, 1, 1).to(x.dtype)
 
-    s = fg.Sampler(nan_from_t_400, fg.DDIM(SCHEDULE, steps=5), fg.CFG(2.0), null_cond=NULL, backend="torch",
-                   progress=False)
-    if compile_kw is not None:
-        s.compile(**compile_kw)
-    x, plan = noise(), s.solver.plan
-    b = s._buffers(x, LABELS, plan, s.guidance.prepare(plan, LABELS, x.shape[1:]), None)
+    x, plan, rule = noise(), fg.DDIM(SCHEDULE, steps=5).plan, fg.CFG(2.0)
+    sg = rule.prepare(plan, LABELS, x.shape[1:])
+    pt = loop.PlanTensors.build(plan, sg, x.device, x.dtype)
+    b = loop.allocate(x, LABELS, sg, plan.steps, plan.stochastic, NULL, True)
+    loop.refill(b, x, LABELS, pt, sg, None, NULL)
+    step = step_impl("torch", x.device, fused=impl == "fused")
+    model = torch.compile(nan_from_t_400) if impl == "unfused" else nan_from_t_400
+    hot = loop.compile_hot_step(b) if impl == "fused" else None
     b.out_sums.fill_(7.0)
-    got = s._run(b, s._step_impl(x.device), plan, s.guidance, sums_into_buffer=True)
+    got = loop.run_loop(b, loop.LoopConfig(model, step, hot, plan.clip_range, True), sums_into_buffer=True)
     assert got is b.out_sums
     assert torch.isfinite(b.out_sums).tolist() == [True, True, False, False, False]
     assert (b.out_sums[:2] != 7.0).all()
     with pytest.raises(ValueError, match=r"model: output contained NaN/inf, first at step 2 \(t=400\)"):
-        s._raise_if_not_finite(b, plan, got, x)
+        loop.raise_if_not_finite(b, got, x)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from fastguide import cli
-from fastguide.models import digits
+from fastguide.demo import digits
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -129,7 +129,7 @@ def test_static_buffer_loop_equals_eager_for_new_inputs(setup):
         assert any("cuda_graph" in str(m.message) for m in w)
         want = eager_sample(net, solver, fg.ReCFG(g, table=table), noise, labels)
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
-        (entry,) = sampler._loops.values()  # one static key: the buffers were reused, not reallocated
+        (entry,) = sampler.buffers.values()  # one static key: the buffers were reused, not reallocated
         buffers = entry.x2.data_ptr() if buffers is None else buffers
         assert entry.x2.data_ptr() == buffers
 
@@ -181,7 +181,7 @@ def test_cuda_graph_replay_equals_eager_on_gpu(setup):
         got = sampler.sample(noise, labels, scale=g)
         want = eager_sample(net, solver, fg.ReCFG(g, table=table), noise, labels)
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
-    (entry,) = sampler._loops.values()
+    (entry,) = sampler.buffers.values()
     assert entry.graph is not None
 
 
@@ -242,7 +242,7 @@ def test_compile_mode_defaults_to_max_autotune_only_for_cuda_graphs_on_cuda(setu
     net, solver, _ = setup
     sampler = fg.Sampler(net, solver, fg.CFG(2.0), null_cond=10, progress=False)
     sampler.compile(mode=mode, cuda_graph=cuda_graph)
-    assert sampler._compile_options(torch.device(device))["mode"] == want
+    assert sampler.compile_options(torch.device(device))["mode"] == want
 
 
 @torch.no_grad()

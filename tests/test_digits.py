@@ -7,11 +7,11 @@ import torch
 from safetensors.torch import load_file
 
 from fastguide import NoiseSchedule
-from fastguide.data import load_digits_split, stratified_heldout_mask
-from fastguide.evaluate import (DigitsEvaluator, evaluate_samples, expectation_shift, frechet_distance,
+from fastguide.demo.data import load_digits_split, stratified_heldout_mask
+from fastguide.demo.evaluate import (DigitsEvaluator, evaluate_samples, expectation_shift, frechet_distance,
                                 gaussian_stats, variance_ratio)
-from fastguide.models import digits
-from fastguide.train import CHECKPOINT_FILE, DiffusionConfig, train_diffusion
+from fastguide.demo import digits
+from fastguide.demo.train import CHECKPOINT_FILE, DiffusionConfig, train_diffusion
 
 
 @pytest.fixture(scope="module")
@@ -109,11 +109,12 @@ def test_tables_load_with_the_shipped_schedule():
 
 
 def test_missing_and_corrupt_checkpoints_are_clear_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="not found"):
+    missing = r"model: digits model file .*nope.safetensors not found \(run `fastguide train --out DIR`"
+    with pytest.raises(FileNotFoundError, match=missing):
         digits.load_digits_model(tmp_path / "nope.safetensors")
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"not a safetensors file")
-    with pytest.raises(ValueError, match="not a readable safetensors"):
+    with pytest.raises(ValueError, match="classifier: .*bad.safetensors is not a readable safetensors file"):
         digits.load_digits_classifier(bad)
     with pytest.raises(ValueError, match="format"):  # a table file is not a model
         digits.load_digits_model(digits.asset_path(digits.TABLE_FILES["paper"]))

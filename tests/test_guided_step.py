@@ -26,6 +26,7 @@ import torch
 
 import fastguide as fg
 from fastguide.kernels import reference
+from fastguide.kernels.reference import Coef
 from fastguide.kernels import guided_step as gs
 
 USE_CUDA = os.environ.get("FASTGUIDE_TEST_CUDA") == "1" and torch.cuda.is_available()
@@ -74,7 +75,7 @@ def make_inputs(case: Case) -> dict:
         "model_out": torch.randn((2 * b if uncond else b, *latent), dtype=torch.float64),
         "g1": _uniform((b,), 1.0, 5.0),
         "coef": torch.cat([_uniform((1,), 0.5, 1.5), _uniform((1,), -1.0, -0.2), _uniform((1,), 0.1, 0.5),
-                           _uniform((5,), -1.5, 1.5), _uniform((1,), 0.1, 0.9)]),
+                           _uniform((5,), -1.5, 1.5)]),  # A, B, S, then PX..CM (Coef)
         "z": torch.randn(case.shape, dtype=torch.float64) if case.noise else None,
     }
     if case.rule in ("recfg", "recfg_lerp"):
@@ -82,6 +83,7 @@ def make_inputs(case: Case) -> dict:
         master["rows"] = torch.randint(0, TABLE_K, (b,))
         i0 = int(torch.randint(0, TABLE_T - 1, ()))
         master["table_steps"] = torch.tensor([i0, i0 + 1 if case.rule == "recfg_lerp" else i0])
+        master["table_w"] = _uniform((), 0.1, 0.9)
     cl = case.channels_last
     low = {
         "x": _as(master["x"], case.dtype, cl),
@@ -94,7 +96,8 @@ def make_inputs(case: Case) -> dict:
         table = master["table"].to(case.table_dtype or case.dtype).to(DEVICE)
         if cl:  # channels_last inside each [C, H, W] slab, like x
             table = table.permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3)
-        low.update(table=table, rows=master["rows"].to(DEVICE), table_steps=master["table_steps"].to(DEVICE))
+        low.update(table=table, rows=master["rows"].to(DEVICE), table_steps=master["table_steps"].to(DEVICE),
+                   table_w=_as(master["table_w"], torch.float32))
     exact = {k: (None if v is None else v.detach().cpu().double() if v.is_floating_point() else v.cpu())
              for k, v in low.items()}
     return {"low": low, "exact": exact}
@@ -102,7 +105,8 @@ def make_inputs(case: Case) -> dict:
 
 def _kwargs(t: dict, case: Case) -> dict:
     return dict(cond_first=case.cond_first, table=t.get("table"), rows=t.get("rows"),
-                table_steps=t.get("table_steps"), clip_range=CLIP_RANGE if case.clip else None, z=t.get("z"))
+                table_steps=t.get("table_steps"), table_w=t.get("table_w"), clip_range=CLIP_RANGE if case.clip else None,
+                z=t.get("z"))
 
 
 def run_kernel(case: Case, low: dict) -> torch.Tensor:
@@ -209,7 +213,7 @@ def test_clipping_is_active_in_the_clip_cases():
     """Guard against a vacuous clip test: the random inputs must push some x0 outside [-r, r]."""
     inputs = make_inputs(Case(clip=True))["exact"]
     b = inputs["x"].shape[0]
-    px, pm = inputs["coef"][3], inputs["coef"][4]
+    px, pm = inputs["coef"][Coef.PX], inputs["coef"][Coef.PM]
     g1 = inputs["g1"].view(-1, 1, 1, 1)
     m = g1 * inputs["model_out"][:b] + (1 - g1) * inputs["model_out"][b:]
     frac = ((px * inputs["x"] + pm * m).abs() > CLIP_RANGE).double().mean().item()
@@ -246,7 +250,7 @@ def _good():
     low = make_inputs(case)["low"]
     out = torch.empty((6, 5, 7, 9), device=DEVICE)
     return dict(out=out, x=low["x"], model_out=low["model_out"], g1=low["g1"], coef=low["coef"],
-                table=low["table"], rows=low["rows"], table_steps=low["table_steps"], z=low["z"])
+                table=low["table"], rows=low["rows"], table_steps=low["table_steps"], table_w=low["table_w"], z=low["z"])
 
 
 def _call(**kw):
@@ -265,7 +269,7 @@ BAD_INPUTS = {
     "int_out": (lambda a: a.update(out=a["out"].int()), TypeError, "out"),
     "g1_shape": (lambda a: a.update(g1=a["g1"][:2]), ValueError, "g1"),
     "g1_float64": (lambda a: a.update(g1=a["g1"].double()), TypeError, "g1"),
-    "coef_len": (lambda a: a.update(coef=a["coef"][:8]), ValueError, "coef"),
+    "coef_len": (lambda a: a.update(coef=a["coef"][:7]), ValueError, "coef"),
     "g1_device": (lambda a: a.update(g1=torch.empty(3, device=META)), ValueError, "g1"),
     "table_device": (lambda a: a.update(table=torch.empty(TABLE_K, TABLE_T, 5, 7, 9, device=META)), ValueError, "table"),
     "table_shape": (lambda a: a.update(table=a["table"][..., :8]), ValueError, "table"),
@@ -278,6 +282,9 @@ BAD_INPUTS = {
     "step_outside_plan": (lambda a: a.update(table_steps=torch.tensor([TABLE_T - 1, TABLE_T], device=DEVICE)),
                           ValueError, "table_steps"),
     "steps_shape": (lambda a: a.update(table_steps=torch.tensor([1], device=DEVICE)), ValueError, "table_steps"),
+    "table_w_missing": (lambda a: a.update(table_w=None), ValueError, "table_w"),
+    "table_w_shape": (lambda a: a.update(table_w=torch.zeros(2, device=DEVICE)), ValueError, "table_w"),
+    "table_w_float64": (lambda a: a.update(table_w=a["table_w"].double()), TypeError, "table_w"),
     "clip_bool": (lambda a: a.update(clip_range=True), TypeError, "clip_range"),
     "x_channels_last_out_not": (lambda a: a.update(x=a["x"].contiguous(memory_format=torch.channels_last)),
                                 ValueError, "x"),
@@ -324,7 +331,7 @@ def test_fake_tensor_propagation():
     with FakeTensorMode() as mode:
         out = torch.empty(6, 5, 7, 9)
         x = torch.empty(3, 5, 7, 9)
-        res = gs.guided_step_into(out, x, torch.empty(6, 5, 7, 9), torch.empty(3), torch.empty(9))
+        res = gs.guided_step_into(out, x, torch.empty(6, 5, 7, 9), torch.empty(3), torch.empty(reference.NUM_COEF))
     assert res is out and res.shape == (6, 5, 7, 9)
 
 

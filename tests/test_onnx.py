@@ -17,8 +17,9 @@ import torch
 import fastguide as fg
 from fastguide import cli
 from fastguide.kernels import reference
-from fastguide.models.digits import IMAGE_SHAPE, NULL_LABEL, digits_schedule
-from fastguide.models.unet import DigitsUNet
+from fastguide.kernels.reference import NUM_COEF
+from fastguide.demo.digits import IMAGE_SHAPE, NULL_LABEL, digits_schedule
+from fastguide.demo.unet import DigitsUNet
 from fastguide.onnx import CPU, CUDA, MIN_OPSET, OnnxSampler, export, read_metadata, step_to_loop
 
 ATOL = 1e-4
@@ -80,7 +81,7 @@ def built(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def dit_built(tmp_path_factory):
-    from fastguide.bench import tiny_dit
+    from fastguide.bench.end_to_end import tiny_dit
 
     net, shape = tiny_dit()
     solver = fg.DDIM(fg.NoiseSchedule.linear(), steps=4, prediction_type="v_prediction")
@@ -149,9 +150,9 @@ def test_stochastic_interval_matches_torch(built, mode):
     want = torch_sample(sampler, noise, labels, seeds=seeds)
     close(onnx_sampler.sample(noise, labels, seeds=seeds), want)
     # the same per-step noise passed explicitly; other noise gives another sample
-    from fastguide.sampler import _step_noise
+    from fastguide.noise import step_noise
 
-    z = _step_noise(seeds, 6, IMAGE_SHAPE, torch.float32, "cpu")
+    z = step_noise(seeds, 6, IMAGE_SHAPE, torch.float32, "cpu")
     close(onnx_sampler.sample(noise, labels, step_noise=z), want)
     assert float((onnx_sampler.sample(noise, labels, step_noise=torch.randn_like(z)) - want).abs().max()) > 1e-2
 
@@ -165,13 +166,11 @@ def test_one_step_matches_reference(built):
     g1 = torch.tensor([3.0, 1.0, 0.0, 2.0, 5.0, 3.0])
     i = 4
     steps, w = table.step_rows(plan.timesteps)
-    coef = plan.coef[i].clone()
-    coef[8] = w[i]
     with torch.no_grad():
         out = sampler.model(torch.cat([x, x]), torch.full((12,), float(plan.timesteps[i])),
                             torch.cat([labels, torch.full((6,), NULL_LABEL)]))
-    want = reference.guided_step(x.double(), out[:6].double(), out[6:].double(), g1.double(), coef,
-                                 table=table.ratios, rows=labels, table_steps=steps[i])
+    want = reference.guided_step(x.double(), out[:6].double(), out[6:].double(), g1.double(), plan.coef[i],
+                                 table=table.ratios, rows=labels, table_steps=steps[i], table_w=w[i])
     assert 0 < float(w[i]) < 1  # a lerp between two table rows
     got = OnnxSampler(paths["step"]).step(x, i, labels, scale=g1)
     assert float((got.double() - want).abs().max()) <= ATOL
@@ -183,7 +182,7 @@ def shipped(tmp_path_factory):
     """The trained digits model with its shipped tables: float32 and float64 torch samplers and ONNX graphs."""
     import copy
 
-    from fastguide.models import digits
+    from fastguide.demo import digits
 
     model, tables = digits.load_digits_model(), digits.load_digits_tables()
     model64 = copy.deepcopy(model).double()
@@ -265,9 +264,10 @@ def test_graph_interface_and_initializers(built, mode):
     inits = _initializers(paths[mode])
     ratios = sampler.guidance.table.ratios.float().numpy()
     assert any(a.shape == ratios.shape and np.array_equal(a, ratios) for a in inits), "ratio table not in the graph"
-    coef = sampler.solver.plan.coef.clone()
-    coef[:, 8] = sampler.guidance.table.step_rows(sampler.solver.plan.timesteps)[1]
-    assert any(a.shape == (STEPS, 9) and np.array_equal(a, coef.float().numpy()) for a in inits), "plan not inside"
+    coef = sampler.solver.plan.coef.float().numpy()
+    assert any(a.shape == (STEPS, NUM_COEF) and np.array_equal(a, coef) for a in inits), "plan not inside"
+    w = sampler.guidance.table.step_rows(sampler.solver.plan.timesteps)[1].float().numpy()
+    assert any(a.shape == (STEPS,) and np.array_equal(a, w) for a in inits), "table lerp weights not inside"
 
 
 def test_external_data(built, tmp_path):
@@ -416,8 +416,8 @@ def test_bad_session_setup(built, tmp_path):
 
 # ---------------------------------------------------------------------- command line
 def test_cli_export_onnx(tmp_path, capsys):
-    from fastguide.models import digits
-    from fastguide.train import save_model
+    from fastguide.demo import digits
+    from fastguide.demo.train import save_model
 
     save_model(tmp_path / digits.UNET_FILE, digits_model(), digits.UNET_FORMAT,
                {"schedule_fingerprint": digits_schedule().fingerprint()})

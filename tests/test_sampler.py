@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import fastguide as fg
+from fastguide.kernels.reference import Coef
 
 SHAPE = (3, 5, 3)  # odd sizes
 NULL = 4
@@ -251,7 +252,7 @@ def test_reused_buffers_give_the_same_samples_as_a_fresh_sampler():
         got = reused.sample(noise, labels, seeds=seeds, guidance=call["guidance"], **kw)
         want = fresh.sample(noise, labels, seeds=seeds, **kw)
         assert torch.equal(got, want), f"call {k}: max diff {(got - want).abs().max().item():.3g}"
-    assert len(reused._loops) == 4  # cfg B4, recfg B4, recfg B3, cfg-interval B4: the other calls reused a key
+    assert len(reused.buffers) == 4  # cfg B4, recfg B4, recfg B3, cfg-interval B4: the other calls reused a key
 
 
 def test_loop_buffer_cache_is_bounded():
@@ -261,7 +262,7 @@ def test_loop_buffer_cache_is_bounded():
     for batch in range(1, MAX_CACHED_LOOPS + 4):
         out = sampler.sample(fg.seeded_noise(range(batch), SHAPE, torch.float64), torch.arange(batch) % NULL)
         assert out.shape[0] == batch
-    assert len(sampler._loops) == MAX_CACHED_LOOPS
+    assert len(sampler.buffers) == MAX_CACHED_LOOPS
 
 
 def test_a_sample_call_from_inside_a_callback_does_not_disturb_the_outer_loop():
@@ -300,13 +301,13 @@ def test_loop_buffer_cache_keeps_the_most_recently_used_keys():
         sampler.sample(fg.seeded_noise(range(batch), SHAPE, torch.float64), torch.arange(batch) % NULL)
 
     run(1)
-    first = next(iter(sampler._loops.values()))
+    first = next(iter(sampler.buffers.values()))
     for batch in range(2, MAX_CACHED_LOOPS + 1):
         run(batch)
         run(1)  # keeps batch 1 in use
     run(MAX_CACHED_LOOPS + 1)  # evicts batch 2, the least recently used
-    assert any(b is first for b in sampler._loops.values())
-    assert sorted(b.batch for b in sampler._loops.values()) == [1, *range(3, MAX_CACHED_LOOPS + 2)]
+    assert any(b is first for b in sampler.buffers.values())
+    assert sorted(b.batch for b in sampler.buffers.values()) == [1, *range(3, MAX_CACHED_LOOPS + 2)]
 
 
 def test_a_null_embedding_changed_in_place_is_used():
@@ -353,3 +354,33 @@ def test_concurrent_calls_on_one_sampler_from_threads_do_not_share_buffers():
         t.join()
     for k in range(len(inputs)):
         assert torch.equal(got[k], want[k]), f"thread {k}"
+
+
+# ------------------------------------------------------------------ no guidance
+@pytest.mark.parametrize("make_solver", [lambda: fg.DDIM(SCHEDULE, steps=6), lambda: fg.FlowEuler(5)],
+                         ids=["ddim", "flow"])
+def test_without_a_rule_the_conditional_model_runs_alone(make_solver):
+    """Sampler(model, solver): B rows a step, no null half and no null_cond needed; the same sample as a
+    written-out conditional loop over the solver's coefficients."""
+    solver = make_solver()
+    rows = []
+
+    def counting(x, t, cond):
+        rows.append(x.shape[0])
+        return toy_model(x, t, cond)
+
+    noise = fg.seeded_noise(range(3), SHAPE, torch.float64)
+    labels = torch.tensor([0, 3, 1])
+    got = fg.Sampler(counting, solver, progress=False).sample(noise, labels)
+    assert rows == [3] * solver.plan.steps
+    x = noise.clone()
+    for i, t in enumerate(solver.plan.timesteps):
+        m = toy_model(x, torch.full((3,), float(t), dtype=torch.float64), labels)
+        c = solver.plan.coef[i]
+        x = c[Coef.A] * x + c[Coef.B] * m
+    torch.testing.assert_close(got, x, rtol=1e-12, atol=1e-12)
+    # the same as CFG at scale 1, which runs (and needs) the null half
+    cfg = sampler_for(solver, fg.CFG(1.0)).sample(noise, labels)
+    torch.testing.assert_close(got, cfg, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="scale: NoGuidance has no scale to override"):
+        fg.Sampler(toy_model, solver, progress=False).sample(noise, labels, scale=2.0)

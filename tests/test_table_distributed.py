@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from fastguide.cli import main as cli_main
-from fastguide.table import RatioSums, RatioTable
+from fastguide.table import RatioTable
+from fastguide.table_build import RatioSums
 
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
@@ -142,7 +143,7 @@ def test_finalize_saved_sums_with_other_estimator_and_table_info(single, tmp_pat
     (["build-table", "--model", "nope", "--out", "x.safetensors"], "--model: expected 'digits' or module:function"),
     (["build-table", "--model", "no_such_module:f", "--out", "x.safetensors"], "cannot load no_such_module:f"),
     (["build-table", "--model", SOURCE, "--timesteps", "0,a", "--out", "x.safetensors"], "--timesteps"),
-    (["table-info", "missing.safetensors"], "no such ratio table file"),
+    (["table-info", "missing.safetensors"], "path: ratio table file missing.safetensors not found"),
 ])
 def test_cli_user_errors_are_one_line(args, message, capsys, monkeypatch):
     monkeypatch.delenv("FASTGUIDE_DEBUG", raising=False)

@@ -5,7 +5,7 @@ import zlib
 import pytest
 import torch
 
-from fastguide.kernels.reference import guided_step_into
+from fastguide.kernels.reference import NUM_COEF, Coef, guided_step_into
 from fastguide.kernels.torch_step import guided_step_into_host
 
 SHAPES = [(3, 5, 7, 9), (1, 16, 4, 4), (2, 1, 8, 8)]
@@ -18,10 +18,9 @@ def make_case(shape, rule, clip, with_z, cond_first, two_out, dtype, gen):
     def rnd(*s):
         return torch.randn(*s, generator=gen, dtype=torch.float64)
 
-    coef = rnd(9)
-    coef[8] = torch.rand((), generator=gen, dtype=torch.float64) if rule == "recfg-lerp" else 0.0
+    coef = rnd(NUM_COEF)
     if not with_z:
-        coef[2] = 0.0
+        coef[Coef.S] = 0.0
     model_out = rnd(b if rule == "cond-only" else 2 * b, *latent)
     case = dict(x=rnd(b, *latent), model_out=model_out, g1=1 + 4 * torch.rand(b, generator=gen, dtype=torch.float64),
                 coef=coef, cond_first=cond_first, clip_range=0.7 if clip else None,
@@ -32,6 +31,7 @@ def make_case(shape, rule, clip, with_z, cond_first, two_out, dtype, gen):
         case["rows"] = torch.randint(0, k, (b,), generator=gen)
         i0 = int(torch.randint(0, t - 1, (1,), generator=gen))
         case["table_steps"] = (i0, i0 + 1 if rule == "recfg-lerp" else i0)
+        case["table_w"] = float(torch.rand((), generator=gen, dtype=torch.float64)) if rule == "recfg-lerp" else 0.0
     cast = {k: (v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() and k not in ("coef", "g1")
                 else v) for k, v in case.items()}
     return case, cast
@@ -46,12 +46,12 @@ def run(fn, case, host: bool, in_place: bool):
         out[:b] = x
         x = out[:b]
     coef = case["coef"].tolist() if host else case["coef"]
-    steps = case.get("table_steps")
+    steps, w = case.get("table_steps"), case.get("table_w")
     if steps is not None and not host:
-        steps = torch.tensor(steps)
+        steps, w = torch.tensor(steps), torch.tensor(w, dtype=torch.float64)
     g1 = case["g1"].float() if case["x"].dtype != torch.float64 else case["g1"]
     fn(out, x, case["model_out"], g1, coef, cond_first=case["cond_first"], table=case.get("table"),
-       rows=case.get("rows"), table_steps=steps, clip_range=case["clip_range"], z=case["z"])
+       rows=case.get("rows"), table_steps=steps, table_w=w, clip_range=case["clip_range"], z=case["z"])
     return out
 
 

@@ -1,4 +1,4 @@
-"""The Gaussian toy (fastguide.toy, docs/toy.md): closed form vs numerical ODE vs fastguide's Sampler.
+"""The Gaussian toy (fastguide.demo.toy, docs/toy.md): closed form vs numerical ODE vs fastguide's Sampler.
 
 Tolerances and why:
 - closed form vs ODE: 1e-8 relative. The ODE is DOP853 at rtol 1e-11 (worst measured gap 6e-12 over
@@ -21,7 +21,7 @@ import pytest
 import torch
 from scipy.integrate import quad
 
-from fastguide import toy
+from fastguide.demo import toy
 from fastguide.cli import main
 
 GAMMAS = [0.0, 0.5, 1.0, 2.5, 4.0, 12.0]

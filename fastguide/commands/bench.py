@@ -9,7 +9,7 @@ from datetime import date
 
 import torch
 
-from fastguide.bench import MODES
+from fastguide.bench.end_to_end import MODES
 
 
 def add_parser(sub):
@@ -34,7 +34,7 @@ def add_parser(sub):
 
 
 def run(args) -> int:
-    from fastguide.bench import MODE_HELP, format_goals, format_rows, goals, rows_as_dicts, run_end_to_end, tiny_dit
+    from fastguide.bench.end_to_end import MODE_HELP, format_rows, rows_as_dicts, run_end_to_end, tiny_dit
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device not in ("cpu", "cuda"):
@@ -64,7 +64,7 @@ def run(args) -> int:
     rows = []
     for model in args.model or ["digits"]:
         if model == "digits":
-            from fastguide.models.digits import digits_schedule, load_digits_model
+            from fastguide.demo.digits import digits_schedule, load_digits_model
 
             net, schedule = load_digits_model(device=device), digits_schedule()
             shape, null, classes, dtype = (1, 8, 8), 10, 10, torch.float32
@@ -80,16 +80,13 @@ def run(args) -> int:
                                warmup=1 if args.quick else 2)
     print(format_rows(rows))
     print("\n".join(f"  {m}: {h}" for m, h in MODE_HELP.items() if any(r.mode == m for r in rows)))
-    checks = goals(rows, device)
-    print("\ngoals (fastguide's sampler issue):\n" + format_goals(checks))
-    _write_json(args.json_path, device, rows_as_dicts(rows),
-                goals=[{"goal": g, "measured": v, "met": ok} for g, v, ok in checks])
+    _write_json(args.json_path, device, rows_as_dicts(rows))
     return 0
 
 
 def _overhead(args, device, batches, nfes, reps) -> int:
     import fastguide as fg
-    from fastguide.bench import run_overhead
+    from fastguide.bench.overhead import run_overhead
 
     rows = []
     for nfe in nfes:
@@ -106,7 +103,7 @@ def _overhead(args, device, batches, nfes, reps) -> int:
 
 
 def _kernel(args, device) -> int:
-    from fastguide.bench_kernel import format_kernel_rows, run_kernel_bench
+    from fastguide.bench.kernel import format_kernel_rows, run_kernel_bench
 
     shapes = [(2, 4, 8, 8)] if args.quick else None
     rows = run_kernel_bench(device, shapes=shapes, calls=5 if args.quick else None)
@@ -117,7 +114,7 @@ def _kernel(args, device) -> int:
     return 0
 
 
-def _write_json(path, device, rows, **extra) -> None:
+def _write_json(path, device, rows) -> None:
     if not path:
         return
     cuda = device == "cuda"
@@ -125,6 +122,6 @@ def _write_json(path, device, rows, **extra) -> None:
             "device_name": torch.cuda.get_device_name() if cuda else platform.processor() or platform.machine(),
             "threads": torch.get_num_threads()}
     with open(path, "w") as f:
-        json.dump({"meta": meta, "rows": rows, **extra}, f, indent=1)
+        json.dump({"meta": meta, "rows": rows}, f, indent=1)
     print(f"wrote {path}")
 

@@ -1,6 +1,6 @@
 """`fastguide build-table`: build a ReCFG ratio table from a model and a labelled dataset.
 
---model digits           the shipped digits model and its data (fastguide.models.digits:table_source)
+--model digits           the shipped digits model and its data (fastguide.demo.digits:table_source)
 --model module:function  any importable function returning the build inputs: a dict with keys model, schedule,
                          images, labels, null_cond (optional: num_classes, cond_first, model_fingerprint), or
                          the tuple (model, schedule, images, labels, null_cond). If it takes a `device`
@@ -21,9 +21,10 @@ import time
 import numpy as np
 import torch
 
-from fastguide.table import ESTIMATORS, STORAGE_DTYPES, RatioSums, accumulate_ratio_sums
+from fastguide.table import STORAGE_DTYPES
+from fastguide.table_build import ESTIMATORS, RatioSums, accumulate_ratio_sums, dist_rank_world
 
-MODEL_ALIASES = {"digits": "fastguide.models.digits:table_source"}
+MODEL_ALIASES = {"digits": "fastguide.demo.digits:table_source"}
 
 
 def add_parser(sub):
@@ -77,7 +78,7 @@ def run(args) -> int:
 
 
 def _build(args, metadata) -> int:
-    rank, world = _rank_world()
+    rank, world = dist_rank_world()
     device = torch.device(args.device or _default_device())
     if args.deterministic:
         torch.use_deterministic_algorithms(True)
@@ -187,14 +188,6 @@ def _default_device() -> str:
     if torch.cuda.is_available():
         return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
     return "cpu"
-
-
-def _rank_world() -> tuple[int, int]:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 def _init_distributed(device_arg) -> bool:

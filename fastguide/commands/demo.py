@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from fastguide.commands import _digits as common
+from fastguide.commands import common
 
 DEFAULT_SCALES = "1,2,3,5,7.5"
 
@@ -43,9 +43,9 @@ def demo_seeds(base: int, per_class: int, num_classes: int) -> tuple[torch.Tenso
 
 
 def run(args) -> int:
-    from fastguide.data import NUM_CLASSES
-    from fastguide.evaluate import DigitsEvaluator
-    from fastguide.models import digits
+    from fastguide.demo.data import NUM_CLASSES
+    from fastguide.demo.evaluate import DigitsEvaluator
+    from fastguide.demo import digits
 
     scales = common.parse_scales(args.scales)
     common.check_steps(args.steps)

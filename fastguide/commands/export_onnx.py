@@ -11,13 +11,13 @@ from pathlib import Path
 
 import torch
 
-from fastguide.commands import _digits as common
+from fastguide.commands import common
 
 VERIFY_BATCH = 3
 
 
 def add_parser(sub):
-    from fastguide.models.digits import RULES
+    from fastguide.demo.digits import RULES
     from fastguide.onnx import DEFAULT_OPSET, MODES
 
     p = sub.add_parser("export-onnx", help="export the digits sampler (step or loop) to ONNX",
@@ -36,7 +36,7 @@ def add_parser(sub):
 
 def run(args) -> int:
     from fastguide import onnx as fgonnx
-    from fastguide.models import digits
+    from fastguide.demo import digits
     from fastguide.sampler import Sampler
     from fastguide.solvers import DDIM
 
@@ -61,7 +61,7 @@ def run(args) -> int:
 
 
 def _load(assets, rule):
-    from fastguide.models import digits
+    from fastguide.demo import digits
 
     if assets is None:
         model = digits.load_digits_model()
@@ -77,9 +77,9 @@ def _load(assets, rule):
 
 
 def _verify(sampler, path) -> None:
-    from fastguide.models.digits import IMAGE_SHAPE
+    from fastguide.demo.digits import IMAGE_SHAPE
     from fastguide.onnx import OnnxSampler
-    from fastguide.sampler import seeded_noise
+    from fastguide.noise import seeded_noise
 
     try:
         session = OnnxSampler(path)

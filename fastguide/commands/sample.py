@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import torch
 
-from fastguide.commands import _digits as common
+from fastguide.commands import common
 
 
 def add_parser(sub):
-    from fastguide.models.digits import RULES
+    from fastguide.demo.digits import RULES
 
     p = sub.add_parser("sample", help="sample digits from the embedded model into a PNG grid",
                        description=__doc__, formatter_class=common.HelpFormatter)
@@ -33,7 +33,7 @@ def add_parser(sub):
 def run(args) -> int:
     from matplotlib.image import imsave
 
-    from fastguide.models import digits
+    from fastguide.demo import digits
 
     labels = common.parse_labels(args.labels)
     scale = common.check_scale(args.scale)

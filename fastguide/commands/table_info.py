@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from fastguide.commands.build_table import format_bytes
-from fastguide.table import RatioTable
+from fastguide.table import RatioTable, dtype_name, plain_numbers
 
 FACT_KEYS = ("estimator", "schedule_fingerprint", "num_train_timesteps", "samples_per_class", "seed", "delta", "clamp",
              "near_zero_count", "clamped_count", "model_fingerprint", "data_fingerprint")
@@ -26,7 +26,7 @@ def run(args) -> int:
         "path": args.path, "num_classes": table.num_classes, "has_mean_row": table.has_mean_row,
         "timesteps": None if table.timesteps is None else len(table.timesteps),
         "latent_shape": list(table.latent_shape),
-        "shape": list(table.ratios.shape), "dtype": str(table.ratios.dtype).removeprefix("torch."),
+        "shape": list(table.ratios.shape), "dtype": dtype_name(table.ratios.dtype),
         "nbytes": table.nbytes, "metadata": dict(table.metadata), "timestep_stats": stats,
     }
     if args.json:
@@ -37,7 +37,7 @@ def run(args) -> int:
           f"timesteps x {table.latent_shape}")
     print(f"  shape {tuple(table.ratios.shape)}, {info['dtype']}, memory {format_bytes(table.nbytes)}")
     if table.timesteps is not None:
-        ts = [int(t) if float(t).is_integer() else float(t) for t in table.timesteps.tolist()]
+        ts = plain_numbers(table.timesteps)
         print(f"  timesteps {ts}")
     else:
         print("  timesteps: none (rows are sampler steps)")

@@ -14,7 +14,7 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 
-from fastguide import toy
+from fastguide.demo import toy
 
 RULE_LABELS = {"cfg": "CFG", "paper": "ReCFG paper", "least_squares": "ReCFG lsq"}
 
@@ -40,8 +40,8 @@ def add_parser(sub):
 
 @contextmanager
 def _one_thread():
-    # The sampler's tensors are tiny element-wise work: on a shared CPU, extra intra-op threads only add
-    # synchronisation (measured 0.5 s with 1 thread vs 13 s with 2 on a loaded 2-core machine).
+    # The sampler's tensors are tiny element-wise work: extra intra-op threads only add synchronisation
+    # (docs/toy.md has the measurement).
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -51,8 +51,8 @@ def _one_thread():
 
 
 def _check_args(args) -> None:
-    toy._check_gamma(args.gamma)
-    toy._check_T(args.T, allow_inf=False)
+    toy.check_gamma(args.gamma)
+    toy.check_T(args.T, allow_inf=False)
     if args.steps < 2:
         raise ValueError(f"--steps: expected >= 2, got {args.steps}")
     if args.samples != 0 and args.samples < 2:

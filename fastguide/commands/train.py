@@ -2,7 +2,7 @@
 
 Trains the class-conditional UNet (eps objective, condition dropout to the null label 10), the evaluation
 classifier (train split only; held-out accuracy reported) and builds both ReCFG ratio tables from the train
-split. With the defaults, --out then holds the same files fastguide ships in fastguide/assets/ (up to
+split. With the defaults, --out then holds the same files fastguide ships in fastguide/demo/assets/ (up to
 floating-point differences between machines and thread counts); use them with `fastguide demo --assets DIR`.
 The UNet run checkpoints every 500 steps and on Ctrl-C; --resume continues it exactly.
 """
@@ -14,12 +14,12 @@ import time
 
 import torch
 
-from fastguide.commands import _digits as common
+from fastguide.commands import common
 
 
 
 def add_parser(sub):
-    from fastguide.train import DiffusionConfig
+    from fastguide.demo.train import DiffusionConfig
 
     d = DiffusionConfig()
     p = sub.add_parser("train", help="train the digits model, classifier and ratio tables from scratch",
@@ -42,9 +42,9 @@ def add_parser(sub):
 
 
 def build_tables(model, out, samples_per_class: int | None, progress: bool) -> dict:
-    from fastguide.data import NULL_LABEL, NUM_CLASSES, load_digits_split
-    from fastguide.models import digits
-    from fastguide.table import accumulate_ratio_sums
+    from fastguide.demo.data import NULL_LABEL, NUM_CLASSES, load_digits_split
+    from fastguide.demo import digits
+    from fastguide.table_build import accumulate_ratio_sums
 
     split = load_digits_split()
     if samples_per_class is None:
@@ -61,7 +61,7 @@ def build_tables(model, out, samples_per_class: int | None, progress: bool) -> d
 
 def write_tables(sums, out) -> None:
     """The raw sums (re-finalize with other options: fastguide build-table --sums) and both shipped tables."""
-    from fastguide.models import digits
+    from fastguide.demo import digits
 
     sums.save(out / digits.SUMS_FILE)
     for estimator, name in digits.TABLE_FILES.items():
@@ -70,8 +70,8 @@ def write_tables(sums, out) -> None:
 
 
 def run(args) -> int:
-    from fastguide.models import digits
-    from fastguide.train import ClassifierConfig, DiffusionConfig, train_classifier, train_diffusion
+    from fastguide.demo import digits
+    from fastguide.demo.train import ClassifierConfig, DiffusionConfig, train_classifier, train_diffusion
 
     if args.threads is not None:
         if args.threads < 1:

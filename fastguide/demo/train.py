@@ -16,14 +16,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
-from fastguide.data import NULL_LABEL, NUM_CLASSES, load_digits_split
-from fastguide.models import digits
-from fastguide.models.classifier import DigitsClassifier
-from fastguide.models.unet import DigitsUNet
+from fastguide.demo.data import NULL_LABEL, NUM_CLASSES, load_digits_split
+from fastguide.demo import digits
+from fastguide.demo.classifier import DigitsClassifier
+from fastguide.demo.unet import DigitsUNet
+from fastguide.storage import atomic_save, read_safetensors
 
 CHECKPOINT_FILE = "digits_unet_checkpoint.safetensors"
 CHECKPOINT_FORMAT = "fastguide.digits_unet_checkpoint/1"
@@ -93,23 +93,19 @@ def diffusion_batch(images, labels, alphas_cumprod, cfg: DiffusionConfig, step: 
 
 # ---------------------------------------------------------------------- checkpoints
 def save_checkpoint(path: Path, step: int, cfg: DiffusionConfig, model, ema, opt, seconds: float = 0.0) -> None:
-    tensors = {f"model.{k}": v.detach().contiguous() for k, v in model.state_dict().items()}
-    tensors.update({f"ema.{k}": v.detach().contiguous() for k, v in ema.state_dict().items()})
+    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+    tensors.update({f"ema.{k}": v for k, v in ema.state_dict().items()})
     for i, state in opt.state_dict()["state"].items():
         for k, v in state.items():
-            tensors[f"opt.{i}.{k}"] = v.detach().reshape(-1).contiguous() if k == "step" else v.detach().contiguous()
+            tensors[f"opt.{i}.{k}"] = v.reshape(-1) if k == "step" else v
     meta = {"format": CHECKPOINT_FORMAT, "step": str(step), "config": json.dumps(asdict(cfg), sort_keys=True),
             "train_seconds": f"{seconds:.3f}"}
-    tmp = path.with_suffix(".tmp")
-    save_file(tensors, str(tmp), metadata=meta)
-    tmp.replace(path)  # a crash mid-write never leaves a truncated checkpoint
+    atomic_save(tensors, path, meta)  # a crash mid-write never leaves a truncated checkpoint
 
 
 def load_checkpoint(path: Path, cfg: DiffusionConfig, model, ema, opt) -> tuple[int, float]:
     """Restore model, EMA and optimizer; returns (next step, training seconds so far)."""
-    tensors, meta = digits.read_safetensors(path, "resume")
-    if meta.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"resume: {path} is not a fastguide training checkpoint")
+    tensors, meta = read_safetensors(path, "resume", "training checkpoint", CHECKPOINT_FORMAT, hint=digits.CREATE_HINT)
     saved = json.loads(meta["config"])
     if saved != asdict(cfg):
         diff = {k: (saved.get(k), v) for k, v in asdict(cfg).items() if saved.get(k) != v}
@@ -130,7 +126,7 @@ def load_checkpoint(path: Path, cfg: DiffusionConfig, model, ema, opt) -> tuple[
 def save_model(path: Path, model: torch.nn.Module, fmt: str, extra: dict) -> None:
     meta = {"format": fmt, "config": json.dumps(model.config, sort_keys=True)}
     meta.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in extra.items()})
-    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(path), metadata=meta)
+    atomic_save(model.state_dict(), path, meta)
 
 
 # ---------------------------------------------------------------------- the two trainings

@@ -14,11 +14,13 @@ import time
 import torch
 
 from fastguide.kernels import reference
+from fastguide.loop import capture_cuda_graph
 
 GPU_SHAPES = [(64, 4, 32, 32), (16, 4, 128, 128), (8, 16, 128, 128), (1, 4, 64, 64), (64, 16, 128, 128)]
 CPU_SHAPES = [(2, 4, 8, 8), (16, 4, 32, 32)]
 DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-COEF = [0.99, -0.1, 0.0, 1.0, -0.2, 0.9, 0.05, 0.1, 0.25]  # A, B, S, Px, Pm, C0, Cx, Cm, w: a DDIM-like step
+COEF = [0.99, -0.1, 0.0, 1.0, -0.2, 0.9, 0.05, 0.1]  # a DDIM-like step, one value per Coef column
+TABLE_W = 0.25  # the lerp weight between two table rows (ReCFG off the table's grid)
 
 
 def make_step_inputs(shape, dtype, rule: str, device, lerp: bool = False) -> dict:
@@ -33,7 +35,8 @@ def make_step_inputs(shape, dtype, rule: str, device, lerp: bool = False) -> dic
     if rule == "recfg":
         d["kw"].update(table=torch.rand((11, 8, *latent), dtype=dtype, device=device) + 0.5,
                        rows=torch.randint(0, 11, (b,), device=device),
-                       table_steps=torch.tensor([3, 4 if lerp else 3], device=device))
+                       table_steps=torch.tensor([3, 4 if lerp else 3], device=device),
+                       table_w=torch.tensor(TABLE_W, device=device))
     return d
 
 
@@ -76,18 +79,14 @@ def copy_bandwidth(nbytes: int = 1 << 30) -> float:
 def gpu_time_per_step(fn, sets, calls: int = 2000) -> float:
     """GPU seconds per step: a CUDA graph of ~``calls`` steps cycling over the rotating input sets, replayed
     and timed with events; median of 5 replays."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for d in sets:
-            fn(d)
-    torch.cuda.current_stream().wait_stream(stream)
     reps = max(1, calls // len(sets))
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+
+    def all_steps():
         for _ in range(reps):
             for d in sets:
                 fn(d)
+
+    graph = capture_cuda_graph(all_steps)
     times = []
     for _ in range(5):
         start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)

@@ -95,7 +95,7 @@ def check_out_file(path) -> Path:
 
 def load_assets(assets_dir, device):
     """(model, classifier, tables) from ``assets_dir`` (None: the package's own assets)."""
-    from fastguide.models import digits
+    from fastguide.demo import digits
 
     if assets_dir is None:
         return (digits.load_digits_model(device=device), digits.load_digits_classifier(device=device),

@@ -1,6 +1,6 @@
 """The embedded default: the digits diffusion model, its evaluation classifier and its ReCFG ratio tables.
 
-Everything is read from ``fastguide/assets/`` (safetensors + JSON metadata, no pickle); ``fastguide train``
+Everything is read from ``fastguide/demo/assets/`` (safetensors + JSON metadata, no pickle); ``fastguide train``
 writes the same files from scratch. The model was trained on the linear DDPM schedule below (1000 steps,
 betas 1e-4..0.02) and is sampled with trailing timestep spacing so that a low-NFE DDIM run starts at t = 999.
 """
@@ -11,14 +11,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import SafetensorError, safe_open
 
-from fastguide.data import IMAGE_SHAPE, NULL_LABEL, NUM_CLASSES
-from fastguide.models.classifier import DigitsClassifier
-from fastguide.models.unet import DigitsUNet
+from fastguide.demo.data import IMAGE_SHAPE, NULL_LABEL, NUM_CLASSES
+from fastguide.demo.classifier import DigitsClassifier
+from fastguide.demo.unet import DigitsUNet
 from fastguide.schedule import NoiseSchedule
+from fastguide.storage import read_safetensors
 
-ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets"
+ASSETS_DIR = Path(__file__).resolve().parent / "assets"
 UNET_FILE = "digits_unet.safetensors"
 CLASSIFIER_FILE = "digits_classifier.safetensors"
 TABLE_FILES = {"paper": "digits_recfg_paper.safetensors", "least_squares": "digits_recfg_least_squares.safetensors"}
@@ -31,6 +31,7 @@ SUMS_FILE = "digits_ratio_sums.safetensors"  # the raw sums both tables were fin
 TABLE_FINALIZE = {"paper": {"delta": 0.2}, "least_squares": {}}
 UNET_FORMAT = "fastguide.digits_unet/1"
 CLASSIFIER_FORMAT = "fastguide.digits_classifier/1"
+CREATE_HINT = " (run `fastguide train --out DIR` to create it)"  # for a missing model or checkpoint file
 
 # Ratio tables are estimated on this grid of training timesteps and serve any DDIM step count by
 # interpolation; it contains every trailing-spaced timestep of 4, 8, 10, 20 and 40 steps exactly.
@@ -46,24 +47,10 @@ def asset_path(name: str) -> Path:
     return ASSETS_DIR / name
 
 
-def read_safetensors(path, what: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """(tensors, metadata) from a safetensors file; a missing or unreadable file is a clear error."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{what}: checkpoint {path} not found (run `fastguide train --out DIR` to create it)")
-    try:
-        with safe_open(str(path), framework="pt") as f:  # one pass: metadata and tensors
-            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
-    except (SafetensorError, OSError) as e:
-        raise ValueError(f"{what}: {path} is not a readable safetensors file ({e})") from None
-
-
 def _load_module(path, what: str, fmt: str, build, device, check_meta=None) -> torch.nn.Module:
-    tensors, meta = read_safetensors(path, what)
+    tensors, meta = read_safetensors(path, what, f"digits {what}", fmt, hint=CREATE_HINT)
     if check_meta is not None:
         check_meta(meta)
-    if meta.get("format") != fmt:
-        raise ValueError(f"{what}: {path} has format {meta.get('format')!r}, expected {fmt!r}")
     module = build(**json.loads(meta["config"]))
     try:
         module.load_state_dict(tensors)
@@ -115,7 +102,7 @@ def load_training_facts(path=None) -> dict:
 
 def table_source(device="cpu") -> dict:
     """Build inputs for `fastguide build-table --model digits`: the shipped model and the train split."""
-    from fastguide.data import load_digits_split
+    from fastguide.demo.data import load_digits_split
 
     split = load_digits_split()
     return {"model": load_digits_model(device=device), "schedule": digits_schedule(), "images": split.train_images,
@@ -159,7 +146,8 @@ def sample_digits(model, labels, seeds, *, rule: str = "cfg", scale=3.0, steps: 
     a per-sample [N] tensor; ``interval`` (lo, hi) guides only the steps at model times in [lo, hi] (the
     others run the N conditional rows alone).
     """
-    from fastguide.sampler import Sampler, seeded_noise
+    from fastguide.noise import seeded_noise
+    from fastguide.sampler import Sampler
     from fastguide.solvers import DDIM
 
     labels = check_labels(labels)

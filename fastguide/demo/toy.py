@@ -25,6 +25,7 @@ from scipy.integrate import quad, solve_ivp
 from scipy.special import hyp2f1
 
 from fastguide.guidance import CFG, ReCFG
+from fastguide.kernels.reference import compute_dtype_for
 from fastguide.sampler import Sampler
 from fastguide.schedule import NoiseSchedule
 from fastguide.solvers import DDIM
@@ -34,7 +35,7 @@ RULES = ("cfg", "paper", "least_squares")
 
 
 # ---------------------------------------------------------------------------------------- checks
-def _check_gamma(g) -> float:
+def check_gamma(g) -> float:
     if isinstance(g, bool) or not isinstance(g, (int, float, np.integer, np.floating)):
         raise TypeError(f"gamma: expected a float, got {type(g).__name__}")
     if not math.isfinite(g) or g < 0:
@@ -42,7 +43,7 @@ def _check_gamma(g) -> float:
     return float(g)
 
 
-def _check_T(T, allow_inf: bool = True) -> float:
+def check_T(T, allow_inf: bool = True) -> float:
     if isinstance(T, bool) or not isinstance(T, (int, float, np.integer, np.floating)):
         raise TypeError(f"T: expected a float, got {type(T).__name__}")
     if math.isnan(T) or T <= 0 or (math.isinf(T) and not allow_inf):
@@ -50,7 +51,7 @@ def _check_T(T, allow_inf: bool = True) -> float:
     return float(T)
 
 
-def _check_rule(rule: str) -> str:
+def check_rule(rule: str) -> str:
     if rule not in RULES:
         raise ValueError(f"rule: expected one of {RULES}, got {rule!r}")
     return rule
@@ -84,7 +85,7 @@ def ratio(rule: str, c, t):
     at c = 0; ``least_squares`` = E[eps_c eps_u] / E[eps_u^2] = (2 + t) / (1 + t + c^2). Computed from
     the score moments: eps = -sigma * score, and the sigma factors cancel (so t = 0 is its limit too).
     """
-    _check_rule(rule)
+    check_rule(rule)
     e_c, e_u, e_cu, e_uu = expected_scores(c, t)
     if rule == "cfg":
         return np.ones_like(e_c)
@@ -153,7 +154,7 @@ def mean_factor(g, T, rule: str = "cfg", c=1.0):
 
     Vectorised over c (phi depends on c only through ReCFG's ratio). For ``paper`` phi = 1.
     """
-    g, T, rule = _check_gamma(g), _check_T(T), _check_rule(rule)
+    g, T, rule = check_gamma(g), check_T(T), check_rule(rule)
     k = _uncond_offset(rule, c)
     if k is None:
         return np.ones_like(np.asarray(c, dtype=np.float64))[()]
@@ -165,7 +166,7 @@ def variance(g, T, rule: str = "cfg", c=1.0):
 
     CFG: 2^(1-g) (T+1) / ((T+1)^g (T+2)^(1-g)) -> 2^(1-g); paper: (1+T)^(1-g) -> 0 for g > 1.
     """
-    g, T, rule = _check_gamma(g), _check_T(T), _check_rule(rule)
+    g, T, rule = check_gamma(g), check_T(T), check_rule(rule)
     k = _uncond_offset(rule, c)
     if k is None:
         shape = np.asarray(c, dtype=np.float64).shape
@@ -190,7 +191,7 @@ def population_summary(g, T, rule: str = "cfg", nodes: int = 240) -> dict:
     Gauss-Legendre on c in [0, 12] (both integrands are even; the tail beyond 12 weighs < 1e-31). phi(c)
     is analytic with its nearest singularities at c = +-i, which makes Gauss-Hermite converge slowly but
     costs Gauss-Legendre on this interval nothing at this many nodes (error ~ 1.18^(-2 nodes))."""
-    g, T, rule = _check_gamma(g), _check_T(T), _check_rule(rule)
+    g, T, rule = check_gamma(g), check_T(T), check_rule(rule)
     c, w = _normal_half_line_rule(nodes)
     return {"slope": float(np.sum(w * c * c * mean_factor(g, T, rule, c))),
             "mean_variance": float(np.sum(w * variance(g, T, rule, c)))}
@@ -205,7 +206,7 @@ def ode_moments(g, T, rule: str = "cfg", c: float = 1.0, rtol: float = 1e-11, at
     relative error small when the variance collapses. The ratio comes from
     :func:`guidance_ratio`, i.e. from the exact expectations, not from the closed form's substitution.
     """
-    g, T, rule = _check_gamma(g), _check_T(T, allow_inf=False), _check_rule(rule)
+    g, T, rule = check_gamma(g), check_T(T, allow_inf=False), check_rule(rule)
     c = float(c)
 
     def rhs(tau, y):
@@ -225,7 +226,7 @@ def ode_moments(g, T, rule: str = "cfg", c: float = 1.0, rtol: float = 1e-11, at
 # ---------------------------------------------------------------------------------------- fastguide's Sampler
 def ve_sigmas(T: float, steps: int, sigma_min: float = 1e-3, rho: float = 7.0) -> np.ndarray:
     """Ascending VE noise levels sigma_0 = sigma_min .. sigma_{steps-1} = sqrt(T) (Karras et al. rho-spacing)."""
-    T = _check_T(T, allow_inf=False)
+    T = check_T(T, allow_inf=False)
     if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 2:
         raise ValueError(f"steps: expected an int >= 2, got {steps!r}")
     if not 0 < sigma_min < math.sqrt(T):
@@ -288,7 +289,7 @@ def sampler_moments(g, T, rule: str = "cfg", c_values=(1.0,), samples: int = 163
     from ``samples`` draws (rounded up to a multiple of ``width``). The noise is drawn on the CPU, so
     ``device`` changes only where the sampler runs.
     """
-    g, T, rule = _check_gamma(g), _check_T(T, allow_inf=False), _check_rule(rule)
+    g, T, rule = check_gamma(g), check_T(T, allow_inf=False), check_rule(rule)
     for name, v, lo in (("samples", samples, 2), ("width", width, 2)):
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo:
             raise ValueError(f"{name}: expected an int >= {lo}, got {v!r}")
@@ -297,7 +298,7 @@ def sampler_moments(g, T, rule: str = "cfg", c_values=(1.0,), samples: int = 163
         raise ValueError(f"c_values: expected finite c != 0 (phi = E[x0|c] / c), got {c_values.tolist()}")
     sched = ve_schedule(T, steps)
     k, per_c = c_values.numel(), -(-samples // width)  # MC rows per c (+ 1 deterministic row)
-    table_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    table_dtype = compute_dtype_for(dtype)
     guide = CFG(g) if rule == "cfg" else ReCFG(g, toy_ratio_table(rule, sched, c_values.numpy(), width, table_dtype))
     sampler = Sampler(toy_eps_model(sched, c_values), DDIM(sched, steps=steps, eta=0.0), guide,
                       null_cond=k, backend=backend, progress=False)

@@ -19,7 +19,7 @@ from functools import lru_cache
 
 import torch
 
-from fastguide.data import NUM_CLASSES
+from fastguide.demo.data import NUM_CLASSES
 
 METRICS = ("accuracy", "expectation_shift", "frechet_distance", "variance_ratio")
 
@@ -107,11 +107,11 @@ class DigitsEvaluator:
 
     def __init__(self, classifier=None, real_images=None, real_labels=None, device="cpu"):
         if classifier is None:
-            from fastguide.models.digits import load_digits_classifier
+            from fastguide.demo.digits import load_digits_classifier
 
             classifier = load_digits_classifier(device=device)
         if real_images is None:
-            from fastguide.data import load_digits_split
+            from fastguide.demo.data import load_digits_split
 
             split = load_digits_split()
             real_images, real_labels = split.heldout_images, split.heldout_labels

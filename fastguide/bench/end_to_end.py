@@ -7,12 +7,13 @@ repetitions. Images/s counts whole fixed-NFE samples. The "floor" is NFE x the n
 from __future__ import annotations
 
 import statistics
-import time
 from dataclasses import asdict, dataclass
 
 import torch
 
 import fastguide as fg
+from fastguide.bench.timing import median_time
+from fastguide.loop import capture_cuda_graph
 
 MODES = ("diffusers_eager", "diffusers_compiled", "fastguide_eager", "fastguide_compiled_unfused",
          "fastguide_compiled", "fastguide_graph", "fastguide_recfg", "fastguide_interval", "floor")
@@ -39,24 +40,6 @@ class Row:
     images_per_s: float
     vs_floor: float | None = None  # measured images/s / floor images/s
     warmup_s: float | None = None  # the first call (compiles, captures); fastguide modes only
-
-
-def _sync(device):
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
-
-
-def median_time(fn, reps: int, warmup: int, device="cpu") -> float:
-    for _ in range(warmup):
-        fn(0)
-    _sync(device)
-    times = []
-    for r in range(reps):
-        t0 = time.perf_counter()
-        fn(r)
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def diffusers_scheduler_for(schedule: fg.NoiseSchedule, steps: int):
@@ -118,23 +101,14 @@ def run_end_to_end(net, schedule, shape, *, model_name: str, batches=(1, 16, 64)
         noises = [torch.randn(batch, *shape, device=device, dtype=dtype) for _ in range(4)]
         labels = torch.arange(batch, device=device) % num_classes
         x2 = torch.randn(2 * batch, *shape, device=device, dtype=dtype)
-        # t as the sampler passes it (one value per step expanded over the rows): the compiled network measured
-        # 2-11% faster with that layout than with a materialized [2B] t on the CPU, so the floor uses it too
+        # t as the sampler passes it, one value expanded over the rows (a faster layout: docs/design.md)
         t2 = torch.full((1,), 500.0, device=device).expand(2 * batch)
         l2 = torch.cat([labels, torch.full_like(labels, null_label)])
         cnet = torch.compile(net, mode="max-autotune-no-cudagraphs" if cuda else None, dynamic=False)
         dnet = torch.compile(net, mode="reduce-overhead" if cuda else None, dynamic=False)
         table = bench_ratio_table(schedule, shape, min(num_classes, batch), dtype, device)
 
-        def sampler(**compile_kw):
-            s = fg.Sampler(net, fg.DDIM(schedule, steps=nfes[0]), fg.CFG(scale), null_cond=null_label,
-                           progress=False)
-            return s.compile(**compile_kw) if compile_kw else s
-
-        samplers = {"fastguide_eager": sampler(), "fastguide_compiled_unfused": sampler(fuse_step=False),
-                    "fastguide_compiled": sampler(fuse_step=True)}
-        if cuda:
-            samplers["fastguide_graph"] = sampler(cuda_graph=True)
+        samplers = fastguide_samplers(net, fg.DDIM(schedule, steps=nfes[0]), fg.CFG(scale), null_label, cuda)
         best = samplers["fastguide_graph" if cuda else "fastguide_compiled"]  # what a user would pick there
         for nfe in nfes:
             solver = fg.DDIM(schedule, steps=nfe)
@@ -160,17 +134,7 @@ def run_end_to_end(net, schedule, shape, *, model_name: str, batches=(1, 16, 64)
                 **{m: (lambda s: lambda: loop_of(s))(s) for m, s in samplers.items()},
             }
             fns = {m: makers[m]() for m in modes}
-            times = {m: [] for m in fns}
-            first = {}
-            with torch.inference_mode():
-                for m, fn in fns.items():
-                    first[m] = median_time(fn, 1, 0, device)
-                    for r in range(warmup):
-                        fn(r + 1)
-                for r in range(reps):
-                    for m, fn in fns.items():
-                        times[m].append(median_time(fn, 1, 0, device))
-            med = {m: statistics.median(v) for m, v in times.items()}
+            first, med = time_interleaved(fns, reps, warmup, device)
             for m in fns:
                 row = Row(model_name, m, batch, nfe, med[m], batch / med[m],
                           vs_floor=med["floor"] / med[m] if "floor" in med else None,
@@ -180,56 +144,39 @@ def run_end_to_end(net, schedule, shape, *, model_name: str, batches=(1, 16, 64)
     return rows
 
 
-def goals(rows: list[Row], device: str) -> list[tuple[str, str, bool | None]]:
-    """The speed goals of the sampler issue, checked on the rows: (goal, measured, met?) per line; met is
-    None where the rows lack what the goal needs."""
-    by = {(r.model, r.mode, r.batch, r.nfe): r for r in rows}
-    points = sorted({(r.model, r.batch, r.nfe) for r in rows})
-    out = []
+def fastguide_samplers(net, solver, guidance, null_label: int, cuda: bool) -> dict:
+    """mode -> the Sampler it times (each compiled its own way)."""
+    def sampler(**compile_kw):
+        s = fg.Sampler(net, solver, guidance, null_cond=null_label, progress=False)
+        return s.compile(**compile_kw) if compile_kw else s
 
-    def ratio(a, b, point):
-        ra, rb = by.get((point[0], a, *point[1:])), by.get((point[0], b, *point[1:]))
-        return None if ra is None or rb is None else ra.images_per_s / rb.images_per_s
-
-    def line(goal, value, bound, point):
-        label = f"{point[0]} B={point[1]} NFE={point[2]}"
-        if value is None:
-            out.append((f"{goal} ({label})", "not measured", None))
-        else:
-            out.append((f"{goal} ({label})", f"{value:.3f}", value >= bound))
-
-    cuda = torch.device(device).type == "cuda"
-    for p in points:
-        if not cuda:
-            line("fastguide_compiled / diffusers_eager >= 1.5", ratio("fastguide_compiled", "diffusers_eager", p),
-                 1.5, p)
-            continue
-        line("fastguide_graph / floor >= 0.97", ratio("fastguide_graph", "floor", p), 0.97, p)
-        if p[1] == 8:
-            line("fastguide_graph / diffusers_compiled >= 1.10", ratio("fastguide_graph", "diffusers_compiled", p),
-                 1.10, p)
-        line("fastguide_recfg / fastguide_graph >= 0.98", ratio("fastguide_recfg", "fastguide_graph", p), 0.98, p)
-        if p[1] == 64:
-            line("fastguide_interval / floor >= 1.3", ratio("fastguide_interval", "floor", p), 1.3, p)
-    return out
+    samplers = {"fastguide_eager": sampler(), "fastguide_compiled_unfused": sampler(fuse_step=False),
+                "fastguide_compiled": sampler(fuse_step=True)}
+    if cuda:
+        samplers["fastguide_graph"] = sampler(cuda_graph=True)
+    return samplers
 
 
-def format_goals(checks) -> str:
-    mark = {True: "met", False: "NOT met", None: "-"}
-    return "\n".join(f"{mark[ok]:8s} {value:>12s}  {goal}" for goal, value, ok in checks)
+def time_interleaved(fns: dict, reps: int, warmup: int, device) -> tuple[dict, dict]:
+    """({mode: first call's seconds}, {mode: median seconds}): every mode's first call and warm-up runs, then
+    ``reps`` rounds of one timed call per mode, interleaved so drifting machine load hits them alike."""
+    times = {m: [] for m in fns}
+    first = {}
+    with torch.inference_mode():
+        for m, fn in fns.items():
+            first[m] = median_time(fn, 1, 0, device)
+            for r in range(warmup):
+                fn(r + 1)
+        for _ in range(reps):
+            for m, fn in fns.items():
+                times[m].append(median_time(fn, 1, 0, device))
+    return first, {m: statistics.median(v) for m, v in times.items()}
 
 
 def _floor_fn(cnet, x2, t2, l2, nfe):
     """NFE x one CUDA-graph-replayed forward of the compiled network."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream), torch.inference_mode():
-        for _ in range(3):
-            cnet(x2, t2, l2)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph), torch.inference_mode():
-        cnet(x2, t2, l2)
+    with torch.inference_mode():
+        graph = capture_cuda_graph(lambda: cnet(x2, t2, l2), warmup=3)
 
     def run(_):
         for _ in range(nfe):
@@ -274,73 +221,3 @@ def tiny_dit(device="cpu", dtype=torch.float32, full: bool = False):
 
     net.null_label = cfg["num_embeds_ada_norm"]
     return net, (channels, cfg["sample_size"], cfg["sample_size"])
-
-
-OVERHEAD_MODES = ("diffusers_eager", "fastguide_eager", "fastguide_fused")
-# The network part of each mode's per-step time: the same stub call alone (compiled for the fused mode, whose
-# network runs inside one compiled function with the step; a compiled network pays that call anyway).
-NETWORK_OF = {"diffusers_eager": "network_eager", "fastguide_eager": "network_eager",
-              "fastguide_fused": "network_compiled"}
-
-
-class StubNet(torch.nn.Module):
-    """Stands in for the network when measuring sampler overhead: returns a fixed [2B] (or [B]) output."""
-
-    def __init__(self, out2: torch.Tensor):
-        super().__init__()
-        self.register_buffer("out2", out2)
-
-    def forward(self, x, t, c):
-        return self.out2[: x.shape[0]]
-
-
-def run_overhead(schedule, shape, *, batches=(1, 16, 64), nfe: int = 10, device="cpu", dtype=torch.float32,
-                 scale: float = 3.0, reps: int = 15, warmup: int = 3, block: int = 20,
-                 modes=OVERHEAD_MODES) -> list[dict]:
-    """Per-step time of everything but the network (input batching, CFG combine, solver update, copies,
-    and each sample() call's setup spread over its NFE steps), with the network replaced by
-    :class:`StubNet`. The stub's own calls are timed too and subtracted (``overhead_us_per_step``), and
-    ``vs_diffusers`` is that overhead over the diffusers-style loop's. Modes are interleaved per repetition
-    so a drifting machine load hits them alike."""
-    out = []
-    solver = fg.DDIM(schedule, steps=nfe)
-    for batch in batches:
-        stub = StubNet(torch.randn(2 * batch, *shape, device=device, dtype=dtype)).to(device)
-        noises = [torch.randn(batch, *shape, device=device, dtype=dtype) for _ in range(4)]
-        labels = torch.arange(batch, device=device) % 10
-        x2 = torch.randn(2 * batch, *shape, device=device, dtype=dtype)
-        t2 = torch.full((1,), 500.0, device=device).expand(2 * batch)  # the layout the loops pass
-        l2 = torch.cat([labels, torch.full_like(labels, 10)])
-        cstub = torch.compile(stub, dynamic=False)
-        sch = diffusers_scheduler_for(schedule, nfe)
-        eager = fg.Sampler(stub, solver, fg.CFG(scale), null_cond=10, progress=False)
-        fused = fg.Sampler(stub, solver, fg.CFG(scale), null_cond=10, progress=False).compile(fuse_step=True)
-        fns = {
-            "diffusers_eager": lambda r: diffusers_style_loop(stub, sch, noises[r % 4], labels, 10, scale),
-            "fastguide_eager": lambda r: eager.sample(noises[r % 4], labels),  # = compiled's overhead on the CPU
-            "fastguide_fused": lambda r: fused.sample(noises[r % 4], labels),
-            "network_eager": lambda r: [stub(x2, t2, l2) for _ in range(nfe)],
-            "network_compiled": lambda r: [cstub(x2, t2, l2) for _ in range(nfe)],
-        }
-        timed = [*modes, *sorted({NETWORK_OF[m] for m in modes})]
-        times = {m: [] for m in timed}
-        with torch.inference_mode():
-            for m in timed:
-                for r in range(warmup):
-                    fns[m](r)
-            for r in range(reps):  # blocks of `block` calls per mode, interleaved
-                for m in timed:
-                    _sync(device)
-                    t0 = time.perf_counter()
-                    for k in range(block):
-                        fns[m](k)
-                    _sync(device)
-                    times[m].append((time.perf_counter() - t0) / block)
-        per_step = {m: statistics.median(v) / nfe * 1e6 for m, v in times.items()}
-        overhead = {m: per_step[m] - per_step[NETWORK_OF[m]] for m in modes}
-        base = overhead.get("diffusers_eager")
-        for m in modes:
-            out.append({"mode": m, "batch": batch, "nfe": nfe, "us_per_step": per_step[m],
-                        "network_us_per_step": per_step[NETWORK_OF[m]], "overhead_us_per_step": overhead[m],
-                        "vs_diffusers": overhead[m] / base if base else None})
-    return out

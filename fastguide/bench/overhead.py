@@ -1,0 +1,81 @@
+"""Per-step sampler overhead: everything but the network, with the network replaced by a stub."""
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+import fastguide as fg
+from fastguide.bench.end_to_end import diffusers_scheduler_for, diffusers_style_loop
+from fastguide.bench.timing import sync
+
+
+OVERHEAD_MODES = ("diffusers_eager", "fastguide_eager", "fastguide_fused")
+# The network part of each mode's per-step time: the same stub call alone (compiled for the fused mode, whose
+# network runs inside one compiled function with the step; a compiled network pays that call anyway).
+NETWORK_OF = {"diffusers_eager": "network_eager", "fastguide_eager": "network_eager",
+              "fastguide_fused": "network_compiled"}
+
+
+class StubNet(torch.nn.Module):
+    """Stands in for the network when measuring sampler overhead: returns a fixed [2B] (or [B]) output."""
+
+    def __init__(self, out2: torch.Tensor):
+        super().__init__()
+        self.register_buffer("out2", out2)
+
+    def forward(self, x, t, c):
+        return self.out2[: x.shape[0]]
+
+
+def run_overhead(schedule, shape, *, batches=(1, 16, 64), nfe: int = 10, device="cpu", dtype=torch.float32,
+                 scale: float = 3.0, reps: int = 15, warmup: int = 3, block: int = 20,
+                 modes=OVERHEAD_MODES) -> list[dict]:
+    """Per-step time of everything but the network (input batching, CFG combine, solver update, copies,
+    and each sample() call's setup spread over its NFE steps), with the network replaced by
+    :class:`StubNet`. The stub's own calls are timed too and subtracted (``overhead_us_per_step``), and
+    ``vs_diffusers`` is that overhead over the diffusers-style loop's. Modes are interleaved per repetition
+    so a drifting machine load hits them alike."""
+    out = []
+    solver = fg.DDIM(schedule, steps=nfe)
+    for batch in batches:
+        stub = StubNet(torch.randn(2 * batch, *shape, device=device, dtype=dtype)).to(device)
+        noises = [torch.randn(batch, *shape, device=device, dtype=dtype) for _ in range(4)]
+        labels = torch.arange(batch, device=device) % 10
+        x2 = torch.randn(2 * batch, *shape, device=device, dtype=dtype)
+        t2 = torch.full((1,), 500.0, device=device).expand(2 * batch)  # the layout the loops pass
+        l2 = torch.cat([labels, torch.full_like(labels, 10)])
+        cstub = torch.compile(stub, dynamic=False)
+        sch = diffusers_scheduler_for(schedule, nfe)
+        eager = fg.Sampler(stub, solver, fg.CFG(scale), null_cond=10, progress=False)
+        fused = fg.Sampler(stub, solver, fg.CFG(scale), null_cond=10, progress=False).compile(fuse_step=True)
+        fns = {
+            "diffusers_eager": lambda r: diffusers_style_loop(stub, sch, noises[r % 4], labels, 10, scale),
+            "fastguide_eager": lambda r: eager.sample(noises[r % 4], labels),  # = compiled's overhead on the CPU
+            "fastguide_fused": lambda r: fused.sample(noises[r % 4], labels),
+            "network_eager": lambda r: [stub(x2, t2, l2) for _ in range(nfe)],
+            "network_compiled": lambda r: [cstub(x2, t2, l2) for _ in range(nfe)],
+        }
+        timed = [*modes, *sorted({NETWORK_OF[m] for m in modes})]
+        times = {m: [] for m in timed}
+        with torch.inference_mode():
+            for m in timed:
+                for r in range(warmup):
+                    fns[m](r)
+            for r in range(reps):  # blocks of `block` calls per mode, interleaved
+                for m in timed:
+                    sync(device)
+                    t0 = time.perf_counter()
+                    for k in range(block):
+                        fns[m](k)
+                    sync(device)
+                    times[m].append((time.perf_counter() - t0) / block)
+        per_step = {m: statistics.median(v) / nfe * 1e6 for m, v in times.items()}
+        overhead = {m: per_step[m] - per_step[NETWORK_OF[m]] for m in modes}
+        base = overhead.get("diffusers_eager")
+        for m in modes:
+            out.append({"mode": m, "batch": batch, "nfe": nfe, "us_per_step": per_step[m],
+                        "network_us_per_step": per_step[NETWORK_OF[m]], "overhead_us_per_step": overhead[m],
+                        "vs_diffusers": overhead[m] / base if base else None})
+    return out

@@ -1,0 +1,378 @@
+"""The fixed-NFE sampling loop as free functions over static buffers.
+
+    b = allocate(...)            # once per static key (batch, shape, dtype, rule, steps): LoopBuffers
+    refill(b, ...)               # every call: copy this call's inputs into b, skipping what did not change
+    sums = run_loop(b, config)   # S steps of  out = model(inp, t_i, labels); guided update written into b.x2
+    graph = capture(b, config)   # or: the whole loop as one CUDA graph, then graph.replay() per call
+
+At step i the model reads ``b.x2`` (the 2B batch [x | x] with labels [c | null]; B rows outside a guidance
+interval) and the guided step writes x_next into every B-row block of ``b.x2``, so every step has the same
+shapes and addresses: the hot step compiles once, and the loop can be captured once and replayed.
+"""
+from __future__ import annotations
+
+import math
+import threading
+import types
+from collections import OrderedDict
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from fastguide.backends import StepImpl
+from fastguide.checks import check_model_output
+from fastguide.conditions import paired_conditions
+from fastguide.kernels.reference import compute_dtype_for, copy_into_blocks
+from fastguide.noise import step_noise
+
+
+# ---------------------------------------------------------------------- what the loop reads
+@dataclass(frozen=True, eq=False)
+class PlanTensors:
+    """The per-step device tensors of one plan (and guidance table) on one device and dtype. They depend on
+    neither the noise nor the conditions, so calls share them; the ``*_host`` lists serve the eager
+    host-scalar step."""
+
+    plan: object  # the solvers.Plan these came from
+    table_source: object  # the rule's table object (the cache checks identity)
+    t: torch.Tensor  # [S] model times
+    coef: torch.Tensor  # [S, NUM_COEF] in the compute dtype
+    coef_host: list  # [S] rows of Python floats
+    table: torch.Tensor | None = None  # [K, T, *shape] ratio rows on the device
+    table_steps: torch.Tensor | None = None  # [S, 2] the table rows (i0, i1) around each step's model time
+    table_steps_host: list | None = None
+    table_w: torch.Tensor | None = None  # [S] the lerp weight between those rows (guidance data, not a coefficient)
+    table_w_host: list | None = None
+    table_w_source: torch.Tensor | None = None  # the host weights these were made from
+
+    @classmethod
+    def build(cls, plan, guidance, device, dtype) -> "PlanTensors":
+        """``guidance``: the rule's StepGuidance for this plan (its table, table_steps and table_w)."""
+        cdt = compute_dtype_for(dtype)
+        table_parts = {}
+        if guidance.table is not None:
+            table_parts = dict(
+                table=guidance.table.to(device), table_steps=guidance.table_steps.to(device),
+                table_steps_host=[tuple(r) for r in guidance.table_steps.tolist()],
+                table_w=guidance.table_w.to(device, cdt), table_w_host=guidance.table_w.tolist(),
+                table_w_source=guidance.table_w)
+        return cls(plan, guidance.table, plan.timesteps.to(device, cdt), plan.coef.to(device, cdt),
+                   plan.coef.tolist(), **table_parts)
+
+    def serves(self, plan, guidance) -> bool:
+        """Whether these tensors are the ones ``plan`` with ``guidance``'s table needs."""
+        if self.plan is not plan or self.table_source is not guidance.table:
+            return False
+        if guidance.table_w is None or self.table_w_source is guidance.table_w:
+            return True
+        return torch.equal(self.table_w_source, guidance.table_w)
+
+
+@dataclass(frozen=True, eq=False)
+class StepViews:
+    """Per-step views of one LoopBuffers (rows of its [S, ...] tensors and plan tensors), made once per buffer
+    set so a call does no slicing. ``inputs[i]`` is what the model reads at step i: (x rows, labels, t)."""
+
+    inputs: tuple
+    g1: tuple
+    coef: tuple
+    out_sums: tuple
+    z: tuple
+    table_steps: tuple
+    table_w: tuple
+    x_cur: torch.Tensor  # x2[:B]: x at the current step (cond_first or not, every block holds x)
+    x_blocks: torch.Tensor  # x2 viewed as [k, B, ...]
+
+
+@dataclass(eq=False)
+class LoopBuffers:
+    """Everything one fixed-NFE loop reads and writes, allocated once per static key and refilled in place, so
+    the addresses a compiled step or a captured CUDA graph reads stay the same."""
+
+    x2: torch.Tensor  # [R, *shape], R = 2B when any step is guided, else B; every B-row block holds x
+    labels: torch.Tensor  # [R] or [R, ...]: [c | null] (cond_first) or [null | c]; [c] when R = B
+    cond: torch.Tensor  # the conditional labels alone (a view into labels)
+    g1: torch.Tensor  # [S, B] in the compute dtype
+    rows: torch.Tensor | None  # [B] table rows of this call's labels
+    z: torch.Tensor | None  # [S, B, *shape] per-step noise of a stochastic solver
+    out_sums: torch.Tensor  # [S] float32 sum of each step's model output (non-finite iff the output was)
+    guided: tuple  # [S] bool: the step runs the null half
+    batch: int
+    cond_first: bool
+    plan: PlanTensors | None = None
+    views: StepViews | None = None
+    g1_source: torch.Tensor | None = None  # the host g1 that g1 holds (a refill skips an unchanged one)
+    null_source: object = None  # the null condition that labels hold
+    graph: object = None  # the captured CUDA graph of the whole loop
+
+
+def buffer_key(x: torch.Tensor, cond: torch.Tensor, plan: PlanTensors, guided) -> tuple:
+    """The static key of a call: calls with equal keys share buffers (and a captured graph)."""
+    table = None if plan.table is None else (tuple(plan.table.shape), plan.table.dtype)
+    return (tuple(x.shape), x.dtype, x.device, tuple(cond.shape), cond.dtype, tuple(guided), plan.plan.steps,
+            plan.plan.stochastic, table)
+
+
+def allocate(x: torch.Tensor, cond: torch.Tensor, guidance, steps: int, stochastic: bool, null_cond,
+             cond_first: bool) -> LoopBuffers:
+    batch, dev = x.shape[0], x.device
+    run_uncond = any(guidance.guided)
+    labels = paired_conditions(cond, null_cond, cond_first) if run_uncond else cond.clone()
+    return LoopBuffers(
+        x2=torch.empty((2 * batch if run_uncond else batch, *x.shape[1:]), dtype=x.dtype, device=dev),
+        labels=labels, cond=labels[:batch] if (cond_first or not run_uncond) else labels[batch:],
+        g1=torch.empty((steps, batch), dtype=compute_dtype_for(x.dtype), device=dev),
+        rows=None if guidance.rows is None else torch.empty(batch, dtype=guidance.rows.dtype, device=dev),
+        z=torch.empty((steps, *x.shape), dtype=x.dtype, device=dev) if stochastic else None,
+        out_sums=torch.zeros(steps, dtype=torch.float32, device=dev), guided=tuple(guidance.guided), batch=batch,
+        cond_first=cond_first, null_source=null_cond)
+
+
+def bind_plan(b: LoopBuffers, plan: PlanTensors) -> None:
+    """Point b at other plan tensors and make its per-step views (a captured graph read the old ones)."""
+    n, batch, rows2 = b.g1.shape[0], b.batch, b.x2.shape[0]
+    none = (None,) * n
+    t_all = plan.t.view(n, 1).expand(n, rows2).unbind(0)
+    t_cond = plan.t.view(n, 1).expand(n, batch).unbind(0)
+    x_cond = b.x2[:batch] if (b.cond_first or rows2 == batch) else b.x2[batch:]
+    b.plan, b.graph = plan, None
+    b.views = StepViews(
+        inputs=tuple((b.x2, b.labels, t_all[i]) if b.guided[i] else (x_cond, b.cond, t_cond[i]) for i in range(n)),
+        g1=b.g1.unbind(0), coef=plan.coef.unbind(0), out_sums=b.out_sums.unbind(0),
+        z=none if b.z is None else b.z.unbind(0),
+        table_steps=none if plan.table_steps is None else plan.table_steps.unbind(0),
+        table_w=none if plan.table_w is None else plan.table_w.unbind(0),
+        x_cur=b.x2[:batch], x_blocks=b.x2.view(rows2 // batch, batch, *b.x2.shape[1:]))
+
+
+def refill(b: LoopBuffers, x: torch.Tensor, cond: torch.Tensor, plan: PlanTensors, guidance, z, null_cond) -> None:
+    """Copy this call's inputs into b; what did not change since the last call (the plan tensors, the guidance
+    scales, the null condition) is skipped. A tensor null condition is re-read every call (it may have
+    changed in place)."""
+    if b.plan is not plan:
+        bind_plan(b, plan)
+    if b.null_source is not null_cond or isinstance(null_cond, torch.Tensor):
+        b.labels.copy_(paired_conditions(cond, null_cond, b.cond_first) if b.x2.shape[0] != b.batch else cond)
+        b.null_source = null_cond
+    else:
+        b.cond.copy_(cond)
+    if b.g1_source is not guidance.g1:
+        b.g1.copy_(guidance.g1)
+        b.g1_source = guidance.g1
+    if b.rows is not None:
+        b.rows.copy_(guidance.rows)
+    if z is not None:
+        b.z.copy_(z)
+    copy_into_blocks(b.x2, x, b.views.x_blocks)
+
+
+def draw_step_noise(plan, x: torch.Tensor, seeds: list[int] | None) -> torch.Tensor | None:
+    """[S, B, *shape] per-step noise for a stochastic plan (from ``seeds``, else torch's global RNG), in the
+    latent dtype (the fused kernel's narrowest variant); None for a deterministic plan."""
+    if not plan.stochastic:
+        return None
+    if seeds is not None:
+        return step_noise(seeds, plan.steps, x.shape[1:], x.dtype, x.device)
+    return torch.randn((plan.steps, *x.shape), dtype=x.dtype, device=x.device)
+
+
+# ---------------------------------------------------------------------- the step and the loop
+def hot_step(model, step_fn, *, x2, inp, labels, t, g1, coef, table, rows, table_steps, table_w, z, out_sum,
+             batch: int, cond_first: bool, clip_range, check_finite: bool) -> None:
+    """One step over static buffers: the forward of ``inp`` (x2, or its B conditional rows outside a guidance
+    interval), then the guided update written into x2. Every per-step value is a tensor, so torch.compile
+    traces each of the two input shapes once and never recompiles for a new step, scale or table row.
+    Nothing is returned: the loop needs only what was written into x2 and out_sum (docs/design.md)."""
+    out = model(inp, t, labels)
+    if check_finite:
+        out_sum.copy_(out.sum(dtype=torch.float32))  # one cheap reduction; checked once after the loop
+    step_fn(x2, x2[:batch], out, g1, coef, cond_first=cond_first, table=table, rows=rows, table_steps=table_steps,
+            table_w=table_w, clip_range=clip_range, z=z)
+
+
+def compile_hot_step(owner: object, **compile_kw) -> Callable:
+    """torch.compile of a private copy of :func:`hot_step`: dynamo keeps its compiled variants (and its
+    recompile limit) per code object, so each owner (a Sampler) gets its own and none evicts another's."""
+    own = types.FunctionType(hot_step.__code__.replace(), hot_step.__globals__, f"hot_step_{id(owner):x}")
+    return torch.compile(own, **compile_kw)
+
+
+@dataclass(frozen=True)
+class LoopConfig:
+    """What stays fixed through one call's loop."""
+
+    model: Callable  # the forward as the loop calls it (compiled alone, wrapped by the rule, or as given)
+    step: StepImpl
+    hot: Callable | None  # the compiled hot step (forward + update as one function), or None: eager steps
+    clip_range: float | None
+    check_finite: bool
+
+
+def run_loop(b: LoopBuffers, config: LoopConfig, callback=None, progress: bool = False,
+             sums_into_buffer: bool = False) -> torch.Tensor:
+    """The S steps over b; returns the [S] float32 per-step output sums (for the finite check). Eager steps
+    collect their sums in a list stacked once at the end; ``sums_into_buffer`` leaves them in b.out_sums
+    instead (a captured loop's replays read them there)."""
+    steps = range(b.g1.shape[0])
+    sums = []
+    for i in (tqdm(steps, desc="sampling", leave=False) if progress else steps):
+        if config.hot is not None:
+            _fused_step(b, config, i)
+        else:
+            total = _eager_step(b, config, i)
+            if total is not None:
+                sums.append(total)
+        if callback is not None:
+            callback(i, float(b.plan.plan.timesteps[i]), b.views.x_cur)
+    if not sums:
+        return b.out_sums
+    stacked = torch.stack(sums)
+    if sums_into_buffer:
+        b.out_sums.copy_(stacked)
+        return b.out_sums
+    return stacked
+
+
+def _fused_step(b: LoopBuffers, config: LoopConfig, i: int) -> None:
+    v, plan = b.views, b.plan
+    inp, labels, t = v.inputs[i]
+    config.hot(config.model, config.step.fn, x2=b.x2, inp=inp, labels=labels, t=t, g1=v.g1[i], coef=v.coef[i],
+               table=plan.table, rows=b.rows, table_steps=v.table_steps[i], table_w=v.table_w[i], z=v.z[i],
+               out_sum=v.out_sums[i], batch=b.batch, cond_first=b.cond_first, clip_range=config.clip_range,
+               check_finite=config.check_finite)
+
+
+def _eager_step(b: LoopBuffers, config: LoopConfig, i: int) -> torch.Tensor | None:
+    """The forward, its output check, then the update (host scalars, or the plan's device rows)."""
+    v, plan = b.views, b.plan
+    inp, labels, t = v.inputs[i]
+    out = config.model(inp, t, labels)
+    check_model_output(out, inp, i)
+    total = out.sum(dtype=torch.float32) if config.check_finite else None
+    if config.step.host:
+        config.step.fn(b.x2, v.x_cur, out, v.g1[i], plan.coef_host[i], cond_first=b.cond_first, table=plan.table,
+                       rows=b.rows, table_steps=None if plan.table is None else plan.table_steps_host[i],
+                       table_w=None if plan.table is None else plan.table_w_host[i], clip_range=config.clip_range,
+                       z=v.z[i], blocks=v.x_blocks)
+    else:
+        config.step.fn(b.x2, v.x_cur, out, v.g1[i], v.coef[i], cond_first=b.cond_first, table=plan.table,
+                       rows=b.rows, table_steps=v.table_steps[i], table_w=v.table_w[i],
+                       clip_range=config.clip_range, z=v.z[i])
+    return total
+
+
+# ---------------------------------------------------------------------- CUDA graphs
+def capture_cuda_graph(fn: Callable[[], object], warmup: int = 1) -> "torch.cuda.CUDAGraph":
+    """Run ``fn`` ``warmup`` times on a side stream (compiles, autotunes, allocates), then capture one call of
+    it as a CUDA graph. ``thread_local``: other threads of a serving process may use the GPU meanwhile."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+        fn()
+    return graph
+
+
+def replay(b: LoopBuffers, config: LoopConfig) -> torch.Tensor:
+    """The whole loop as one CUDA graph: captured on first use for b (and again after b's plan tensors
+    change), then replayed. Returns the per-step sums the replay wrote."""
+    if b.graph is None:
+        saved = b.x2.clone()  # the warm-up run steps x2; the capture itself does not run
+        b.graph = capture_cuda_graph(lambda: run_loop(b, config, sums_into_buffer=True))
+        b.x2.copy_(saved)
+    b.graph.replay()
+    return b.out_sums
+
+
+# ---------------------------------------------------------------------- after the loop
+def raise_if_not_finite(b: LoopBuffers, step_sums: torch.Tensor, noise: torch.Tensor) -> None:
+    """One host sync on the common path: the noise, every step's model output and the sample are finite iff
+    their float32 sums are. A sum that overflows while every value is finite only sends this to the exact
+    checks, which then name the culprit (or pass)."""
+    x = b.x2[:b.batch]
+    if math.isfinite((step_sums.sum() + x.sum(dtype=torch.float32) + noise.sum(dtype=torch.float32)).item()):
+        return
+    if not bool(torch.isfinite(noise).all()):
+        raise ValueError("noise: contains NaN or inf")
+    bad_steps = (~torch.isfinite(step_sums)).nonzero().flatten().tolist()
+    if bad_steps:
+        i = bad_steps[0]
+        t = float(b.plan.plan.timesteps[i])
+        raise ValueError(f"model: output contained NaN/inf, first at step {i} (t={t:g}); the sample is not valid")
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError("model: outputs were finite but the sample overflowed to NaN/inf (check the model's "
+                         "output scale, the dtype, or the solver settings)")
+
+
+# ---------------------------------------------------------------------- caches
+class LRUCache:
+    """A thread-safe mapping that keeps its ``capacity`` most recently used entries."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self._items: OrderedDict = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key):
+        with self._lock:
+            return self._get(key)
+
+    def put(self, key, value) -> None:
+        with self._lock:
+            self._put(key, value)
+
+    def _get(self, key):
+        value = self._items.get(key)
+        if value is not None:
+            self._items.move_to_end(key)
+        return value
+
+    def _put(self, key, value) -> None:
+        self._items[key] = value
+        self._items.move_to_end(key)
+        while len(self._items) > self.capacity:
+            self._items.popitem(last=False)
+
+    def values(self) -> list:
+        with self._lock:
+            return list(self._items.values())
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+class BufferCache(LRUCache):
+    """Loop buffers per static key. :meth:`claim` hands a call its buffers for the duration of a ``with``
+    block; a call that finds its key's buffers claimed (re-entrant from a callback, or another thread's)
+    gets fresh ones, which are not cached."""
+
+    def __init__(self, capacity: int):
+        super().__init__(capacity)
+        self._claimed: set[int] = set()
+
+    @contextmanager
+    def claim(self, key, allocate: Callable[[], LoopBuffers]):
+        with self._lock:  # find-and-claim is atomic across threads
+            b = self._get(key)
+            if b is None or id(b) in self._claimed:
+                fresh = allocate()
+                if b is None:
+                    self._put(key, fresh)
+                b = fresh
+            self._claimed.add(id(b))
+        try:
+            yield b
+        finally:
+            with self._lock:
+                self._claimed.discard(id(b))

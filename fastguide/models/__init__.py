@@ -1,1 +1,0 @@
-"""Small models shipped with fastguide (the embedded digits default) and model adapters."""

@@ -1,0 +1,290 @@
+"""Export of a guided sampler's step (or whole fixed-NFE loop) as one ONNX graph (see fastguide.onnx)."""
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from fastguide.checks import check_model_output
+from fastguide.conditions import paired_conditions
+from fastguide.guidance import CFG, ReCFG
+from fastguide.kernels import reference
+from fastguide.onnx.metadata import FORMAT, proto_metadata, set_metadata
+
+MODES = ("step", "loop")
+# torch's dynamo exporter writes opset 18 natively; asking it for 17 runs onnx's version converter, which emits
+# Split with opset 18's num_outputs attribute (an invalid graph). Attention exports as MatMul/Softmax.
+MIN_OPSET = 18
+DEFAULT_OPSET = 18
+
+
+class GuidedGraph(nn.Module):
+    """The constants of one exported sampler (plan, table, rows) and one guided step over them."""
+
+    def __init__(self, model, plan, guidance, null_cond: int, cond_first: bool, latent_shape):
+        super().__init__()
+        self.latent_shape = tuple(latent_shape)
+        self.model = model  # a plain callable is kept as an attribute; torch.export lifts its tensors as constants
+        unit = copy.copy(guidance)
+        unit.scale = 1.0  # g1 is a graph input; prepare() is called only for the guided steps and table rows
+        sg = unit.prepare(plan, torch.zeros(1, dtype=torch.int64), latent_shape)
+        self.register_buffer("t", plan.timesteps.to(torch.float32))  # the Sampler feeds float32 model time too
+        self.register_buffer("coef", plan.coef.to(torch.float32))
+        self.register_buffer("guided", torch.tensor(sg.guided, dtype=torch.bool))
+        self.guided_steps = tuple(bool(g) for g in sg.guided)
+        self.null_cond, self.cond_first, self.clip_range = int(null_cond), bool(cond_first), plan.clip_range
+        self.mean_row = None
+        if sg.table is not None:
+            self.register_buffer("table", sg.table.detach().to(torch.float32).contiguous())
+            self.register_buffer("table_steps", sg.table_steps.to(torch.int64))
+            self.register_buffer("table_w", sg.table_w.to(torch.float32))
+            if guidance.unknown_label == "mean":
+                self.mean_row = guidance.table.num_classes
+        else:
+            self.table = None
+
+    def rows(self, labels: torch.Tensor) -> torch.Tensor:
+        if self.mean_row is None:
+            return labels
+        return torch.where((labels < 0) | (labels >= self.mean_row), torch.full_like(labels, self.mean_row), labels)
+
+    def step(self, x, i, labels, g1, z) -> torch.Tensor:
+        """x_next for step ``i`` (a 0-d int64 tensor); ``g1`` is already this step's scale."""
+        batch, x2 = x.shape[0], torch.cat([x, x])
+        out = self.model(x2, self.t[i].expand(2 * batch), paired_conditions(labels, self.null_cond, self.cond_first))
+        check_model_output(out, x2)
+        m_cond, m_uncond = reference.split_model_output(out, batch, self.cond_first)
+        with_table = self.table is not None
+        return reference.guided_step(
+            x, m_cond, m_uncond, g1, self.coef[i],
+            table=self.table if with_table else None, rows=self.rows(labels) if with_table else None,
+            table_steps=self.table_steps[i] if with_table else None,
+            table_w=self.table_w[i] if with_table else None, clip_range=self.clip_range, z=z)
+
+
+class StepModule(nn.Module):
+    """ONNX step graph: (x, step, labels, g1[, z]) -> x_next."""
+
+    def __init__(self, graph: GuidedGraph):
+        super().__init__()
+        self.core = graph  # not "graph": torch.fx modules own that name
+
+    def forward(self, x, step, labels, g1, z=None):
+        g = self.core
+        if not all(g.guided_steps):  # steps outside the guidance interval are purely conditional: g1 = 1
+            g1 = torch.where(g.guided[step], g1, torch.ones_like(g1))
+        return g.step(x, step, labels, g1, z)
+
+
+def export(sampler, path, latent_shape=None, *, mode: str = "step", batch: int = 2, opset: int = DEFAULT_OPSET,
+           dynamic_batch: bool = True, external_data: bool = False) -> Path:
+    """Write ``sampler``'s guided step (mode="step") or whole fixed-NFE loop (mode="loop") as ONNX to ``path``.
+
+    ``latent_shape`` (C, H, W) defaults to the ReCFG table's. ``batch`` is the batch traced with (the batch
+    axis stays dynamic unless ``dynamic_batch=False``). The loop graph is the step graph as the body of an
+    ONNX Loop over the S steps (see :func:`step_to_loop`). Uses ``torch.onnx.export(dynamo=True)``; needs
+    the ``onnx`` and ``onnxscript`` packages. Returns the path.
+    """
+    from fastguide.sampler import Sampler
+
+    if not isinstance(sampler, Sampler):
+        raise TypeError(f"sampler: expected a fastguide.Sampler, got {type(sampler).__name__}")
+    if mode not in MODES:
+        raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
+    if isinstance(opset, bool) or not isinstance(opset, int) or opset < MIN_OPSET:
+        raise ValueError(f"opset: expected an int >= {MIN_OPSET} (the opset torch's exporter writes natively), "
+                         f"got {opset!r}")
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise ValueError(f"batch: expected an int >= 1, got {batch!r}")
+    path = _check_out_path(path)
+    graph = _graph_for(sampler, _check_latent_shape(latent_shape, sampler.guidance))
+    trace_batch = max(batch, 2) if dynamic_batch else batch  # torch.export specializes a batch of 1
+    module, args, names, dyn = _step_module_and_inputs(graph, trace_batch, sampler.solver.plan.stochastic,
+                                                       dynamic_batch)
+    device = _model_device(sampler.model)
+    module, args = module.to(device), tuple(a.to(device) for a in args)  # traced where the weights are
+    with torch.no_grad(), warnings.catch_warnings(), _quiet_logger("torch.onnx"):
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(module, args, None, input_names=names, output_names=["x_next"], dynamo=True,
+                                    opset_version=opset, dynamic_shapes=dyn, verbose=False)
+    proto = program.model_proto
+    set_metadata(proto, {**_metadata(sampler, graph, opset), "inputs": names})
+    if mode == "loop":
+        proto = _loop_model(proto)
+    _save(proto, path, external_data)
+    return path
+
+
+def step_to_loop(step_path, loop_path, *, external_data: bool = False) -> Path:
+    """Turn a mode="step" graph into the mode="loop" graph (no re-tracing): noise, labels, g1 (, z [S, B, ...])
+    -> sample, the step graph as the body of an ONNX Loop whose iteration number is the step index."""
+    import onnx
+
+    step_path, loop_path = Path(step_path), _check_out_path(loop_path)
+    if not step_path.is_file():
+        raise FileNotFoundError(f"step_path: ONNX file {step_path} not found")
+    proto = onnx.load(str(step_path))
+    if proto_metadata(proto)["mode"] != "step":
+        raise ValueError(f"step_path: {step_path} is already a loop graph (mode='loop')")
+    _save(_loop_model(proto), loop_path, external_data)
+    return loop_path
+
+
+@contextlib.contextmanager
+def _quiet_logger(name: str):
+    """The exporter logs a warning per missing optional package (torchvision ops); not the user's concern."""
+    log = logging.getLogger(name)
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
+def _save(proto, path: Path, external_data: bool) -> None:
+    import onnx
+
+    onnx.save_model(proto, str(path), save_as_external_data=external_data,
+                    location=path.name + ".data" if external_data else None)
+
+
+def _graph_for(sampler, latent_shape) -> GuidedGraph:
+    guidance, model = sampler.guidance, sampler.model
+    if not guidance.traceable:
+        raise ValueError(f"guidance: {type(guidance).__name__} cannot be exported to ONNX: each step needs autograd "
+                         "(the gradient of the classifier's log-probability with respect to x_t), which an ONNX "
+                         "inference graph does not have; export CFG or ReCFG, or sample it with fastguide.Sampler")
+    if not isinstance(guidance, (CFG, ReCFG)):
+        raise ValueError(f"guidance: only CFG and ReCFG can be exported to ONNX, got {type(guidance).__name__}")
+    null = sampler.null_cond
+    if isinstance(null, torch.Tensor) or isinstance(null, bool) or not isinstance(null, (int, np.integer)):
+        raise ValueError("null_cond: the ONNX graph takes int64 class labels, so null_cond must be an int label, "
+                         f"got {type(null).__name__}")
+    if isinstance(model, nn.Module) and model.training:
+        raise ValueError("model: is in training mode; call model.eval() before exporting (dropout / batch-norm "
+                         "statistics would otherwise be baked into the graph)")
+    params = list(model.parameters()) if isinstance(model, nn.Module) else []
+    if any(p.is_floating_point() and p.dtype != torch.float32 for p in params):
+        raise ValueError("model: the exported graph is float32; pass a float32 model (model.float())")
+    return GuidedGraph(model, sampler.solver.plan, guidance, int(null), sampler.cond_first, latent_shape)
+
+
+def _model_device(model) -> torch.device:
+    if isinstance(model, nn.Module):
+        for p in model.parameters():
+            return p.device
+    return torch.device("cpu")
+
+
+def _check_latent_shape(latent_shape, guidance) -> tuple[int, ...]:
+    if latent_shape is None:
+        if isinstance(guidance, ReCFG):
+            return guidance.table.latent_shape
+        raise ValueError("latent_shape: expected the (C, H, W) shape of one sample (only a ReCFG table implies it)")
+    try:
+        shape = tuple(int(v) for v in latent_shape)
+    except (TypeError, ValueError):
+        raise TypeError(f"latent_shape: expected a tuple of ints (C, H, W), got {latent_shape!r}") from None
+    if len(shape) != 3 or min(shape) < 1:
+        raise ValueError(f"latent_shape: expected (C, H, W) with positive sizes, got {shape}")
+    return shape
+
+
+def _check_out_path(path) -> Path:
+    path = Path(path)
+    if path.suffix.lower() != ".onnx":
+        raise ValueError(f"path: expected a file name ending in .onnx, got {str(path)!r}")
+    if path.is_dir() or not path.parent.is_dir():
+        raise ValueError(f"path: cannot write {path} (a directory, or its directory {path.parent} does not exist)")
+    return path
+
+
+def _step_module_and_inputs(graph: GuidedGraph, batch: int, stochastic: bool, dynamic_batch: bool):
+    gen = torch.Generator().manual_seed(0)
+    shape = (batch, *graph.latent_shape)
+    args = [torch.randn(shape, generator=gen), torch.tensor(0, dtype=torch.int64),
+            torch.zeros(batch, dtype=torch.int64), torch.full((batch,), 2.0)]
+    names = ["x", "step", "labels", "g1"]
+    if stochastic:
+        args.append(torch.randn(shape, generator=gen))
+        names.append("z")
+    if not dynamic_batch:
+        return StepModule(graph).eval(), tuple(args), names, None
+    rows = {0: torch.export.Dim("batch", min=1)}
+    return StepModule(graph).eval(), tuple(args), names, {n: None if n == "step" else rows for n in names}
+
+
+def _metadata(sampler, graph: GuidedGraph, opset: int) -> dict:
+    from fastguide import __version__
+
+    guidance, plan = sampler.guidance, sampler.solver.plan
+    table = guidance.table if isinstance(guidance, ReCFG) else None
+    return {
+        "format": FORMAT, "version": __version__, "mode": "step", "output": "x_next", "steps": plan.steps,
+        "timesteps": plan.timesteps.tolist(), "latent_shape": list(graph.latent_shape),
+        "stochastic": plan.stochastic, "guided_steps": list(graph.guided_steps), "guidance": type(guidance).__name__,
+        "default_scale": guidance.scale if isinstance(guidance.scale, float) else None,
+        "solver": repr(sampler.solver), "prediction_type": plan.prediction_type, "clip_range": plan.clip_range,
+        "null_cond": graph.null_cond, "cond_first": graph.cond_first, "opset": opset,
+        "table_classes": None if table is None else table.num_classes,
+        "unknown_label": None if table is None else guidance.unknown_label,
+    }
+
+
+def _loop_model(step):
+    """The loop graph around a step graph: Loop(M = S) whose body is the step graph, with the iteration number as
+    the step index, x carried, labels / g1 read from the outer scope and z gathered per step from z [S, B, ...]."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    meta = proto_metadata(step)
+    g = step.graph
+    inputs = {v.name: v for v in g.input}
+    body_nodes = [helper.make_node("Identity", ["cond_in"], ["cond_out"])]
+    if "z" in inputs:  # the body reads this step's slice of the outer z [S, B, ...]
+        body_nodes.append(helper.make_node("Gather", ["z", "step"], ["z_step"], axis=0))
+    for node in g.node:
+        node = _copy(node, onnx.NodeProto())
+        node.input[:] = ["z_step" if n == "z" else n for n in node.input]
+        body_nodes.append(node)
+    body = helper.make_graph(
+        body_nodes, "guided_step",
+        [helper.make_tensor_value_info("step", TensorProto.INT64, []),
+         helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []), inputs["x"]],
+        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []), g.output[0]],
+        value_info=g.value_info)
+    outer_inputs = [_renamed(inputs["x"], "noise"), inputs["labels"], inputs["g1"]]
+    if "z" in inputs:
+        z = _copy(inputs["z"], onnx.ValueInfoProto())
+        z.type.tensor_type.shape.dim.insert(0, onnx.TensorShapeProto.Dimension(dim_value=int(meta["steps"])))
+        outer_inputs.append(z)
+    trip = [numpy_helper.from_array(np.array(meta["steps"], dtype=np.int64), "loop_steps"),
+            numpy_helper.from_array(np.array(True), "loop_true")]
+    loop = helper.make_node("Loop", ["loop_steps", "loop_true", "noise"], ["sample"], body=body)
+    graph = helper.make_graph([loop], "guided_loop", outer_inputs, [_renamed(g.output[0], "sample")],
+                              initializer=list(g.initializer) + trip)
+    model = helper.make_model(graph, opset_imports=step.opset_import, ir_version=step.ir_version,
+                              producer_name="fastguide", functions=step.functions)
+    names = [v.name for v in outer_inputs]
+    set_metadata(model, {**meta, "mode": "loop", "output": "sample", "inputs": names})
+    return model
+
+
+def _copy(proto, into):
+    into.CopyFrom(proto)
+    return into
+
+
+def _renamed(value_info, name: str):
+    import onnx
+
+    v = _copy(value_info, onnx.ValueInfoProto())
+    v.name = name
+    return v
