@@ -30,8 +30,8 @@ python3 -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; pr
 
 case "${1:-}" in
 tests)
-    FASTGUIDE_TEST_CUDA=1 python3 -m pytest -q -x tests/test_guided_step.py tests/test_compile.py \
-        tests/test_torch_step.py tests/test_sampler.py 2>&1 | tee "$OUT/tests-cuda.log"
+    FASTGUIDE_TEST_CUDA=1 python3 -m pytest -q -x tests/kernels/test_guided_step.py tests/test_sampler_compile.py \
+        tests/kernels/test_torch_step.py tests/test_sampler.py tests/test_loop.py 2>&1 | tee "$OUT/tests-cuda.log"
     ;;
 kernel)
     python3 benchmarks/report_guided_step.py --write 2>&1 | tee "$OUT/kernel.log"

@@ -195,7 +195,7 @@ def _static_in_subprocess(as_json: bool) -> str:
 STATIC_NOTE = (
     "Compiled ahead of time (triton.compile, GPUTarget cuda 90 / 80) with the launcher's specialization for "
     "16-byte aligned pointers and a per-row size divisible by 16, disassembled with triton's cuobjdump; "
-    "tests/test_guided_step_sass.py asserts these properties on every CI run. Bytes per latent element "
+    "tests/kernels/test_guided_step_sass.py asserts these properties on every CI run. Bytes per latent element "
     "(B x C x H x W): reads + writes; recfg counts both table rows (a lerp step), a grid step reads one "
     "(the second row's load is predicated off). LDG.128 / STG.128 are 16-byte accesses per thread, one per "
     "streamed operand per 16 bytes of its elements (exactly the floor); the other loads are per-program "

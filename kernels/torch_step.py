@@ -4,7 +4,7 @@ On the CPU (and for eager sampling anywhere without Triton) every torch op costs
 dispatch, so this path takes the per-step scalars as Python floats / ints from the host plan and does the
 whole step in about six in-place ops. It is not CUDA-graph capturable (the scalars are baked into the ops);
 compiled and captured loops use the reference or the Triton kernel with device tensors instead. Tested
-against the reference in tests/test_torch_step.py.
+against the reference in tests/kernels/test_torch_step.py.
 """
 from __future__ import annotations
 

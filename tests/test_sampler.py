@@ -1,28 +1,19 @@
-"""fg.Sampler: per-sample seeds, dtypes, callbacks, progress bar, input handling."""
+"""fg.Sampler's public behaviour: per-sample seeds, dtypes, callbacks, progress bar, input handling, sampling
+without a rule, and the errors its inputs raise (ValueError/TypeError naming the argument and what was expected).
+
+The model is conftest's toy_model (with its sampler_for factory); the bad-input tests use conftest's tanh_kit.
+"""
 import math
 
+import numpy as np
 import pytest
 import torch
 
 import fastguide as fg
 from fastguide.kernels.reference import Coef
 
-SHAPE = (3, 5, 3)  # odd sizes
-NULL = 4
-
-
-def toy_model(x, t, cond):
-    gen = torch.Generator().manual_seed(21)
-    mix = (torch.randn(SHAPE[0], SHAPE[0], generator=gen, dtype=torch.float64) / 2).to(x.dtype)
-    emb = torch.randn(NULL + 1, *SHAPE, generator=gen, dtype=torch.float64).to(x.dtype) / 2
-    h = (mix[None, :, :, None, None] * x[:, None]).sum(2) + emb[cond] + (t.to(x.dtype) / 1000).view(-1, 1, 1, 1)
-    return torch.tanh(h)
-
-
-def sampler_for(solver, guidance=None, **kw):
-    kw.setdefault("progress", False)
-    return fg.Sampler(toy_model, solver, guidance or fg.CFG(2.5), null_cond=NULL, backend="torch", **kw)
-
+SHAPE = (3, 5, 3)  # odd sizes: the latents of conftest's toy_model
+NULL = 4  # toy_model's null label (labels 0..3 are conditions)
 
 SCHEDULE = fg.NoiseSchedule.linear()
 STOCHASTIC = [
@@ -34,7 +25,7 @@ STOCHASTIC = [
 
 # ------------------------------------------------------------------ per-sample seeds
 @pytest.mark.parametrize("make_solver", STOCHASTIC)
-def test_seeded_samples_do_not_depend_on_the_batch(make_solver):
+def test_seeded_samples_do_not_depend_on_the_batch(sampler_for, make_solver):
     solver = make_solver()
     assert solver.plan.stochastic
     sampler = sampler_for(solver)
@@ -52,7 +43,7 @@ def test_seeded_samples_do_not_depend_on_the_batch(make_solver):
 
 
 @pytest.mark.parametrize("make_solver", STOCHASTIC)
-def test_per_step_noise_comes_from_the_seed(make_solver):
+def test_per_step_noise_comes_from_the_seed(sampler_for, make_solver):
     """Same x_T, different seeds -> different samples; same seeds twice -> the same samples."""
     sampler = sampler_for(make_solver())
     noise = fg.seeded_noise([0, 1], SHAPE, torch.float64)
@@ -64,17 +55,7 @@ def test_per_step_noise_comes_from_the_seed(make_solver):
     assert (a[1] - b[1]).abs().max() > 1e-2
 
 
-def test_seeded_noise_rows_depend_only_on_their_seed():
-    a = fg.seeded_noise([3, 9, 4], SHAPE, torch.float64)
-    b = fg.seeded_noise([9], SHAPE, torch.float64)
-    assert a.shape == (3, *SHAPE) and a.dtype == torch.float64
-    assert torch.equal(a[1], b[0])
-    assert not torch.equal(a[0], a[2])
-    assert torch.equal(fg.seeded_noise([9], SHAPE, torch.float32)[0], b[0].float())
-    assert abs(fg.seeded_noise(list(range(64)), SHAPE).std().item() - 1) < 0.1
-
-
-def test_unseeded_stochastic_sampling_uses_torch_global_rng():
+def test_unseeded_stochastic_sampling_uses_torch_global_rng(sampler_for):
     sampler = sampler_for(fg.DDPM(SCHEDULE, steps=5))
     noise = fg.seeded_noise([0, 1], SHAPE, torch.float64)
     torch.manual_seed(3)
@@ -88,7 +69,7 @@ def test_unseeded_stochastic_sampling_uses_torch_global_rng():
 SD_SCHEDULE = fg.NoiseSchedule.scaled_linear()
 
 
-def eager_low_precision_ddim(x, labels, steps, g, dtype, clip):
+def eager_low_precision_ddim(model, x, labels, steps, g, dtype, clip):
     """The usual eager way, everything in ``dtype``: what the tolerance of a low-precision run is measured by."""
     abar = SD_SCHEDULE.alphas_cumprod
     stride = 1000 // steps
@@ -96,7 +77,7 @@ def eager_low_precision_ddim(x, labels, steps, g, dtype, clip):
     null = torch.full_like(labels, NULL)
     for t in reversed(range(0, 1000, stride)):
         tt = torch.full((x.shape[0],), float(t), dtype=dtype)
-        out = toy_model(torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([labels, null]))
+        out = model(torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([labels, null]))
         e_c, e_u = out.chunk(2)
         eps = e_u + g * (e_c - e_u)
         a, a_prev = abar[t].item(), (abar[t - stride].item() if t >= stride else 1.0)
@@ -109,7 +90,7 @@ def eager_low_precision_ddim(x, labels, steps, g, dtype, clip):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("clip", [False, True])
-def test_low_precision_is_close_to_float64(dtype, clip):
+def test_low_precision_is_close_to_float64(toy_model, sampler_for, dtype, clip):
     steps, g = 10, 2.5
     solver = fg.DDIM(SD_SCHEDULE, steps=steps, clip_sample=clip)
     noise = fg.seeded_noise(range(6), SHAPE, torch.float64)
@@ -121,12 +102,13 @@ def test_low_precision_is_close_to_float64(dtype, clip):
     err = (got.double() - ref).abs().max().item()
     # FlashAttention-style bound: at most twice the error of the same computation done eagerly in ``dtype``,
     # plus a few units of the dtype's resolution at the sample's scale.
-    eager_err = (eager_low_precision_ddim(noise, labels, steps, g, dtype, clip).double() - ref).abs().max().item()
+    eager_err = (eager_low_precision_ddim(toy_model, noise, labels, steps, g, dtype, clip).double()
+                 - ref).abs().max().item()
     atol = 8 * torch.finfo(dtype).eps * max(ref.abs().max().item(), 1.0)
     assert err <= 2 * eager_err + atol, (err, eager_err, atol)
 
 
-def test_float64_run_is_float64_end_to_end():
+def test_float64_run_is_float64_end_to_end(sampler_for):
     solver = fg.DDIM(SCHEDULE, steps=10)
     noise = fg.seeded_noise(range(3), SHAPE, torch.float64)
     seen = []
@@ -136,7 +118,7 @@ def test_float64_run_is_float64_end_to_end():
 
 
 # ------------------------------------------------------------------ callback, progress
-def test_callback_once_per_step_with_index_time_and_sample():
+def test_callback_once_per_step_with_index_time_and_sample(sampler_for):
     solver = fg.DDIM(fg.NoiseSchedule.from_diffusers(dict(timestep_spacing="trailing")), steps=7)
     calls = []
     noise = fg.seeded_noise(range(2), SHAPE, torch.float64)
@@ -149,7 +131,7 @@ def test_callback_once_per_step_with_index_time_and_sample():
     assert not torch.equal(calls[0][2], calls[1][2])
 
 
-def test_progress_bar_can_be_turned_off(capsys):
+def test_progress_bar_can_be_turned_off(toy_model, capsys):
     solver = fg.DDIM(SCHEDULE, steps=4)
     noise = fg.seeded_noise(range(2), SHAPE)
     sampler = fg.Sampler(toy_model, solver, fg.CFG(2.0), null_cond=NULL, backend="torch")  # progress on by default
@@ -162,7 +144,7 @@ def test_progress_bar_can_be_turned_off(capsys):
     assert "sampling" in capsys.readouterr().err
 
 
-def test_sample_does_not_modify_its_inputs():
+def test_sample_does_not_modify_its_inputs(sampler_for):
     noise = fg.seeded_noise(range(2), SHAPE, torch.float64)
     labels = torch.tensor([0, 1])
     noise_copy, labels_copy = noise.clone(), labels.clone()
@@ -171,7 +153,7 @@ def test_sample_does_not_modify_its_inputs():
     assert out.data_ptr() != noise.data_ptr()
 
 
-def test_labels_as_a_list_and_default_guidance():
+def test_labels_as_a_list_and_default_guidance(toy_model):
     noise = fg.seeded_noise(range(2), SHAPE, torch.float64)
     sampler = fg.Sampler(toy_model, fg.DDIM(SCHEDULE, steps=4), progress=False, null_cond=NULL)
     assert torch.equal(sampler.sample(noise, [0, 1]), sampler.sample(noise, torch.tensor([0, 1])))
@@ -201,7 +183,7 @@ def test_tensor_conditions_and_null_embedding():
     pytest.param(lambda: fg.DDPM(SD_SCHEDULE, steps=8), id="ddpm"),
     pytest.param(lambda: fg.DDIM(SD_SCHEDULE, steps=8, eta=0.5, prediction_type="v_prediction"), id="ddim-v-eta"),
 ])
-def test_every_solver_runs_in_low_precision(make_solver, dtype):
+def test_every_solver_runs_in_low_precision(sampler_for, make_solver, dtype):
     """Same seeds, so the same per-step noise: the low-precision run tracks the float64 one to within a few
     unit of the dtype's resolution per step at the sample's scale (the model itself runs in ``dtype``)."""
     solver = make_solver()
@@ -215,151 +197,10 @@ def test_every_solver_runs_in_low_precision(make_solver, dtype):
     assert err <= solver.steps * torch.finfo(dtype).eps * max(ref.abs().max().item(), 1.0)  # measured <= 0.2 of it
 
 
-# ------------------------------------------------------------------ buffers reused across calls
-def _unit_ratio_table(solver, scale=0.9):
-    gen = torch.Generator().manual_seed(5)
-    ratios = 1 + scale * (torch.rand(NULL + 1, solver.plan.steps, *SHAPE, generator=gen, dtype=torch.float64) - 0.5)
-    return fg.RatioTable(ratios)
-
-
-def test_reused_buffers_give_the_same_samples_as_a_fresh_sampler():
-    """One sampler driven through calls that change everything a cached buffer could hold stale (noise,
-    labels, scale, rule, batch, null label, per-step noise) equals a new sampler for every call."""
-    solver = fg.DDIM(SCHEDULE, steps=5, eta=0.7)
-    table = _unit_ratio_table(solver)
-    ts = solver.plan.timesteps
-    calls = [
-        dict(batch=4, guidance=fg.CFG(2.0)),
-        dict(batch=4, guidance=fg.CFG(2.0)),  # same key, new noise / labels / seeds
-        dict(batch=4, guidance=fg.CFG(2.0), scale=4.5),
-        dict(batch=4, guidance=fg.CFG(2.0), scale=torch.tensor([1.0, 3.0, 6.0, 0.5])),
-        dict(batch=4, guidance=fg.ReCFG(3.0, table=table)),
-        dict(batch=3, guidance=fg.ReCFG(3.0, table=table)),
-        dict(batch=4, guidance=fg.CFG(2.0, interval=(float(ts[3]), float(ts[0])))),
-        dict(batch=4, guidance=fg.CFG(2.0), null=1),
-        dict(batch=4, guidance=fg.CFG(2.0)),  # back to the first key
-    ]
-    reused = sampler_for(solver)
-    for k, call in enumerate(calls):
-        gen = torch.Generator().manual_seed(100 + k)
-        seeds = list(range(10 * k, 10 * k + call["batch"]))
-        noise = fg.seeded_noise(seeds, SHAPE, torch.float64)
-        labels = torch.randint(0, NULL, (call["batch"],), generator=gen)
-        reused.null_cond = call.get("null", NULL)
-        fresh = fg.Sampler(toy_model, solver, call["guidance"], null_cond=call.get("null", NULL), backend="torch",
-                           progress=False)
-        kw = {"scale": call["scale"]} if "scale" in call else {}
-        got = reused.sample(noise, labels, seeds=seeds, guidance=call["guidance"], **kw)
-        want = fresh.sample(noise, labels, seeds=seeds, **kw)
-        assert torch.equal(got, want), f"call {k}: max diff {(got - want).abs().max().item():.3g}"
-    assert len(reused.buffers) == 4  # cfg B4, recfg B4, recfg B3, cfg-interval B4: the other calls reused a key
-
-
-def test_loop_buffer_cache_is_bounded():
-    from fastguide.sampler import MAX_CACHED_LOOPS
-
-    sampler = sampler_for(fg.DDIM(SCHEDULE, steps=2))
-    for batch in range(1, MAX_CACHED_LOOPS + 4):
-        out = sampler.sample(fg.seeded_noise(range(batch), SHAPE, torch.float64), torch.arange(batch) % NULL)
-        assert out.shape[0] == batch
-    assert len(sampler.buffers) == MAX_CACHED_LOOPS
-
-
-def test_a_sample_call_from_inside_a_callback_does_not_disturb_the_outer_loop():
-    solver = fg.DDIM(SCHEDULE, steps=4)
-    noise, labels = fg.seeded_noise(range(3), SHAPE, torch.float64), torch.tensor([0, 1, 2])
-    want = sampler_for(solver).sample(noise, labels)
-    sampler = sampler_for(solver)
-    inner = []
-
-    def nested(step, t, x):  # same sampler, same static key, other inputs
-        inner.append(sampler.sample(fg.seeded_noise(range(50 + step, 53 + step), SHAPE, torch.float64), labels))
-
-    got = sampler.sample(noise, labels, callback=nested)
-    assert torch.equal(got, want)
-    assert len(inner) == 4 and not torch.equal(inner[0], inner[1])
-
-
-def test_a_changed_scale_attribute_is_not_served_from_the_memo():
-    solver = fg.DDIM(SCHEDULE, steps=3)
-    guide = fg.CFG(2.0)
-    labels = torch.tensor([0, 1])
-    first = guide.prepare(solver.plan, labels, SHAPE)
-    assert guide.prepare(solver.plan, labels, SHAPE).g1 is first.g1  # memo hit: same scale and batch
-    guide.scale = 5.0
-    assert torch.equal(guide.prepare(solver.plan, labels, SHAPE).g1, torch.full((3, 2), 5.0, dtype=torch.float64))
-    assert torch.equal(guide.prepare(solver.plan, torch.tensor([0, 1, 2]), SHAPE).g1,
-                       torch.full((3, 3), 5.0, dtype=torch.float64))
-
-
-def test_loop_buffer_cache_keeps_the_most_recently_used_keys():
-    from fastguide.sampler import MAX_CACHED_LOOPS
-
-    sampler = sampler_for(fg.DDIM(SCHEDULE, steps=2))
-
-    def run(batch):
-        sampler.sample(fg.seeded_noise(range(batch), SHAPE, torch.float64), torch.arange(batch) % NULL)
-
-    run(1)
-    first = next(iter(sampler.buffers.values()))
-    for batch in range(2, MAX_CACHED_LOOPS + 1):
-        run(batch)
-        run(1)  # keeps batch 1 in use
-    run(MAX_CACHED_LOOPS + 1)  # evicts batch 2, the least recently used
-    assert any(b is first for b in sampler.buffers.values())
-    assert sorted(b.batch for b in sampler.buffers.values()) == [1, *range(3, MAX_CACHED_LOOPS + 2)]
-
-
-def test_a_null_embedding_changed_in_place_is_used():
-    gen = torch.Generator().manual_seed(3)
-    proj = torch.randn(4, SHAPE[0], generator=gen, dtype=torch.float64)
-
-    def emb_model(x, t, cond):
-        return torch.tanh(x * 0.5 + (cond @ proj).view(-1, SHAPE[0], 1, 1))
-
-    null = torch.zeros(4, dtype=torch.float64)
-    cond = torch.randn(2, 4, generator=gen, dtype=torch.float64)
-    noise = fg.seeded_noise(range(2), SHAPE, torch.float64)
-    sampler = fg.Sampler(emb_model, fg.DDIM(SCHEDULE, steps=3), fg.CFG(3.0), null_cond=null, progress=False)
-    sampler.sample(noise, cond)
-    null.add_(1.0)
-    want = fg.Sampler(emb_model, fg.DDIM(SCHEDULE, steps=3), fg.CFG(3.0), null_cond=null.clone(),
-                      progress=False).sample(noise, cond)
-    assert torch.equal(sampler.sample(noise, cond), want)
-
-
-def test_concurrent_calls_on_one_sampler_from_threads_do_not_share_buffers():
-    """A server may call one Sampler from several threads: each call must get buffers no other running call
-    uses (torch ops release the GIL, so the calls really overlap; without the claim lock this failed about
-    every other run)."""
-    import threading
-
-    solver = fg.DDIM(SCHEDULE, steps=6)
-    sampler = sampler_for(solver)
-    inputs = [(fg.seeded_noise(range(10 * k, 10 * k + 3), SHAPE, torch.float64), torch.tensor([k % 4, 1, 2]))
-              for k in range(8)]
-    want = [sampler_for(solver).sample(noise, labels) for noise, labels in inputs]
-    got = [None] * len(inputs)
-    start = threading.Barrier(len(inputs))
-
-    def work(k):
-        start.wait()
-        for _ in range(5):
-            got[k] = sampler.sample(*inputs[k])
-
-    threads = [threading.Thread(target=work, args=(k,)) for k in range(len(inputs))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    for k in range(len(inputs)):
-        assert torch.equal(got[k], want[k]), f"thread {k}"
-
-
 # ------------------------------------------------------------------ no guidance
 @pytest.mark.parametrize("make_solver", [lambda: fg.DDIM(SCHEDULE, steps=6), lambda: fg.FlowEuler(5)],
                          ids=["ddim", "flow"])
-def test_without_a_rule_the_conditional_model_runs_alone(make_solver):
+def test_without_a_rule_the_conditional_model_runs_alone(toy_model, sampler_for, make_solver):
     """Sampler(model, solver): B rows a step, no null half and no null_cond needed; the same sample as a
     written-out conditional loop over the solver's coefficients."""
     solver = make_solver()
@@ -384,3 +225,135 @@ def test_without_a_rule_the_conditional_model_runs_alone(make_solver):
     torch.testing.assert_close(got, cfg, rtol=1e-12, atol=1e-12)
     with pytest.raises(ValueError, match="scale: NoGuidance has no scale to override"):
         fg.Sampler(toy_model, solver, progress=False).sample(noise, labels, scale=2.0)
+
+
+# ------------------------------------------------------------------ bad input: noise, conditions, model output
+@pytest.mark.parametrize("shape", [(2, 3, 3), (2, 2, 3, 3, 1), (18,)])
+def test_noise_with_the_wrong_number_of_dims(tanh_kit, shape):
+    with pytest.raises(ValueError, match=r"noise: expected 4 dims \[B, C, H, W\]"):
+        tanh_kit.sampler().sample(torch.randn(shape), tanh_kit.LABELS)
+
+
+def test_noise_that_is_not_a_float_tensor(tanh_kit):
+    with pytest.raises(TypeError, match="noise"):
+        tanh_kit.sampler().sample(np.zeros((2, *tanh_kit.SHAPE)), tanh_kit.LABELS)
+    with pytest.raises(TypeError, match="noise: expected float64/float32/float16/bfloat16"):
+        tanh_kit.sampler().sample(torch.zeros((2, *tanh_kit.SHAPE), dtype=torch.int64), tanh_kit.LABELS)
+
+
+@pytest.mark.parametrize("check_finite", [True, False])  # checked with the sample, or up front
+@pytest.mark.parametrize("bad_value", [math.nan, math.inf])
+def test_noise_with_nan_or_inf(tanh_kit, check_finite, bad_value):
+    x = tanh_kit.noise()
+    x[1, 0, 0, 0] = bad_value
+    with pytest.raises(ValueError, match="noise: contains NaN or inf"):
+        tanh_kit.sampler(check_finite=check_finite).sample(x, tanh_kit.LABELS)
+
+
+@pytest.mark.parametrize("clip", [False, True])
+def test_inf_noise_is_caught_even_when_the_sample_ends_finite(tanh_kit, clip):
+    """A model that ignores x and a clipped one-step solver can turn inf noise into a finite sample; the noise
+    is still reported."""
+    solver = fg.DDIM(fg.NoiseSchedule.linear(clip_sample=clip, set_alpha_to_one=True), steps=1)
+    s = fg.Sampler(lambda x, t, c: torch.zeros_like(x), solver, fg.CFG(2.0), null_cond=tanh_kit.NULL, backend="torch",
+                   progress=False)
+    x = tanh_kit.noise()
+    x[0, 0, 0, 0] = math.inf
+    with pytest.raises(ValueError, match="noise: contains NaN or inf"):
+        s.sample(x, tanh_kit.LABELS)
+
+
+@pytest.mark.parametrize("cond", [torch.tensor([0, 1, 2]), torch.tensor([0]), [0, 1, 2]])
+def test_cond_batch_differs_from_noise_batch(tanh_kit, cond):
+    with pytest.raises(ValueError, match=r"cond: expected 2 conditions \(the noise batch\)"):
+        tanh_kit.sampler().sample(tanh_kit.noise(2), cond)
+
+
+def test_cond_as_a_single_int_is_not_broadcast(tanh_kit):
+    with pytest.raises(TypeError, match="cond: expected a \\[B\\] tensor"):
+        tanh_kit.sampler().sample(tanh_kit.noise(2), 1)
+
+
+def test_null_cond_embedding_of_the_wrong_shape(tanh_kit):
+    cond = torch.zeros(2, 5)
+    with pytest.raises(ValueError, match=r"null_cond: expected shape \(5,\) \(one condition\), got \(4,\)"):
+        tanh_kit.sampler(null_cond=torch.zeros(4)).sample(tanh_kit.noise(), cond)
+    with pytest.raises(ValueError, match="null_cond: conditions are tensors"):
+        tanh_kit.sampler(null_cond=tanh_kit.NULL).sample(tanh_kit.noise(), cond)
+
+
+def test_empty_batch(tanh_kit):
+    with pytest.raises(ValueError, match="noise: expected a non-empty batch"):
+        tanh_kit.sampler().sample(torch.zeros(0, *tanh_kit.SHAPE, dtype=torch.float64),
+                                  torch.zeros(0, dtype=torch.long))
+
+
+def test_model_output_with_the_wrong_shape(tanh_kit):
+    def bad_model(x, t, cond):
+        return x[:, :1]
+
+    s = fg.Sampler(bad_model, fg.DDIM(SCHEDULE, steps=4), fg.CFG(2.0), null_cond=tanh_kit.NULL, progress=False)
+    with pytest.raises(ValueError, match="model: output shape"):
+        s.sample(tanh_kit.noise(), tanh_kit.LABELS)
+
+
+@pytest.mark.parametrize("bad_value", [math.nan, math.inf, -math.inf])
+def test_nan_or_inf_in_model_output_names_the_first_step(tanh_kit, bad_value):
+    calls = []
+
+    def breaks_at_third_step(x, t, cond):
+        calls.append(1)
+        out = torch.tanh(x)
+        if len(calls) >= 3:
+            out = out.clone()
+            out[0, 0, 0, 0] = bad_value
+        return out
+
+    s = fg.Sampler(breaks_at_third_step, fg.DDIM(SCHEDULE, steps=5), fg.CFG(2.0), null_cond=tanh_kit.NULL,
+                   progress=False)
+    with pytest.raises(ValueError, match=r"model: output contained NaN/inf, first at step 2 \(t=400\)"):
+        s.sample(tanh_kit.noise(), tanh_kit.LABELS)
+
+
+def test_nan_in_the_unconditional_half_only_is_caught(tanh_kit):
+    def nan_for_null(x, t, cond):
+        out = torch.tanh(x).clone()
+        out[cond == tanh_kit.NULL] = math.nan
+        return out
+
+    s = fg.Sampler(nan_for_null, fg.DDIM(SCHEDULE, steps=4), fg.CFG(2.0), null_cond=tanh_kit.NULL, progress=False)
+    with pytest.raises(ValueError, match="model: output contained NaN/inf, first at step 0"):
+        s.sample(tanh_kit.noise(), tanh_kit.LABELS)
+
+
+# ------------------------------------------------------------------ bad input: sampler settings and seeds
+def test_unknown_backend(tanh_kit):
+    with pytest.raises(ValueError, match="backend: expected one of"):
+        fg.Sampler(tanh_kit.model, fg.DDIM(SCHEDULE, steps=4), fg.CFG(2.0), null_cond=tanh_kit.NULL, backend="cuda")
+
+
+def test_not_a_solver_or_guidance_or_model(tanh_kit):
+    with pytest.raises(TypeError, match="solver: expected a fastguide solver"):
+        fg.Sampler(tanh_kit.model, SCHEDULE, fg.CFG(2.0), null_cond=tanh_kit.NULL)
+    with pytest.raises(TypeError, match="guidance: expected CFG, ReCFG or ClassifierGuidance"):
+        fg.Sampler(tanh_kit.model, fg.DDIM(SCHEDULE, steps=4), 4.0, null_cond=tanh_kit.NULL)
+    with pytest.raises(TypeError, match="model: expected a callable"):
+        fg.Sampler("unet", fg.DDIM(SCHEDULE, steps=4), fg.CFG(2.0), null_cond=tanh_kit.NULL)
+    with pytest.raises(TypeError, match="schedule: expected a fastguide.NoiseSchedule"):
+        fg.DDIM({"beta_schedule": "linear"}, steps=4)
+
+
+@pytest.mark.parametrize("solver", [fg.DDIM(SCHEDULE, steps=4, eta=1.0), fg.DDIM(SCHEDULE, steps=4)],
+                         ids=["stochastic", "deterministic"])
+def test_seeds_of_the_wrong_length(tanh_kit, solver):
+    with pytest.raises(ValueError, match=r"seeds: expected 2 seeds \(one per sample\), got 3"):
+        tanh_kit.sampler(solver=solver).sample(tanh_kit.noise(2), tanh_kit.LABELS, seeds=[1, 2, 3])
+
+
+def test_seeds_that_are_not_ints(tanh_kit):
+    with pytest.raises(TypeError, match="seeds: expected a sequence of ints"):
+        tanh_kit.sampler(solver=fg.DDPM(SCHEDULE, steps=4)).sample(tanh_kit.noise(2), tanh_kit.LABELS, seeds=["a", "b"])
+    with pytest.raises(ValueError, match="seeds: expected non-negative ints"):
+        tanh_kit.sampler(solver=fg.DDPM(SCHEDULE, steps=4)).sample(tanh_kit.noise(2), tanh_kit.LABELS, seeds=[1, -2])
+    with pytest.raises(TypeError, match="seeds"):
+        fg.seeded_noise(5, tanh_kit.SHAPE)

@@ -1,4 +1,5 @@
-"""NoiseSchedule: beta schedules, zero-terminal-SNR rescale, diffusers-config import and timestep spacings.
+"""NoiseSchedule: beta schedules, zero-terminal-SNR rescale, diffusers-config import and timestep spacings, and
+the errors unsupported configs and bad betas raise.
 
 Expected values come from closed forms (numpy / math) or from diffusers itself, never from fastguide.
 """
@@ -168,3 +169,26 @@ def test_fingerprint_identifies_the_schedule():
     assert a.fingerprint() == b.fingerprint()
     assert a.fingerprint() != fg.NoiseSchedule.scaled_linear().fingerprint()
     assert a.fingerprint() != fg.NoiseSchedule.linear(beta_end=0.0201).fingerprint()
+
+
+# ------------------------------------------------------------------ bad input: diffusers configs and betas
+def test_unsupported_diffusers_settings():
+    with pytest.raises(ValueError, match="config: thresholding=True"):
+        fg.NoiseSchedule.from_diffusers(dict(thresholding=True))
+    with pytest.raises(ValueError, match=r"config: unsupported scheduler keys \['karras_sigmas'\]"):
+        fg.NoiseSchedule.from_diffusers(dict(karras_sigmas=True))
+    with pytest.raises(ValueError, match="config: beta_schedule 'sigmoid' is not supported"):
+        fg.NoiseSchedule.from_diffusers(dict(beta_schedule="sigmoid"))
+    with pytest.raises(ValueError, match="config: variance_type 'learned_range' is not supported"):
+        fg.NoiseSchedule.from_diffusers(dict(variance_type="learned_range"))
+    with pytest.raises(ValueError, match=r"config: trained_betas has shape \(5,\), expected \(1000,\)"):
+        fg.NoiseSchedule.from_diffusers(dict(trained_betas=[0.1] * 5))
+
+
+def test_bad_betas():
+    with pytest.raises(ValueError, match="betas: expected finite values in"):
+        fg.NoiseSchedule.from_betas([0.1, 1.5, 0.2])
+    with pytest.raises(ValueError, match="betas: expected a 1-D sequence"):
+        fg.NoiseSchedule.from_betas([[0.1, 0.2]])
+    with pytest.raises(ValueError, match="num_train_timesteps: expected an int >= 2"):
+        fg.NoiseSchedule.linear(num_train_timesteps=1)

@@ -12,7 +12,7 @@ def load_report_sampler():
     from pathlib import Path
 
     spec = importlib.util.spec_from_file_location(
-        "report_sampler", Path(__file__).resolve().parents[1] / "benchmarks" / "report_sampler.py")
+        "report_sampler", Path(__file__).resolve().parents[2] / "benchmarks" / "report_sampler.py")
     report_sampler = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(report_sampler)
     return report_sampler

@@ -21,7 +21,7 @@ from fastguide.table_build import RatioSums
 
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
-SOURCE = "test_table_distributed:analytic_source"
+SOURCE = "test_table_build_distributed:analytic_source"
 KILL_ENV = "FASTGUIDE_TEST_KILL_AFTER_CALLS"
 # 3 classes x 10 images, batch 4 -> 8 image batches x 3 timesteps = 24 model calls.
 BUILD_ARGS = ["build-table", "--model", SOURCE, "--timesteps", "0,400,999", "--samples-per-class", "10",
@@ -29,9 +29,9 @@ BUILD_ARGS = ["build-table", "--model", SOURCE, "--timesteps", "0,400,999", "--s
 
 
 def analytic_source():
-    """Build inputs for the CLI: the analytic Gaussian model of test_table, dataset with mixed-class batches.
+    """Build inputs for the CLI: the analytic Gaussian model of test_table_build, dataset with mixed-class batches.
     With FASTGUIDE_TEST_KILL_AFTER_CALLS=N the process SIGKILLs itself at model call N + 1."""
-    from test_table import SCHED, dataset, make_problem
+    from test_table_build import SCHED, dataset, make_problem
 
     mu, model = make_problem(num_classes=3, shape=(1, 3, 2), seed=7)
     images, labels = dataset(mu, 12, order="interleaved")

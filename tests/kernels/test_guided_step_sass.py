@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 REPORT = REPO / "benchmarks" / "report_guided_step.py"
 MAX_SCALAR_LOADS = 11  # g1, label row, two step rows, the lerp weight, at most six coefficients
 FULL_OCCUPANCY_REGS, MIXED_WIDTH_REGS = 32, 48

@@ -1,47 +1,20 @@
-"""Issue 9: the compiled hot step never recompiles for new scales / steps / rules; the static-buffer loop
-(what CUDA graphs replay) equals eager sampling for new noise, labels and scales; guidance-interval work."""
-import warnings
+"""Sampler.compile(): the compiled hot step never recompiles for new scales / steps / rules / solvers, compiles
+each phase of a guidance interval once, runs the registered Triton op inside compiled code without graph breaks,
+warms up ahead of the first call, and picks its torch.compile mode; the sampler benchmark suite stays runnable.
 
+The network is conftest's tiny_net (TinyNet, its solver and ratio table); eager_sample is the uncompiled reference.
+"""
 import pytest
 import torch
 from torch._dynamo.utils import counters
 
 import fastguide as fg
 
-B, SHAPE = 4, (2, 5, 6)
-
-
-class TinyNet(torch.nn.Module):
-    """A small nonlinear conditional eps model (conv + label and time embeddings)."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv = torch.nn.Conv2d(SHAPE[0], SHAPE[0], 3, padding=1)
-        self.emb = torch.nn.Embedding(11, SHAPE[0])
-
-    def forward(self, x, t, c):
-        h = self.conv(x) + self.emb(c)[:, :, None, None] + (t / 1000.0)[:, None, None, None]
-        return torch.tanh(h)
-
-
-@pytest.fixture(scope="module")
-def setup():
-    torch.manual_seed(0)
-    net = TinyNet().eval()
-    sched = fg.NoiseSchedule.linear()
-    solver = fg.DDIM(sched, steps=6)
-    table = fg.RatioTable(1 + 0.3 * torch.rand(11, 6, *SHAPE))
-    return net, solver, table
-
-
-def eager_sample(net, solver, guide, noise, labels, **kw):
-    return fg.Sampler(net, solver, guide, null_cond=10, progress=False).sample(noise, labels, **kw)
-
 
 @pytest.mark.parametrize("fuse_step", [True, False], ids=["fused-step", "model-only"])
 @torch.no_grad()
-def test_compiled_sampler_no_recompiles_across_scales_steps_and_rules(setup, fuse_step):
-    net, solver, table = setup
+def test_compiled_sampler_no_recompiles_across_scales_steps_and_rules(tiny_net, eager_sample, fuse_step):
+    net, solver, table, B, SHAPE = tiny_net
     noise = fg.seeded_noise(range(B), SHAPE)
     labels = torch.tensor([0, 3, 5, 9])
     sampler = fg.Sampler(net, solver, fg.CFG(2.0), null_cond=10, progress=False).compile(fuse_step=fuse_step)
@@ -61,8 +34,8 @@ def test_compiled_sampler_no_recompiles_across_scales_steps_and_rules(setup, fus
 
 
 @torch.no_grad()
-def test_compiled_sampler_per_sample_scales_and_graph_breaks(setup):
-    net, solver, table = setup
+def test_compiled_sampler_per_sample_scales_and_graph_breaks(tiny_net, eager_sample):
+    net, solver, table, B, SHAPE = tiny_net
     noise = fg.seeded_noise(range(10, 10 + B), SHAPE)
     labels = torch.tensor([1, 1, 2, 7])
     scales = torch.tensor([1.0, 2.0, 4.0, 8.0])
@@ -76,10 +49,10 @@ def test_compiled_sampler_per_sample_scales_and_graph_breaks(setup):
 
 
 @torch.no_grad()
-def test_compiled_guidance_interval_compiles_both_phases_once(setup):
+def test_compiled_guidance_interval_compiles_both_phases_once(tiny_net, eager_sample):
     """Inside the interval the fused step runs the 2B batch, outside the B conditional rows: two static
     shapes, each compiled once, and the result equals eager sampling."""
-    net, solver, table = setup
+    net, solver, table, B, SHAPE = tiny_net
     ts = solver.plan.timesteps
     interval = (float(ts[3]), float(ts[1]))
     noise = fg.seeded_noise(range(20, 20 + B), SHAPE)
@@ -97,10 +70,10 @@ def test_compiled_guidance_interval_compiles_both_phases_once(setup):
 
 @pytest.mark.parametrize("rule", ["cfg", "recfg", "cfg-interval"])
 @torch.no_grad()
-def test_compiled_sampler_with_the_triton_op_matches_torch(setup, rule):
+def test_compiled_sampler_with_the_triton_op_matches_torch(tiny_net, rule):
     """The GPU configuration (forward + registered Triton op compiled as one function), run here through the
     Triton interpreter: no graph breaks, same samples as the torch backend."""
-    net, solver, table = setup
+    net, solver, table, B, SHAPE = tiny_net
     ts = solver.plan.timesteps
     guide = {"cfg": fg.CFG(3.0), "recfg": fg.ReCFG(3.0, table=table),
              "cfg-interval": fg.CFG(3.0, interval=(float(ts[-1]), float(ts[2])))}[rule]
@@ -114,98 +87,10 @@ def test_compiled_sampler_with_the_triton_op_matches_torch(setup, rule):
 
 
 @torch.no_grad()
-def test_static_buffer_loop_equals_eager_for_new_inputs(setup):
-    """cuda_graph=True on the CPU: warns, then runs the same static-buffer loop a CUDA graph would replay."""
-    net, solver, table = setup
-    sampler = fg.Sampler(net, solver, fg.ReCFG(2.0, table=table), null_cond=10, progress=False)
-    sampler.compile(cuda_graph=True)
-    buffers = None
-    for call, (seed0, g) in enumerate([(0, 2.0), (100, 4.5), (200, torch.tensor([1.0, 3.0, 6.0, 0.5]))]):
-        noise = fg.seeded_noise(range(seed0, seed0 + B), SHAPE)
-        labels = torch.randint(0, 10, (B,))
-        with warnings.catch_warnings(record=True) as w:
-            warnings.simplefilter("always")
-            got = sampler.sample(noise, labels, scale=g)
-        assert any("cuda_graph" in str(m.message) for m in w)
-        want = eager_sample(net, solver, fg.ReCFG(g, table=table), noise, labels)
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
-        (entry,) = sampler.buffers.values()  # one static key: the buffers were reused, not reallocated
-        buffers = entry.x2.data_ptr() if buffers is None else buffers
-        assert entry.x2.data_ptr() == buffers
-
-
-@torch.no_grad()
-def test_static_buffer_loop_with_stochastic_solver_and_seeds(setup):
-    net, _, table = setup
-    solver = fg.DDIM(fg.NoiseSchedule.linear(), steps=5, eta=1.0)
-    sampler = fg.Sampler(net, solver, fg.CFG(3.0), null_cond=10, progress=False).compile(cuda_graph=True)
-    for seed0 in (0, 50):
-        seeds = list(range(seed0, seed0 + B))
-        noise = fg.seeded_noise(seeds, SHAPE)
-        labels = torch.tensor([4, 4, 0, 2])
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            got = sampler.sample(noise, labels, seeds=seeds)
-        want = eager_sample(net, solver, fg.CFG(3.0), noise, labels, seeds=seeds)
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
-
-
-@torch.no_grad()
-def test_guidance_interval_runs_half_batch_outside_and_saves_work(setup):
-    net, solver, _ = setup
-    rows_seen = []
-
-    def counting(x, t, c):
-        rows_seen.append(x.shape[0])
-        return net(x, t, c)
-
-    ts = solver.plan.timesteps
-    lo, hi = float(ts[3]), float(ts[0])  # guide the first 4 of 6 steps
-    sampler = fg.Sampler(counting, solver, fg.CFG(3.0, interval=(lo, hi)), null_cond=10, progress=False)
-    sampler.sample(fg.seeded_noise(range(B), SHAPE), torch.arange(B))
-    assert rows_seen == [2 * B] * 4 + [B] * 2
-    full = 2 * B * solver.plan.steps
-    assert sum(rows_seen) / full == pytest.approx((4 * 2 + 2) / 12)
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@torch.no_grad()
-def test_cuda_graph_replay_equals_eager_on_gpu(setup):
-    net, solver, table = setup
-    net = net.cuda()
-    sampler = fg.Sampler(net, solver, fg.ReCFG(2.0, table=table), null_cond=10, progress=False)
-    sampler.compile(cuda_graph=True)
-    for seed0, g in ((0, 2.0), (7, 5.0), (99, 1.5)):
-        noise = fg.seeded_noise(range(seed0, seed0 + B), SHAPE, device="cuda")
-        labels = torch.randint(0, 10, (B,), device="cuda")
-        got = sampler.sample(noise, labels, scale=g)
-        want = eager_sample(net, solver, fg.ReCFG(g, table=table), noise, labels)
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
-    (entry,) = sampler.buffers.values()
-    assert entry.graph is not None
-
-
-def test_sampler_benchmark_suite_runs_at_tiny_sizes():
-    """CI exercises benchmarks/bench_sampler.py (each case once, timing disabled)."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    repo = Path(__file__).resolve().parents[1]
-    env = dict(os.environ, FASTGUIDE_BENCH_QUICK="1")
-    res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--benchmark-disable",
-                          str(repo / "benchmarks" / "bench_sampler.py")],
-                         cwd=repo, env=env, capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    assert "8 passed" in res.stdout  # 3 end-to-end + 5 overhead cases at batch 1
-
-
-@torch.no_grad()
-def test_swapping_the_solver_keeps_the_compiled_step(setup):
+def test_swapping_the_solver_keeps_the_compiled_step(tiny_net, eager_sample):
     """An NFE sweep on one compiled sampler: new deterministic solvers compile nothing new; stochastic ones
     add one graph (the per-step noise input) the first time only."""
-    net, solver, _ = setup
+    net, solver, _, B, SHAPE = tiny_net
     noise, labels = fg.seeded_noise(range(B), SHAPE), torch.tensor([2, 2, 7, 1])
     sampler = fg.Sampler(net, solver, fg.CFG(3.0), null_cond=10, progress=False).compile()
     sampler.sample(noise, labels)
@@ -238,16 +123,17 @@ def test_swapping_the_solver_keeps_the_compiled_step(setup):
     ("default", True, "cuda", "default"),
     ("max-autotune", False, "cpu", "max-autotune"),
 ])
-def test_compile_mode_defaults_to_max_autotune_only_for_cuda_graphs_on_cuda(setup, mode, cuda_graph, device, want):
-    net, solver, _ = setup
+def test_compile_mode_defaults_to_max_autotune_only_for_cuda_graphs_on_cuda(tiny_net, mode, cuda_graph, device,
+                                                                            want):
+    net, solver, *_ = tiny_net
     sampler = fg.Sampler(net, solver, fg.CFG(2.0), null_cond=10, progress=False)
     sampler.compile(mode=mode, cuda_graph=cuda_graph)
     assert sampler.compile_options(torch.device(device))["mode"] == want
 
 
 @torch.no_grad()
-def test_warmup_compiles_ahead_so_the_first_real_call_compiles_nothing(setup):
-    net, solver, table = setup
+def test_warmup_compiles_ahead_so_the_first_real_call_compiles_nothing(tiny_net, eager_sample):
+    net, solver, table, B, SHAPE = tiny_net
     sampler = fg.Sampler(net, solver, fg.CFG(3.0), null_cond=10, progress=False).compile()
     seconds = sampler.warmup((B, *SHAPE))
     seconds_recfg = sampler.warmup((B, *SHAPE), guidance=fg.ReCFG(2.0, table=table))
@@ -264,7 +150,23 @@ def test_warmup_compiles_ahead_so_the_first_real_call_compiles_nothing(setup):
 
 
 @pytest.mark.parametrize("shape", [(4, 2, 5), (0, 2, 5, 6), "4x2x5x6", (4, 2, 5.0, 6)])
-def test_warmup_rejects_a_shape_that_is_not_four_positive_ints(setup, shape):
-    net, solver, _ = setup
+def test_warmup_rejects_a_shape_that_is_not_four_positive_ints(tiny_net, shape):
+    net, solver, *_ = tiny_net
     with pytest.raises(ValueError, match=r"noise_shape: expected 4 positive ints \(B, C, H, W\)"):
         fg.Sampler(net, solver, fg.CFG(3.0), null_cond=10, progress=False).warmup(shape)
+
+
+def test_sampler_benchmark_suite_runs_at_tiny_sizes():
+    """CI exercises benchmarks/bench_sampler.py (each case once, timing disabled)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, FASTGUIDE_BENCH_QUICK="1")
+    res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--benchmark-disable",
+                          str(repo / "benchmarks" / "bench_sampler.py")],
+                         cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "8 passed" in res.stdout  # 3 end-to-end + 5 overhead cases at batch 1

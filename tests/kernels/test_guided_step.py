@@ -39,7 +39,7 @@ needs_cuda_for_bf16 = pytest.mark.skipif(not USE_CUDA, reason="bf16 arithmetic i
 RULES = ("cond", "cfg", "recfg", "recfg_lerp")
 TABLE_K, TABLE_T = 4, 6
 CLIP_RANGE = 1.0
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @dataclass(frozen=True)

@@ -1,10 +1,12 @@
-"""Solver plans against diffusers 0.42.1: DDIMScheduler, DDPMScheduler, FlowMatchEulerDiscreteScheduler.
+"""Solver plans against diffusers 0.42.1: DDIMScheduler, DDPMScheduler, FlowMatchEulerDiscreteScheduler; and the
+errors a solver's arguments raise (steps, eta, spacing, prediction type, a zero-SNR schedule, flow shift).
 
 Whole samples run through fg.Sampler (torch backend, fp64) and through a loop of diffusers' step() with the
 same toy model and noise. diffusers rounds its schedule to float32 (about 1e-7 from a float64 one); a wrong
 timestep moves a sample by ~1e-2..1e-1, so a 1e-4 max-abs bound separates the two.
 """
 import dataclasses
+import math
 import types
 
 import numpy as np
@@ -23,6 +25,7 @@ STD_TOL = 1e-5
 SHAPE = (3, 5, 4)  # odd C, H, W
 BATCH = 3
 SD_BETAS = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+SCHEDULE = fg.NoiseSchedule.linear()  # for the bad-input tests
 
 
 def toy_model(x, t, cond):
@@ -289,3 +292,62 @@ def test_flow_euler_from_diffusers_rejects_unsupported_settings():
         fg.FlowEuler.from_diffusers(dict(shift=3.0, use_karras_sigmas=True), 10)
     with pytest.raises(ValueError, match="config"):
         fg.FlowEuler.from_diffusers(dict(shift=3.0, not_a_flow_key=1), 10)
+
+
+# ------------------------------------------------------------------ bad input: steps, eta, spacing, predictions, shift
+@pytest.mark.parametrize("steps", [1001, 5000])
+def test_steps_above_num_train_timesteps(steps):
+    with pytest.raises(ValueError, match=r"steps: expected <= num_train_timesteps \(1000\)"):
+        fg.DDIM(SCHEDULE, steps=steps)
+    with pytest.raises(ValueError, match="steps: expected <= num_train_timesteps"):
+        fg.DDPM(SCHEDULE, steps=steps)
+
+
+@pytest.mark.parametrize("steps", [0, -3])
+def test_steps_below_one(steps):
+    for make in (lambda: fg.DDIM(SCHEDULE, steps=steps), lambda: fg.DDPM(SCHEDULE, steps=steps),
+                 lambda: fg.FlowEuler(steps)):
+        with pytest.raises(ValueError, match="steps: expected >= 1"):
+            make()
+
+
+@pytest.mark.parametrize("steps", [10.0, 2.5, "10", True, None])
+def test_steps_not_an_int(steps):
+    with pytest.raises(TypeError, match="steps: expected an int"):
+        fg.DDIM(SCHEDULE, steps=steps)
+    with pytest.raises(TypeError, match="steps: expected an int"):
+        fg.FlowEuler(steps)
+
+
+@pytest.mark.parametrize("eta", [-0.1, -1, math.nan, math.inf])
+def test_bad_eta(eta):
+    with pytest.raises(ValueError, match="eta: expected a finite float >= 0"):
+        fg.DDIM(SCHEDULE, steps=10, eta=eta)
+
+
+def test_bad_spacing():
+    with pytest.raises(ValueError, match="spacing: expected one of"):
+        fg.DDIM(SCHEDULE, steps=10, spacing="uniform")
+    with pytest.raises(ValueError, match="timestep_spacing: expected one of"):
+        fg.NoiseSchedule.from_diffusers(dict(timestep_spacing="uniform"))
+
+
+def test_bad_prediction_type():
+    with pytest.raises(ValueError, match="prediction_type: expected one of"):
+        fg.NoiseSchedule.from_diffusers(dict(prediction_type="x0"))
+    with pytest.raises(ValueError, match="prediction_type: expected one of"):
+        fg.DDIM(SCHEDULE, steps=10, prediction_type="x0")
+    with pytest.raises(ValueError, match="prediction_type: expected one of"):
+        fg.DDPM(SCHEDULE, steps=10, prediction_type="x0")
+
+
+def test_epsilon_prediction_on_a_zero_snr_schedule_is_refused():
+    zero_snr = fg.NoiseSchedule.from_diffusers(dict(rescale_betas_zero_snr=True, timestep_spacing="trailing"))
+    with pytest.raises(ValueError, match="DDIM: the plan has non-finite coefficients"):
+        fg.DDIM(zero_snr, steps=10)
+    fg.DDIM(zero_snr, steps=10, prediction_type="v_prediction")  # the supported combination
+
+
+def test_bad_shift_for_flow():
+    with pytest.raises(ValueError, match="shift: expected a float > 0"):
+        fg.FlowEuler(10, shift=0.0)
