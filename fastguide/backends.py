@@ -40,7 +40,8 @@ def check_backend(backend: str) -> str:
 def step_impl(backend: str, device: torch.device, fused: bool) -> StepImpl:
     """``backend``: "torch" (plain torch ops, any device), "triton" (the fused kernel), or "auto" (triton for
     CUDA tensors when available, torch otherwise)."""
-    return _step_impl(backend, device.type, fused, os.environ.get("TRITON_INTERPRET") == "1")
+    interpreted = backend == "triton" and os.environ.get("TRITON_INTERPRET") == "1"  # only "triton" asks
+    return _step_impl(backend, device.type, fused, interpreted)
 
 
 @functools.lru_cache(maxsize=None)

@@ -17,7 +17,7 @@ import types
 from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 from tqdm.auto import tqdm
@@ -71,18 +71,38 @@ class PlanTensors:
         return torch.equal(self.table_w_source, guidance.table_w)
 
 
+class StepInputs(NamedTuple):
+    """What step i reads (views into the loop buffers and plan tensors): the model's input rows, labels and
+    time, and the update's per-step operands. A NamedTuple: the compiled hot step takes it as one argument."""
+
+    inp: torch.Tensor  # x2, or its B conditional rows outside a guidance interval
+    labels: torch.Tensor
+    t: torch.Tensor
+    g1: torch.Tensor
+    coef: torch.Tensor
+    table_steps: torch.Tensor | None
+    table_w: torch.Tensor | None
+    z: torch.Tensor | None
+    out_sum: torch.Tensor  # where the step's float32 output sum goes
+
+
+class StepConstants(NamedTuple):
+    """What every step of one call reads alike."""
+
+    x2: torch.Tensor
+    table: torch.Tensor | None
+    rows: torch.Tensor | None
+    batch: int
+    cond_first: bool
+    clip_range: float | None
+    check_finite: bool
+
+
 @dataclass(frozen=True, eq=False)
 class StepViews:
-    """Per-step views of one LoopBuffers (rows of its [S, ...] tensors and plan tensors), made once per buffer
-    set so a call does no slicing. ``inputs[i]`` is what the model reads at step i: (x rows, labels, t)."""
+    """The per-step inputs of one LoopBuffers, made once per buffer set so a call does no slicing."""
 
-    inputs: tuple
-    g1: tuple
-    coef: tuple
-    out_sums: tuple
-    z: tuple
-    table_steps: tuple
-    table_w: tuple
+    steps: tuple  # [S] StepInputs
     x_cur: torch.Tensor  # x2[:B]: x at the current step (cond_first or not, every block holds x)
     x_blocks: torch.Tensor  # x2 viewed as [k, B, ...]
 
@@ -139,13 +159,14 @@ def bind_plan(b: LoopBuffers, plan: PlanTensors) -> None:
     t_cond = plan.t.view(n, 1).expand(n, batch).unbind(0)
     x_cond = b.x2[:batch] if (b.cond_first or rows2 == batch) else b.x2[batch:]
     b.plan, b.graph = plan, None
-    b.views = StepViews(
-        inputs=tuple((b.x2, b.labels, t_all[i]) if b.guided[i] else (x_cond, b.cond, t_cond[i]) for i in range(n)),
-        g1=b.g1.unbind(0), coef=plan.coef.unbind(0), out_sums=b.out_sums.unbind(0),
-        z=none if b.z is None else b.z.unbind(0),
-        table_steps=none if plan.table_steps is None else plan.table_steps.unbind(0),
-        table_w=none if plan.table_w is None else plan.table_w.unbind(0),
-        x_cur=b.x2[:batch], x_blocks=b.x2.view(rows2 // batch, batch, *b.x2.shape[1:]))
+    z = none if b.z is None else b.z.unbind(0)
+    table_steps = none if plan.table_steps is None else plan.table_steps.unbind(0)
+    table_w = none if plan.table_w is None else plan.table_w.unbind(0)
+    steps = tuple(StepInputs(*((b.x2, b.labels, t_all[i]) if b.guided[i] else (x_cond, b.cond, t_cond[i])),
+                             g1, coef, table_steps[i], table_w[i], z[i], out_sum)
+                  for i, (g1, coef, out_sum) in enumerate(zip(b.g1.unbind(0), plan.coef.unbind(0),
+                                                              b.out_sums.unbind(0))))
+    b.views = StepViews(steps, x_cur=b.x2[:batch], x_blocks=b.x2.view(rows2 // batch, batch, *b.x2.shape[1:]))
 
 
 def refill(b: LoopBuffers, x: torch.Tensor, cond: torch.Tensor, plan: PlanTensors, guidance, z, null_cond) -> None:
@@ -180,17 +201,22 @@ def draw_step_noise(plan, x: torch.Tensor, seeds: list[int] | None) -> torch.Ten
 
 
 # ---------------------------------------------------------------------- the step and the loop
-def hot_step(model, step_fn, *, x2, inp, labels, t, g1, coef, table, rows, table_steps, table_w, z, out_sum,
-             batch: int, cond_first: bool, clip_range, check_finite: bool) -> None:
-    """One step over static buffers: the forward of ``inp`` (x2, or its B conditional rows outside a guidance
-    interval), then the guided update written into x2. Every per-step value is a tensor, so torch.compile
-    traces each of the two input shapes once and never recompiles for a new step, scale or table row.
-    Nothing is returned: the loop needs only what was written into x2 and out_sum (docs/design.md)."""
-    out = model(inp, t, labels)
-    if check_finite:
-        out_sum.copy_(out.sum(dtype=torch.float32))  # one cheap reduction; checked once after the loop
-    step_fn(x2, x2[:batch], out, g1, coef, cond_first=cond_first, table=table, rows=rows, table_steps=table_steps,
-            table_w=table_w, clip_range=clip_range, z=z)
+def guided_update(out, step: StepInputs, const: StepConstants, step_fn) -> None:
+    """x_next from the model output ``out``, written into every B-row block of x2 (a device-tensor step)."""
+    step_fn(const.x2, const.x2[:const.batch], out, step.g1, step.coef, cond_first=const.cond_first, table=const.table,
+            rows=const.rows, table_steps=step.table_steps, table_w=step.table_w, clip_range=const.clip_range,
+            z=step.z)
+
+
+def hot_step(model, step_fn, step: StepInputs, const: StepConstants) -> None:
+    """One step over static buffers: the forward of ``step.inp`` (x2, or its B conditional rows outside a
+    guidance interval), then the guided update written into x2. Every per-step value is a tensor, so
+    torch.compile traces each of the two input shapes once and never recompiles for a new step, scale or table
+    row. Nothing is returned: the loop needs only what was written into x2 and out_sum (docs/design.md)."""
+    out = model(step.inp, step.t, step.labels)
+    if const.check_finite:
+        step.out_sum.copy_(out.sum(dtype=torch.float32))  # one cheap reduction; checked once after the loop
+    guided_update(out, step, const, step_fn)
 
 
 def compile_hot_step(owner: object, **compile_kw) -> Callable:
@@ -216,17 +242,17 @@ def run_loop(b: LoopBuffers, config: LoopConfig, callback=None, progress: bool =
     """The S steps over b; returns the [S] float32 per-step output sums (for the finite check). Eager steps
     collect their sums in a list stacked once at the end; ``sums_into_buffer`` leaves them in b.out_sums
     instead (a captured loop's replays read them there)."""
-    steps = range(b.g1.shape[0])
-    sums = []
-    for i in (tqdm(steps, desc="sampling", leave=False) if progress else steps):
-        if config.hot is not None:
-            _fused_step(b, config, i)
-        else:
-            total = _eager_step(b, config, i)
-            if total is not None:
-                sums.append(total)
-        if callback is not None:
-            callback(i, float(b.plan.plan.timesteps[i]), b.views.x_cur)
+    const = StepConstants(b.x2, b.plan.table, b.rows, b.batch, b.cond_first, config.clip_range, config.check_finite)
+    steps = range(len(b.views.steps))
+    if progress:
+        steps = tqdm(steps, desc="sampling", leave=False)
+    if config.hot is not None:
+        for i in steps:
+            config.hot(config.model, config.step.fn, b.views.steps[i], const)
+            if callback is not None:
+                callback(i, float(b.plan.plan.timesteps[i]), b.views.x_cur)
+        return b.out_sums
+    sums = _eager_loop(b, config, const, steps, callback)
     if not sums:
         return b.out_sums
     stacked = torch.stack(sums)
@@ -236,32 +262,31 @@ def run_loop(b: LoopBuffers, config: LoopConfig, callback=None, progress: bool =
     return stacked
 
 
-def _fused_step(b: LoopBuffers, config: LoopConfig, i: int) -> None:
-    v, plan = b.views, b.plan
-    inp, labels, t = v.inputs[i]
-    config.hot(config.model, config.step.fn, x2=b.x2, inp=inp, labels=labels, t=t, g1=v.g1[i], coef=v.coef[i],
-               table=plan.table, rows=b.rows, table_steps=v.table_steps[i], table_w=v.table_w[i], z=v.z[i],
-               out_sum=v.out_sums[i], batch=b.batch, cond_first=b.cond_first, clip_range=config.clip_range,
-               check_finite=config.check_finite)
-
-
-def _eager_step(b: LoopBuffers, config: LoopConfig, i: int) -> torch.Tensor | None:
-    """The forward, its output check, then the update (host scalars, or the plan's device rows)."""
-    v, plan = b.views, b.plan
-    inp, labels, t = v.inputs[i]
-    out = config.model(inp, t, labels)
-    check_model_output(out, inp, i)
-    total = out.sum(dtype=torch.float32) if config.check_finite else None
-    if config.step.host:
-        config.step.fn(b.x2, v.x_cur, out, v.g1[i], plan.coef_host[i], cond_first=b.cond_first, table=plan.table,
-                       rows=b.rows, table_steps=None if plan.table is None else plan.table_steps_host[i],
-                       table_w=None if plan.table is None else plan.table_w_host[i], clip_range=config.clip_range,
-                       z=v.z[i], blocks=v.x_blocks)
-    else:
-        config.step.fn(b.x2, v.x_cur, out, v.g1[i], v.coef[i], cond_first=b.cond_first, table=plan.table,
-                       rows=b.rows, table_steps=v.table_steps[i], table_w=v.table_w[i],
-                       clip_range=config.clip_range, z=v.z[i])
-    return total
+def _eager_loop(b: LoopBuffers, config: LoopConfig, const: StepConstants, steps, callback) -> list:
+    """Each step: the forward, its output check, its output sum, then the update with host scalars (the torch
+    step) or the plan's device rows (the reference or the Triton kernel)."""
+    model, fn, views, plan, check_finite = config.model, config.step.fn, b.views, b.plan, config.check_finite
+    host = config.step.host
+    if host:
+        n = len(views.steps)
+        table_steps = plan.table_steps_host or [None] * n
+        table_w = plan.table_w_host or [None] * n
+    sums = []
+    for i in steps:
+        step = views.steps[i]
+        out = model(step.inp, step.t, step.labels)
+        check_model_output(out, step.inp, i)
+        if check_finite:
+            sums.append(out.sum(dtype=torch.float32))
+        if host:
+            fn(const.x2, views.x_cur, out, step.g1, plan.coef_host[i], cond_first=const.cond_first,
+               table=const.table, rows=const.rows, table_steps=table_steps[i], table_w=table_w[i],
+               clip_range=const.clip_range, z=step.z, blocks=views.x_blocks)
+        else:
+            guided_update(out, step, const, fn)
+        if callback is not None:
+            callback(i, float(plan.plan.timesteps[i]), views.x_cur)
+    return sums
 
 
 # ---------------------------------------------------------------------- CUDA graphs
