@@ -89,6 +89,7 @@ class _Adapter(torch.nn.Module):
     """What every adapter adds to the forward: null condition, batch layout, scheduler config, sampler helpers."""
 
     cond_first: bool = True
+    num_classes: int | None = None  # class-conditional adapters: labels in [0, num_classes) (or the null label)
 
     def __init__(self, model, null_cond, scheduler_config: dict | None):
         super().__init__()
@@ -116,6 +117,8 @@ def solver_from_config(config, steps: int, **kw):
     ``kw`` go to :class:`fastguide.DDIM` (eta, spacing, ...). diffusers' float32 rounding of the schedule is
     reproduced (``float32_arithmetic``), so samples match the pipeline to float32 resolution.
     """
+    if not hasattr(config, "items"):
+        raise TypeError(f"config: expected a diffusers scheduler config (a dict), got {type(config).__name__}")
     cfg = dict(config)
     if "shift" in cfg or cfg.get("_class_name") == "FlowMatchEulerDiscreteScheduler":
         if kw:
@@ -141,6 +144,7 @@ class UNet2DAdapter(_Adapter):
         if isinstance(null_class, bool) or not isinstance(null_class, int) or not 0 <= null_class < n:
             raise ValueError(f"null_class: expected an int in [0, {n}) (the unconditional label), got {null_class!r}")
         super().__init__(unet, null_class, scheduler_config)
+        self.num_classes = int(n)
 
     @classmethod
     def from_pipeline(cls, pipe, null_class: int) -> "UNet2DAdapter":
@@ -161,6 +165,7 @@ class DiTAdapter(_Adapter):
     def __init__(self, transformer, scheduler_config: dict | None = None):
         _check_model(transformer, "DiTTransformer2DModel", "transformer")
         super().__init__(transformer, int(transformer.config.num_embeds_ada_norm), scheduler_config)
+        self.num_classes = self.null_cond  # labels 0..n-1; n is the extra CFG (null) embedding
 
     @classmethod
     def from_pipeline(cls, pipe) -> "DiTAdapter":
@@ -195,6 +200,11 @@ class ConditionIdModel(torch.nn.Module):
     @property
     def null_id(self) -> int:
         return self.conditions.shape[0] - 1
+
+    @property
+    def num_classes(self) -> int:
+        """Condition ids 0..num_classes-1 (the id ``num_classes`` is the null condition)."""
+        return self.null_id
 
     def forward(self, x, t, ids):
         if ids.is_floating_point() or ids.ndim != 1:

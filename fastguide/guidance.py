@@ -96,6 +96,10 @@ class CFG(GuidanceRule):
         else:
             g = torch.full((1, batch), self.scale, dtype=torch.float64)
         guided = tuple(self.guided_steps(timesteps))
+        if not any(guided):
+            lo, hi = self.interval
+            raise ValueError(f"interval: [{lo:g}, {hi:g}] contains no step of the plan, whose model times run from "
+                             f"{float(timesteps.min()):g} to {float(timesteps.max()):g}")
         if all(guided):
             return g.expand(len(guided), batch), guided
         g1 = torch.where(torch.tensor(guided).view(-1, 1), g, torch.ones(1, 1, dtype=torch.float64))

@@ -127,6 +127,7 @@ class LoopBuffers:
     g1_source: torch.Tensor | None = None  # the host g1 that g1 holds (a refill skips an unchanged one)
     null_source: object = None  # the null condition that labels hold
     graph: object = None  # the captured CUDA graph of the whole loop
+    model_checked: bool = False  # the model's output was checked eagerly once (before a compiled step runs it)
 
 
 def buffer_key(x: torch.Tensor, cond: torch.Tensor, plan: PlanTensors, guided) -> tuple:
@@ -287,6 +288,19 @@ def _eager_loop(b: LoopBuffers, config: LoopConfig, const: StepConstants, steps,
         if callback is not None:
             callback(i, float(plan.plan.timesteps[i]), views.x_cur)
     return sums
+
+
+def check_model_once(b: LoopBuffers, model) -> None:
+    """Run the model eagerly once per input shape the loop feeds it (2B rows, B rows) and check its output, so a
+    wrong shape or a tuple is a clear error instead of a failure deep inside the compiler."""
+    if b.model_checked:
+        return
+    first = {guided: i for i, guided in reversed(list(enumerate(b.guided)))}
+    with torch.no_grad():
+        for i in sorted(first.values()):
+            step = b.views.steps[i]
+            check_model_output(model(step.inp, step.t, step.labels), step.inp, i)
+    b.model_checked = True
 
 
 # ---------------------------------------------------------------------- CUDA graphs

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from fastguide.checks import check_seeds
+from fastguide.checks import check_seeds, check_shape
 
 _STEP_NOISE_SALT = 0x9E3779B97F4A7C15
 
@@ -12,8 +12,10 @@ _STEP_NOISE_SALT = 0x9E3779B97F4A7C15
 def seeded_noise(seeds, shape, dtype=torch.float32, device="cpu") -> torch.Tensor:
     """[B, *shape] standard normal noise where row b depends only on seeds[b] (drawn on the CPU, so the
     same seed gives the same noise on every device)."""
-    seeds = check_seeds(seeds, None)
-    rows = [torch.randn(tuple(shape), generator=torch.Generator().manual_seed(s), dtype=torch.float64)
+    seeds, shape = check_seeds(seeds, None), check_shape(shape)
+    if not seeds:
+        raise ValueError("seeds: expected at least one seed")
+    rows = [torch.randn(shape, generator=torch.Generator().manual_seed(s), dtype=torch.float64)
             for s in seeds]
     return torch.stack(rows).to(device=device, dtype=dtype)
 
@@ -22,6 +24,6 @@ def step_noise(seeds, steps: int, shape, dtype=torch.float32, device="cpu") -> t
     """[S, B, *shape] per-step noise z of a stochastic solver; sample b's noise depends only on seeds[b] (and
     differs from its x_T: the seed is mixed first)."""
     derived = [(s * 6364136223846793005 + _STEP_NOISE_SALT) % (2**63) for s in check_seeds(seeds, None)]
-    rows = [torch.randn((steps, *shape), generator=torch.Generator().manual_seed(s), dtype=torch.float64)
+    rows = [torch.randn((steps, *check_shape(shape)), generator=torch.Generator().manual_seed(s), dtype=torch.float64)
             for s in derived]
     return torch.stack(rows, 1).to(device=device, dtype=dtype)

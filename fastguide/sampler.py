@@ -9,7 +9,7 @@ import torch
 
 from fastguide import loop
 from fastguide.backends import check_backend, step_impl
-from fastguide.checks import check_cond, check_noise, check_seeds
+from fastguide.checks import check_cond, check_int, check_label_range, check_noise, check_seeds
 from fastguide.guidance import NoGuidance, check_guidance, with_scale
 
 MAX_CACHED_LOOPS = 8  # loop buffers (and captured graphs) kept per Sampler, least recently used dropped first
@@ -22,6 +22,8 @@ class Sampler:
     model(x [N, C, H, W], t [N] float, cond [N] long | [N, ...]) -> [N, C, H, W]
     ``guidance``: CFG, ReCFG, ClassifierGuidance, ... (None: the conditional model alone, B rows a step).
     ``null_cond``: the unconditional label (int) or embedding (tensor of one condition's shape).
+    ``num_classes``: integer labels must lie in [0, num_classes) (or be ``null_cond``); None takes the model's
+    own ``num_classes`` attribute when it has one (the digits model and the class-conditional adapters do).
     ``cond_first``: whether the batched forward puts the conditional half first ([c | null]).
     ``backend``: "torch" (plain torch ops, any device: the eager host-scalar step, or the reference inside
     compiled code), "triton" (the fused kernel), or "auto" (triton for CUDA tensors when available, torch
@@ -29,10 +31,13 @@ class Sampler:
     """
 
     def __init__(self, model, solver, guidance=None, null_cond=None, backend: str = "auto",
-                 cond_first: bool = True, progress: bool = True, check_finite: bool = True):
+                 cond_first: bool = True, progress: bool = True, check_finite: bool = True, num_classes=None):
         if not callable(model):
             raise TypeError("model: expected a callable model(x, t, cond) -> tensor")
         self.model, self.null_cond = model, null_cond
+        if num_classes is None and isinstance(getattr(model, "num_classes", None), int):
+            num_classes = model.num_classes
+        self.num_classes = None if num_classes is None else check_int(num_classes, "num_classes", low=1)
         self.solver = solver
         self.guidance = check_guidance(NoGuidance() if guidance is None else guidance, null_cond)
         self.backend, self.cond_first = check_backend(backend), bool(cond_first)
@@ -114,6 +119,8 @@ class Sampler:
         """
         x = check_noise(noise, values=not self.check_finite)  # else checked with the sample, after the loop
         cond = check_cond(cond, x.shape[0], x.device)
+        if self.num_classes is not None and not cond.is_floating_point():
+            check_label_range(cond, self.num_classes, self.null_cond)
         rule = self.guidance if guidance is None else check_guidance(guidance, self.null_cond)
         if scale is not None:
             rule = with_scale(rule, scale)
@@ -131,6 +138,8 @@ class Sampler:
                                      self.cond_first)
         with self.buffers.claim(loop.buffer_key(x, cond, pt, sg.guided), allocate) as b:
             loop.refill(b, x, cond, pt, sg, z, self.null_cond)
+            if config.hot is not None:
+                loop.check_model_once(b, config.model)
             if use_graph:
                 sums = loop.replay(b, config)
             else:

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import torch
 
-from fastguide.checks import check_steps
+from fastguide.checks import check_int, check_steps
 
 SPACINGS = ("leading", "trailing", "linspace")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
@@ -122,23 +122,27 @@ class NoiseSchedule:
         match diffusers to 1e-4 where a step starts at abar ~ 1e-9 (cosine + trailing, no clipping) or the
         steps are unstrided (DDPM with 1000 steps).
         """
-        if not isinstance(config, dict):
-            config = dict(config)  # FrozenDict and friends
-        cfg = {k: v for k, v in config.items() if not str(k).startswith("_")}
+        cfg = config_items(config)
         unknown = set(cfg) - _DIFFUSERS_KEYS_USED - set(_DIFFUSERS_KEYS_INERT)
         if unknown:
             raise ValueError(f"config: unsupported scheduler keys {sorted(unknown)}")
-        if cfg.get("thresholding", False):
+        if config_value(cfg, "thresholding", bool, False):
             raise ValueError("config: thresholding=True (dynamic thresholding) is not supported")
-        n = int(cfg.get("num_train_timesteps", 1000))
+        n = config_value(cfg, "num_train_timesteps", int, 1000)
         _check_num_train(n)
         kind = cfg.get("beta_schedule", "linear")
         trained = cfg.get("trained_betas")
-        beta_start = float(cfg.get("beta_start", 1e-4))
-        beta_end = float(cfg.get("beta_end", 0.02))
+        beta_start = config_value(cfg, "beta_start", float, 1e-4)
+        beta_end = config_value(cfg, "beta_end", float, 0.02)
+        for key, beta in (("beta_start", beta_start), ("beta_end", beta_end)):
+            if not 0 <= beta <= 1:
+                raise ValueError(f"config: {key}: expected a number in [0, 1], got {beta}")
         dtype = torch.float32 if float32_arithmetic else torch.float64
         if trained is not None:
-            betas = torch.tensor(np.asarray(trained, dtype=np.float64), dtype=dtype)
+            try:
+                betas = torch.tensor(np.asarray(trained, dtype=np.float64), dtype=dtype)
+            except (TypeError, ValueError):
+                raise ValueError(f"config: trained_betas: expected a list of numbers, got {trained!r:.80}") from None
             if tuple(betas.shape) != (n,):
                 raise ValueError(f"config: trained_betas has shape {tuple(betas.shape)}, expected ({n},)")
         elif kind == "linear":
@@ -157,10 +161,10 @@ class NoiseSchedule:
         return cls(
             betas,
             timestep_spacing=cfg.get("timestep_spacing", "leading"),
-            steps_offset=int(cfg.get("steps_offset", 0)),
-            set_alpha_to_one=bool(cfg.get("set_alpha_to_one", True)),
-            clip_sample=bool(cfg.get("clip_sample", True)),  # diffusers' default is True
-            clip_sample_range=float(cfg.get("clip_sample_range", 1.0)),
+            steps_offset=config_value(cfg, "steps_offset", int, 0),
+            set_alpha_to_one=config_value(cfg, "set_alpha_to_one", bool, True),
+            clip_sample=config_value(cfg, "clip_sample", bool, True),  # diffusers' default is True
+            clip_sample_range=config_value(cfg, "clip_sample_range", float, 1.0),
             prediction_type=cfg.get("prediction_type", "epsilon"),
             variance_type=variance_type,
             float32_arithmetic=float32_arithmetic,
@@ -184,7 +188,9 @@ class NoiseSchedule:
         """Inference timesteps (training indices, descending), exactly as diffusers' set_timesteps."""
         n = self.num_train_timesteps
         spacing = self.timestep_spacing if spacing is None else spacing
-        offset = self.steps_offset if steps_offset is None else steps_offset
+        offset = self.steps_offset if steps_offset is None else check_int(steps_offset, "steps_offset", low=0)
+        if offset >= n:
+            raise ValueError(f"steps_offset: {offset} pushes timesteps outside [0, {n - 1}]")
         check_steps(steps, n)
         if spacing == "linspace":
             ts = np.linspace(0, n - 1, steps).round()[::-1].copy().astype(np.int64)
@@ -197,6 +203,29 @@ class NoiseSchedule:
         if ts.min() < 0 or ts.max() >= n:
             raise ValueError(f"steps_offset: {offset} pushes timesteps outside [0, {n - 1}]")
         return ts
+
+
+def config_items(config) -> dict:
+    """A diffusers scheduler config (a dict, FrozenDict or ``scheduler.config``) without its ``_`` metadata keys."""
+    if not hasattr(config, "items"):
+        raise TypeError(f"config: expected a diffusers scheduler config (a dict), got {type(config).__name__}")
+    return {k: v for k, v in dict(config).items() if not str(k).startswith("_")}
+
+
+def config_value(cfg: dict, key: str, kind: type, default):
+    """``cfg[key]`` as ``kind`` (int, float or bool; ``default`` when absent or None). Values that are not
+    that kind (a float where an int belongs, a string, a non-finite float) are an error naming the key."""
+    value = cfg.get(key)
+    if value is None:
+        return default
+    ok = {int: isinstance(value, (int, np.integer)) and not isinstance(value, bool),
+          float: isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+          and math.isfinite(value),
+          bool: isinstance(value, (bool, np.bool_))}[kind]
+    if not ok:
+        what = {int: "an int", float: "a finite number", bool: "true or false"}[kind]
+        raise ValueError(f"config: {key}: expected {what}, got {value!r}")
+    return kind(value)
 
 
 def _check_num_train(n: int) -> None:

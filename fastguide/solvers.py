@@ -13,9 +13,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from fastguide.checks import check_steps
+from fastguide.checks import check_int, check_steps
 from fastguide.kernels.reference import NUM_COEF, Coef
-from fastguide.schedule import PREDICTION_TYPES, NoiseSchedule
+from fastguide.schedule import PREDICTION_TYPES, NoiseSchedule, config_items, config_value
 
 
 @dataclass(frozen=True, eq=False)
@@ -143,11 +143,19 @@ def _check_finite_plan(coef: np.ndarray, what: str) -> None:
 
 
 def _resolve_clip(schedule: NoiseSchedule, clip_sample, clip_sample_range):
+    if clip_sample is not None and not isinstance(clip_sample, (bool, np.bool_)):
+        raise TypeError(f"clip_sample: expected True, False or None, got {clip_sample!r}")
     clip = schedule.clip_sample if clip_sample is None else bool(clip_sample)
-    rng = schedule.clip_sample_range if clip_sample_range is None else float(clip_sample_range)
-    if not rng > 0:
-        raise ValueError(f"clip_sample_range: expected > 0, got {rng}")
-    return rng if clip else None
+    rng = schedule.clip_sample_range if clip_sample_range is None else clip_sample_range
+    if isinstance(rng, bool) or not isinstance(rng, (int, float)) or not math.isfinite(rng) or not rng > 0:
+        raise ValueError(f"clip_sample_range: expected a finite float > 0, got {rng!r}")
+    return float(rng) if clip else None
+
+
+def _check_prediction_type(pred) -> str:
+    if not isinstance(pred, str) or pred not in PREDICTION_TYPES:
+        raise ValueError(f"prediction_type: expected one of {PREDICTION_TYPES}, got {pred!r}")
+    return pred
 
 
 def _check_schedule(schedule) -> None:
@@ -170,7 +178,7 @@ class DDIM:
         if not isinstance(eta, (int, float)) or isinstance(eta, bool) or not math.isfinite(eta) or eta < 0:
             raise ValueError(f"eta: expected a finite float >= 0, got {eta!r}")
         self.schedule, self.steps, self.eta = schedule, steps, float(eta)
-        pred = prediction_type or schedule.prediction_type
+        pred = _check_prediction_type(schedule.prediction_type if prediction_type is None else prediction_type)
         ts = schedule.timesteps(steps, spacing, steps_offset)
         abar = schedule.alphas_cumprod.numpy()
         stride = schedule.num_train_timesteps // steps
@@ -199,10 +207,10 @@ class DDPM:
         _check_schedule(schedule)
         steps = schedule.num_train_timesteps if steps is None else steps
         check_steps(steps, schedule.num_train_timesteps)
-        vt = variance_type or schedule.variance_type
+        vt = schedule.variance_type if variance_type is None else variance_type
         if vt not in ("fixed_small", "fixed_large"):
             raise ValueError(f"variance_type: expected 'fixed_small' or 'fixed_large', got {vt!r}")
-        pred = prediction_type or schedule.prediction_type
+        pred = _check_prediction_type(schedule.prediction_type if prediction_type is None else prediction_type)
         self.schedule, self.steps, self.variance_type = schedule, steps, vt
         ts = schedule.timesteps(steps, spacing, steps_offset)
         abar = schedule.alphas_cumprod.numpy()
@@ -251,8 +259,9 @@ class FlowEuler:
 
     def __init__(self, steps: int, shift: float = 1.0, num_train_timesteps: int = 1000):
         check_steps(steps)
-        if not isinstance(shift, (int, float)) or not shift > 0:
-            raise ValueError(f"shift: expected a float > 0, got {shift!r}")
+        if isinstance(shift, bool) or not isinstance(shift, (int, float)) or not math.isfinite(shift) or not shift > 0:
+            raise ValueError(f"shift: expected a finite float > 0, got {shift!r}")
+        check_int(num_train_timesteps, "num_train_timesteps", low=1)
         self.steps, self.shift, self.num_train_timesteps = steps, float(shift), int(num_train_timesteps)
         sig = flow_sigmas(steps, self.shift, self.num_train_timesteps)
         dt = sig[1:] - sig[:-1]
@@ -264,7 +273,7 @@ class FlowEuler:
     @classmethod
     def from_diffusers(cls, config: dict, steps: int) -> "FlowEuler":
         """From a FlowMatchEulerDiscreteScheduler config (static shift only)."""
-        cfg = {k: v for k, v in dict(config).items() if not str(k).startswith("_")}
+        cfg = config_items(config)
         unknown = set(cfg) - _FLOW_DIFFUSERS_KEYS
         if unknown:
             raise ValueError(f"config: unsupported FlowMatchEulerDiscreteScheduler keys {sorted(unknown)}")
@@ -273,8 +282,8 @@ class FlowEuler:
                            ("use_beta_sigmas", False), ("stochastic_sampling", False)):
             if cfg.get(key, inert) not in (inert, None) and cfg.get(key) != inert:
                 raise ValueError(f"config: {key}={cfg[key]!r} is not supported by FlowEuler")
-        return cls(steps, shift=float(cfg.get("shift", 1.0)),
-                   num_train_timesteps=int(cfg.get("num_train_timesteps", 1000)))
+        return cls(steps, shift=config_value(cfg, "shift", float, 1.0),
+                   num_train_timesteps=config_value(cfg, "num_train_timesteps", int, 1000))
 
     def __repr__(self):
         return f"FlowEuler(steps={self.steps}, shift={self.shift})"

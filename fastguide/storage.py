@@ -1,7 +1,13 @@
 """safetensors files: one checked reader and one atomic, durable writer for everything fastguide saves (ratio
-tables and sums, the digits assets, training checkpoints). No pickle anywhere."""
+tables and sums, the digits assets, training checkpoints). No pickle anywhere.
+
+Saved files are byte-identical for identical content: safetensors itself writes its header's keys (the
+metadata and the tensor index) in no fixed order, so :func:`safetensors_bytes` re-writes the header with
+sorted keys (the tensor data and its offsets are untouched; any safetensors reader reads the result).
+"""
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -28,21 +34,61 @@ def read_safetensors(path, arg: str, what: str, fmt: str | None = None, hint: st
     return tensors, meta
 
 
-def atomic_save(tensors: dict[str, torch.Tensor], path, metadata: dict) -> None:
-    """Write to a temporary file next to ``path``, fsync, then rename over it: a killed writer leaves the old
-    file (or none), never a truncated one. Metadata values are written as strings."""
-    from safetensors.torch import save_file
+def safetensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict) -> bytes:
+    """The safetensors serialization of ``tensors`` with string ``metadata``, its header keys sorted."""
+    from safetensors.torch import save
 
+    data = save({k: v.detach().cpu().contiguous() for k, v in tensors.items()},
+                metadata={str(k): str(v) for k, v in metadata.items()})
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + n])
+    text = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-(8 + len(text)) % 8)  # the tensor data starts 8-byte aligned, as safetensors writes it
+    return len(text).to_bytes(8, "little") + text + data[8 + n:]
+
+
+def atomic_save(tensors: dict[str, torch.Tensor], path, metadata: dict, arg: str = "path") -> None:
+    """Write to a temporary file next to ``path``, fsync, then rename over it: a killed writer leaves the old
+    file (or none), never a truncated one."""
     path = Path(path)
-    if path.parent and not path.parent.exists():
-        raise FileNotFoundError(f"path: directory {path.parent} does not exist")
+    if path.parent and not path.parent.is_dir():
+        raise FileNotFoundError(f"{arg}: directory {path.parent} does not exist")
+    data = safetensors_bytes(tensors, metadata)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp),
-                  metadata={k: str(v) for k, v in metadata.items()})
-        with open(tmp, "rb") as f:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        _fsync_dir(path.parent)  # the rename itself survives a power loss
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(str(directory) or ".", os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def metadata_field(meta: dict, key: str, parse, path, arg: str = "path"):
+    """``meta[key]`` parsed by ``parse`` (int, float, json.loads, ...); a missing or malformed value is a
+    ValueError naming the file and the key."""
+    if key not in meta:
+        raise ValueError(f"{arg}: {path} has no {key!r} metadata")
+    try:
+        return parse(meta[key])
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{arg}: {path} has a malformed {key!r} metadata value {meta[key]!r} ({e})") from None
+
+
+def check_metadata_agrees(meta: dict, facts: dict, path, arg: str = "path") -> None:
+    """Refuse metadata that contradicts the tensors: ``facts`` maps a key to (parse, the tensors' value); a key
+    the file has must parse to that value."""
+    for key, (parse, actual) in facts.items():
+        if key in meta and metadata_field(meta, key, parse, path, arg) != actual:
+            raise ValueError(f"{arg}: {path} is inconsistent ({key} metadata {meta[key]!r} vs the tensors' {actual!r})")

@@ -20,7 +20,8 @@ import json
 import numpy as np
 import torch
 
-from fastguide.storage import atomic_save, read_safetensors
+from fastguide.checks import count_non_finite
+from fastguide.storage import atomic_save, check_metadata_agrees, metadata_field, read_safetensors
 
 UNKNOWN_LABEL_RULES = ("error", "mean")
 STORAGE_DTYPES = {"float64": torch.float64, "float32": torch.float32, "float16": torch.float16,
@@ -155,7 +156,11 @@ class RatioTable:
 
     # ------------------------------------------------------------------ storage
     def save(self, path, metadata: dict | None = None) -> None:
-        """Write a safetensors file: tensors ``ratios`` (and ``timesteps``), string metadata (atomic write)."""
+        """Write a safetensors file: tensors ``ratios`` (and ``timesteps``), string metadata (atomic write).
+        A table with NaN / inf ratios is refused."""
+        bad = count_non_finite(self.ratios)
+        if bad:
+            raise ValueError(f"ratios: {bad} of {self.ratios.numel()} entries are NaN/inf; refusing to save {path}")
         meta = {k: v for k, v in self.metadata.items() if k not in ("format", "format_version")}
         meta.update(_user_metadata(metadata, meta))
         meta.update(format=TABLE_FORMAT, format_version=str(FORMAT_VERSION), has_mean_row=flag(self.has_mean_row),
@@ -173,14 +178,17 @@ class RatioTable:
         tensors, meta = read_versioned(path, TABLE_FORMAT, "ratio table")
         if "ratios" not in tensors:
             raise ValueError(f"path: {path} has no 'ratios' tensor")
-        ratios = tensors["ratios"]
-        if "latent_shape" in meta and json.loads(meta["latent_shape"]) != list(ratios.shape[2:]):
-            raise ValueError(f"path: {path} is inconsistent (latent_shape metadata {meta['latent_shape']} vs ratios "
-                             f"{tuple(ratios.shape)})")
+        ratios, timesteps = tensors["ratios"], tensors.get("timesteps")
+        has_mean_row = _check_table_metadata(meta, ratios, timesteps, path)
+        bad = count_non_finite(ratios)
+        if bad:
+            raise ValueError(f"path: {path} holds {bad} NaN/inf ratios of {ratios.numel()}; rebuild the table")
         if dtype is not None:
             ratios = ratios.to(storage_dtype(dtype))
-        table = cls(ratios.to(device), tensors.get("timesteps"), has_mean_row=meta.get("has_mean_row", "1") == "1",
-                    metadata=meta)
+        try:
+            table = cls(ratios.to(device), timesteps, has_mean_row=has_mean_row, metadata=meta)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"path: {path} is not a valid ratio table ({e})") from None
         table.check_compatible(schedule, latent_shape)
         return table
 
@@ -205,11 +213,24 @@ class RatioTable:
 
 
 # ====================================================================== storage helpers
+def _check_table_metadata(meta: dict, ratios: torch.Tensor, timesteps, path) -> bool:
+    """Refuse metadata that contradicts the tensors it describes; returns has_mean_row."""
+    flag_text = meta.get("has_mean_row", "1")
+    if flag_text not in ("0", "1"):
+        raise ValueError(f"path: {path} has has_mean_row metadata {flag_text!r}; expected '0' or '1'")
+    has_mean_row = flag_text == "1"
+    facts = {"num_classes": (int, ratios.shape[0] - has_mean_row),
+             "latent_shape": (json.loads, list(ratios.shape[2:])), "dtype": (str, dtype_name(ratios.dtype)),
+             "timesteps": (json.loads, None if timesteps is None else plain_numbers(timesteps))}
+    check_metadata_agrees(meta, facts, path)
+    return has_mean_row
+
+
 def read_versioned(path, fmt: str, what: str) -> tuple[dict, dict]:
     """(tensors, metadata) of a fastguide file of format ``fmt`` (a ratio table or ratio sums) whose format
     version this fastguide reads."""
     tensors, meta = read_safetensors(path, "path", what, fmt)
-    version = int(meta.get("format_version", "0"))
+    version = metadata_field(meta, "format_version", int, path) if "format_version" in meta else 0
     if version > FORMAT_VERSION:
         raise ValueError(f"path: {path} has format version {version}; this fastguide reads <= {FORMAT_VERSION}")
     return tensors, meta

@@ -25,10 +25,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from fastguide.checks import check_int, check_lo_hi, check_model_output
+from fastguide.checks import check_int, check_lo_hi, check_model_output, count_non_finite
 from fastguide.conditions import paired_conditions
+from fastguide.interrupts import Interrupted, deferred_sigint
 from fastguide.kernels.reference import compute_dtype_for
-from fastguide.storage import atomic_save
+from fastguide.storage import atomic_save, check_metadata_agrees
 from fastguide.table import FORMAT_VERSION, RatioTable, flag, read_versioned, storage_dtype
 
 ESTIMATORS = ("least_squares", "paper")
@@ -102,6 +103,7 @@ class RatioSums:
         dtype = storage_dtype(dtype)
         if bool((self.count <= 0).any()):
             raise ValueError("sums: some (condition, timestep) cells have no samples; the build is incomplete")
+        self.check_finite("sums:")
         num, den = (self.sum_c, self.sum_u) if estimator == "paper" else (self.sum_cu, self.sum_uu)
         num = torch.cat([num, num.sum(0, keepdim=True)]).cpu()
         den = torch.cat([den, den.sum(0, keepdim=True)]).cpu()
@@ -114,8 +116,17 @@ class RatioSums:
                     clamped_count=str(clamped), elements=str(ratios.numel()))
         return RatioTable(ratios.to(dtype), self.timesteps, has_mean_row=True, metadata=meta)
 
+    def check_finite(self, where: str) -> None:
+        """Raise if any sum is NaN / inf (a model that produced them was refused at accumulation; a file edited
+        or damaged since would otherwise finalize into a NaN table)."""
+        bad = {n: count_non_finite(getattr(self, n)) for n in SUM_NAMES}
+        if any(bad.values()):
+            listed = ", ".join(f"{n}: {k}" for n, k in bad.items() if k)
+            raise ValueError(f"{where} NaN/inf sums ({listed} of {self.sum_c.numel()} entries each); rebuild them")
+
     # ------------------------------------------------------------------ storage
     def save(self, path, metadata: dict | None = None) -> None:
+        self.check_finite(f"sums: refusing to save {path}:")
         meta = dict(self.metadata)
         meta.update(metadata or {})
         meta.update(format=SUMS_FORMAT, format_version=str(FORMAT_VERSION), num_classes=str(self.num_classes),
@@ -129,8 +140,16 @@ class RatioSums:
         missing = [n for n in (*SUM_NAMES, "count", "timesteps") if n not in tensors]
         if missing:
             raise ValueError(f"path: {path} lacks tensors {missing}")
-        sums = [tensors[n].to(device) for n in SUM_NAMES]
-        return cls(*sums, tensors["count"].to(device), tensors["timesteps"].numpy(), meta)
+        facts = {"num_classes": (int, tensors["count"].shape[0]), "timesteps": (json.loads, tensors["timesteps"].tolist()),
+                 "latent_shape": (json.loads, list(tensors["sum_c"].shape[2:]))}
+        check_metadata_agrees(meta, facts, path)
+        try:
+            sums = cls(*[tensors[n].to(device) for n in SUM_NAMES], tensors["count"].to(device),
+                       tensors["timesteps"].numpy(), meta)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"path: {path} holds inconsistent sums ({e})") from None
+        sums.check_finite(f"path: {path} holds")
+        return sums
 
     def __repr__(self):
         return (f"RatioSums(classes={self.num_classes}, T={len(self.timesteps)}, shape={self.latent_shape}, "
@@ -192,7 +211,9 @@ def accumulate_ratio_sums(model, schedule, images, labels, *, timesteps, num_cla
     ``labels`` are integer condition ids in [0, num_classes). Inside ``torch.distributed`` (initialized
     process group) image batches are shared round-robin over the ranks and the sums all-reduced.
     ``checkpoint``: a path for periodic partial sums (every ``checkpoint_every`` image batches, atomic);
-    if it exists and matches this build, the build resumes from it (per rank: ``PATH.rank{r}of{w}``).
+    if it exists and matches this build, the build resumes from it (per rank: ``PATH.rank{r}of{w}``). Ctrl-C
+    finishes the image batch in progress, writes the checkpoint (when there is one) and raises
+    :class:`fastguide.interrupts.Interrupted`; a second Ctrl-C stops at once, keeping the last checkpoint.
     """
     images, labels, grid = _check_build_inputs(model, schedule, images, labels, timesteps, num_classes,
                                                samples_per_class, null_cond, batch_size, checkpoint_every, seed)
@@ -209,14 +230,16 @@ def accumulate_ratio_sums(model, schedule, images, labels, *, timesteps, num_cla
     per_batch = [len(b) * len(grid) for b in mine]
     bar = tqdm(total=sum(per_batch), initial=sum(per_batch[:done]), unit="img", desc="ratio table",
                disable=not progress or rank != 0, smoothing=0.1)
-    with torch.no_grad():
+    with torch.no_grad(), deferred_sigint() as interrupted, bar:
         for b in range(done, len(mine)):
             sel = mine[b]
             plan.accumulate_batch(sums, model, images[torch.from_numpy(keep[sel])], ids[sel], ranks[sel], b,
                                   on_forward=bar.update)
-            if ckpt_path is not None and ((b + 1) % checkpoint_every == 0 or b + 1 == len(mine)):
+            last = (b + 1) % checkpoint_every == 0 or b + 1 == len(mine)
+            if ckpt_path is not None and (last or interrupted):
                 _write_checkpoint(sums, ckpt_path, b + 1, len(mine), build_key, rank, world)
-    bar.close()
+            if interrupted:
+                raise Interrupted(b + 1, ckpt_path)
     if world > 1:
         sums.all_reduce_()
     return sums
@@ -337,6 +360,8 @@ def _check_build_inputs(model, schedule, images, labels, timesteps, num_classes,
     for name, v in (("num_classes", num_classes), ("samples_per_class", samples_per_class),
                     ("batch_size", batch_size), ("checkpoint_every", checkpoint_every)):
         check_int(v, name, 1)
+    if num_classes > labels.numel():  # every condition needs images (and a huge count must not allocate)
+        raise ValueError(f"num_classes: {num_classes} conditions, but only {labels.numel()} labelled images")
     bad = labels[(labels < 0) | (labels >= num_classes)]
     if bad.numel():
         raise ValueError(f"labels: expected condition ids in [0, {num_classes}) (num_classes), got {bad[:5].tolist()}")

@@ -10,6 +10,7 @@ from datetime import date
 import torch
 
 from fastguide.bench.end_to_end import MODES
+from fastguide.commands import common
 
 
 def add_parser(sub):
@@ -36,11 +37,9 @@ def add_parser(sub):
 def run(args) -> int:
     from fastguide.bench.end_to_end import MODE_HELP, format_rows, rows_as_dicts, run_end_to_end, tiny_dit
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device not in ("cpu", "cuda"):
-        raise ValueError(f"--device: expected cpu or cuda, got {device!r}")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device: cuda was asked for but torch sees no CUDA device")
+    device = common.resolve_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu")).type
+    if args.json_path:
+        common.check_out_file(args.json_path, "--json", suffix=None)
     cuda = device == "cuda"
     batches = args.batch or ([1, 4] if args.quick else ([1, 8, 64] if cuda else [1, 16, 64]))
     nfes = args.nfe or ([2] if args.quick else ([4, 8, 16] if cuda else [10]))

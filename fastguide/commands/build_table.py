@@ -12,19 +12,28 @@ Scale-out: torchrun --nproc_per_node K -m fastguide build-table ... shards the i
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import inspect
 import os
 import sys
 import time
 
+from pathlib import Path
+
 import numpy as np
 import torch
 
+from fastguide.commands import common
+from fastguide.interrupts import Interrupted
 from fastguide.table import STORAGE_DTYPES
 from fastguide.table_build import ESTIMATORS, RatioSums, accumulate_ratio_sums, dist_rank_world
 
 MODEL_ALIASES = {"digits": "fastguide.demo.digits:table_source"}
+# Options that only apply to a build from --model (None: not given), with their defaults.
+BUILD_DEFAULTS = {"timesteps": "32", "samples_per_class": 100, "num_classes": None, "batch_size": 256, "seed": 0,
+                  "device": None, "checkpoint": None, "checkpoint_every": 20, "save_sums": None,
+                  "deterministic": False}
 
 
 def add_parser(sub):
@@ -36,22 +45,24 @@ def add_parser(sub):
     p.add_argument("--estimator", choices=ESTIMATORS, default="least_squares",
                    help="least_squares: E[m_c m_u]/E[m_u^2] (authors' code); paper: E[m_c]/E[m_u] "
                         "(default %(default)s)")
-    p.add_argument("--timesteps", default="32",
+    p.add_argument("--timesteps",
                    help="table grid: a count N (N evenly spaced training indices from 0 to the last, inclusive) "
-                        "or a comma list of indices (default %(default)s)")
-    p.add_argument("--samples-per-class", type=int, default=100, help="images per class (default %(default)s)")
+                        f"or a comma list of indices (default {BUILD_DEFAULTS['timesteps']})")
+    p.add_argument("--samples-per-class", type=int,
+                   help=f"images per class (default {BUILD_DEFAULTS['samples_per_class']})")
     p.add_argument("--num-classes", type=int,
                    help="conditions in the table (default: the source's, else max label + 1)")
-    p.add_argument("--batch-size", type=int, default=256, help="images per forward (2x rows) (default %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="noise seed (default %(default)s)")
+    p.add_argument("--batch-size", type=int,
+                   help=f"images per forward (2x rows) (default {BUILD_DEFAULTS['batch_size']})")
+    p.add_argument("--seed", type=int, help=f"noise seed (default {BUILD_DEFAULTS['seed']})")
     p.add_argument("--delta", type=float, default=1e-6, help="|denominator| < delta -> R = 1 (default %(default)s)")
     p.add_argument("--clamp", type=float, nargs=2, metavar=("LO", "HI"), help="clip R to [LO, HI]")
     p.add_argument("--dtype", choices=sorted(STORAGE_DTYPES), default="float32",
                    help="storage dtype (default %(default)s)")
     p.add_argument("--device", help="build device (default: cuda[:LOCAL_RANK] if available, else cpu)")
     p.add_argument("--checkpoint", help="partial-sums checkpoint path; an existing one is resumed")
-    p.add_argument("--checkpoint-every", type=int, default=20,
-                   help="image batches between checkpoints (default %(default)s)")
+    p.add_argument("--checkpoint-every", type=int,
+                   help=f"image batches between checkpoints (default {BUILD_DEFAULTS['checkpoint_every']})")
     p.add_argument("--save-sums", help="also write the final sums (to finalize the other estimator later)")
     p.add_argument("--deterministic", action="store_true",
                    help="torch.use_deterministic_algorithms (bit-exact GPU resume; CPU builds are deterministic "
@@ -63,13 +74,20 @@ def add_parser(sub):
 
 def run(args) -> int:
     metadata = parse_metadata(args.metadata)
-    if (args.model is None) == (args.sums is None):
-        raise ValueError("--model / --sums: give exactly one (build from a model, or finalize saved sums)")
+    _check_args(args)
     if args.sums is not None:
         return _finalize_and_write(RatioSums.load(args.sums), args, metadata, build_note=f"finalized from {args.sums}")
+    for key, default in BUILD_DEFAULTS.items():
+        if getattr(args, key) is None:
+            setattr(args, key, default)
     initialized_here = _init_distributed(args.device)
     try:
         return _build(args, metadata)
+    except Interrupted as stop:
+        saved = (f"saved {stop.checkpoint}; run the same command again to resume" if stop.checkpoint else
+                 "nothing saved (pass --checkpoint PATH to make a build resumable)")
+        print(f"fastguide build-table: interrupted after {stop.done} image batches; {saved}", file=sys.stderr)
+        return 130
     finally:
         if initialized_here:
             import torch.distributed as dist
@@ -77,9 +95,33 @@ def run(args) -> int:
             dist.destroy_process_group()
 
 
+def _check_args(args) -> None:
+    """Everything that can be checked before any work: the mode, options that would be ignored, numbers,
+    and every output path (writable, no two the same, not the input sums)."""
+    if (args.model is None) == (args.sums is None):
+        raise ValueError("--model / --sums: give exactly one (build from a model, or finalize saved sums)")
+    if args.sums is not None:
+        given = [k for k in BUILD_DEFAULTS if getattr(args, k) not in (None, False)]
+        if given:
+            raise ValueError(f"--{given[0].replace('_', '-')}: applies only to a build from --model, not to "
+                             "finalizing --sums")
+    for key, low in (("samples_per_class", 1), ("num_classes", 1), ("batch_size", 1), ("checkpoint_every", 1),
+                     ("seed", 0)):
+        value = getattr(args, key)
+        if value is not None and value < low:
+            raise ValueError(f"--{key.replace('_', '-')}: expected an int >= {low}, got {value}")
+    if args.timesteps is not None:
+        parse_timesteps(args.timesteps, None)  # the syntax now; the range once the schedule is known
+    if args.device is not None:
+        common.resolve_device(args.device)
+    outs = common.check_out_files({"--out": args.out, "--save-sums": args.save_sums, "--checkpoint": args.checkpoint})
+    if args.sums is not None and Path(args.sums).resolve() == outs["--out"].resolve():
+        raise ValueError(f"--out: is the input --sums file ({args.sums}); write the table to another path")
+
+
 def _build(args, metadata) -> int:
     rank, world = dist_rank_world()
-    device = torch.device(args.device or _default_device())
+    device = common.resolve_device(args.device or _default_device())
     if args.deterministic:
         torch.use_deterministic_algorithms(True)
     src = load_source(args.model, device)
@@ -129,15 +171,14 @@ def load_source(spec: str, device) -> dict:
     if ":" not in target:
         raise ValueError(f"--model: expected 'digits' or module:function, got {spec!r}")
     module_name, func_name = target.split(":", 1)
-    if os.getcwd() not in sys.path and "" not in sys.path:  # the console script does not put the cwd on the path
-        sys.path.insert(0, os.getcwd())
-    try:
-        factory = getattr(importlib.import_module(module_name), func_name)
-    except (ImportError, AttributeError) as e:
-        hint = " (the shipped digits model is not available in this install)" if spec in MODEL_ALIASES else ""
-        raise ValueError(f"--model: cannot load {target}{hint}: {e}") from None
-    takes_device = "device" in inspect.signature(factory).parameters
-    out = factory(device=device) if takes_device else factory()
+    with _import_path(shipped=spec in MODEL_ALIASES):
+        try:
+            factory = getattr(importlib.import_module(module_name), func_name)
+        except (ImportError, AttributeError) as e:
+            hint = " (the shipped digits model is not available in this install)" if spec in MODEL_ALIASES else ""
+            raise ValueError(f"--model: cannot load {target}{hint}: {e}") from None
+        takes_device = "device" in inspect.signature(factory).parameters
+        out = factory(device=device) if takes_device else factory()
     if isinstance(out, (tuple, list)):
         if len(out) != 5:
             raise ValueError(f"--model: {target} returned {len(out)} values; expected (model, schedule, images, "
@@ -151,20 +192,39 @@ def load_source(spec: str, device) -> dict:
     return out
 
 
-def parse_timesteps(spec: str, num_train: int) -> np.ndarray:
-    """'N' -> N evenly spaced training indices over [0, num_train - 1]; 'a,b,c' -> those indices."""
+@contextlib.contextmanager
+def _import_path(shipped: bool):
+    """Where the model source's code may come from. A user's module:function may live in the current directory,
+    which is appended to the path (after the installed packages, so a file there never shadows one: a planted
+    sklearn.py); the shipped model imports nothing from it, so there the current directory (which `python -m`
+    puts first) is taken off the path while it loads."""
+    cwd, saved = os.getcwd(), list(sys.path)
+    if shipped:
+        sys.path[:] = [p for p in sys.path if p not in ("", cwd)]
+    elif cwd not in sys.path and "" not in sys.path:
+        sys.path.append(cwd)
+    try:
+        yield
+    finally:
+        if shipped:
+            sys.path[:] = saved
+
+
+def parse_timesteps(spec: str, num_train: int | None) -> np.ndarray | int:
+    """'N' -> N evenly spaced training indices over [0, num_train - 1]; 'a,b,c' -> those indices. With
+    ``num_train`` None only the syntax is checked (a count comes back as an int)."""
     text = str(spec).strip()
     try:
-        if "," not in text:
-            count = int(text)
-            if not 1 <= count <= num_train:
-                raise ValueError(f"--timesteps: a count must be in [1, {num_train}], got {count}")
-            return np.unique(np.linspace(0, num_train - 1, count).round().astype(np.int64))
-        return np.array([int(v) for v in text.split(",") if v.strip()], dtype=np.int64)
-    except ValueError as e:
-        if str(e).startswith("--timesteps"):
-            raise
+        if "," in text:
+            return np.array([int(v) for v in text.split(",") if v.strip()], dtype=np.int64)
+        count = int(text)
+    except ValueError:
         raise ValueError(f"--timesteps: expected a count or a comma list of integers, got {spec!r}") from None
+    if count < 1 or (num_train is not None and count > num_train):
+        raise ValueError(f"--timesteps: a count must be in [1, {num_train or 'num_train_timesteps'}], got {count}")
+    if num_train is None:
+        return count
+    return np.unique(np.linspace(0, num_train - 1, count).round().astype(np.int64))
 
 
 def parse_metadata(items) -> dict:

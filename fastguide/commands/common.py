@@ -1,5 +1,5 @@
-"""Helpers shared by the digits commands (`demo`, `sample`, `train`): argument checks, device choice,
-asset loading, and the PNG / table outputs."""
+"""Helpers shared by the commands: argument checks, device choice, output paths checked before any work,
+asset loading for the digits commands, and the PNG / table outputs."""
 from __future__ import annotations
 
 import argparse
@@ -55,20 +55,37 @@ def parse_labels(text: str) -> list[int]:
     return labels
 
 
+def at_least(value, option: str, low: int):
+    """An int option's value, checked to be >= low (None passes: the option was not given)."""
+    if value is not None and value < low:
+        raise ValueError(f"{option}: expected an int >= {low}, got {value}")
+    return value
+
+
 def check_steps(steps: int) -> int:
     if not 1 <= steps <= 1000:
         raise ValueError(f"--steps: expected 1..1000 sampling steps, got {steps}")
     return steps
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device: cuda was requested but no CUDA device is available (torch.cuda.is_available() "
-                         "is False); use --device cpu")
-    return torch.device(name)
+def resolve_device(name: str, arg: str = "--device") -> torch.device:
+    """A device torch can use here: cpu, cuda or cuda:N (N < the number of CUDA devices)."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"{arg}: unknown device {name!r} (expected cpu, cuda or cuda:N)") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"{arg}: expected cpu, cuda or cuda:N, got {name!r}")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"{arg}: {name} was requested but no CUDA device is available (torch.cuda.is_available() "
+                             "is False); use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"{arg}: {name} does not exist ({torch.cuda.device_count()} CUDA devices)")
+    return device
 
 
-def prepare_out_dir(path) -> Path:
+def prepare_out_dir(path, arg: str = "--out") -> Path:
     """Create the output directory and prove it is writable before any work is done."""
     out = Path(path)
     try:
@@ -77,20 +94,33 @@ def prepare_out_dir(path) -> Path:
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as e:
-        raise ValueError(f"--out: cannot write to directory {out} ({e.strerror or e})") from None
+        raise ValueError(f"{arg}: cannot write to directory {out} ({e.strerror or e})") from None
     return out
 
 
-def check_out_file(path) -> Path:
+def check_out_file(path, arg: str = "--out", suffix: str | None = ".png") -> Path:
+    """An output file that can be written (its directory exists and is writable; it is not a directory)."""
     out = Path(path)
-    if out.suffix.lower() != ".png":
-        raise ValueError(f"--out: expected a .png file name, got {str(out)!r}")
+    if suffix is not None and out.suffix.lower() != suffix:
+        raise ValueError(f"{arg}: expected a {suffix} file name, got {str(out)!r}")
     if out.is_dir():
-        raise ValueError(f"--out: {out} is a directory, expected a .png file name")
+        raise ValueError(f"{arg}: {out} is a directory, expected a file name")
     parent = out.parent if str(out.parent) else Path(".")
     if not parent.is_dir() or not os.access(parent, os.W_OK) or (out.exists() and not os.access(out, os.W_OK)):
-        raise ValueError(f"--out: cannot write {out} (directory {parent} missing or not writable)")
+        raise ValueError(f"{arg}: cannot write {out} (directory {parent} missing or not writable)")
     return out
+
+
+def check_out_files(paths: dict, suffix: str | None = None) -> dict:
+    """{option: path} of the files a command will write (None: not written): each writable, no two the same."""
+    checked = {arg: check_out_file(p, arg, suffix) for arg, p in paths.items() if p is not None}
+    seen = {}
+    for arg, p in checked.items():
+        key = p.resolve()
+        if key in seen:
+            raise ValueError(f"{arg}: is the same file as {seen[key]} ({p}); give each output its own path")
+        seen[key] = arg
+    return checked
 
 
 def load_assets(assets_dir, device):

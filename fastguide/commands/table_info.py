@@ -30,7 +30,7 @@ def run(args) -> int:
         "nbytes": table.nbytes, "metadata": dict(table.metadata), "timestep_stats": stats,
     }
     if args.json:
-        print(json.dumps(info, indent=1))
+        print(json.dumps(info, indent=1, allow_nan=False))
         return 0
     mean = " + mean row" if table.has_mean_row else ""
     print(f"{args.path}: ratio table, {table.num_classes} classes{mean} x {info['timesteps'] or table.ratios.shape[1]} "

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from contextlib import contextmanager
 
 import numpy as np
 import torch
 
+from fastguide.commands import common
 from fastguide.demo import toy
 
 RULE_LABELS = {"cfg": "CFG", "paper": "ReCFG paper", "least_squares": "ReCFG lsq"}
@@ -62,21 +62,8 @@ def _check_args(args) -> None:
     if any(c == 0 or not math.isfinite(c) for c in args.c):
         raise ValueError(f"--c: expected finite values != 0 (phi = E[x0|c] / c), got {args.c}")
     if args.plot:
-        _check_plot_path(args.plot)
-    try:
-        torch.empty(0, device=args.device)
-    except (RuntimeError, AssertionError) as e:
-        raise ValueError(f"--device: {args.device!r} is not usable here ({str(e).splitlines()[0]})") from None
-
-
-def _check_plot_path(path: str) -> None:
-    parent = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(parent):
-        raise FileNotFoundError(f"--plot: directory {parent} does not exist")
-    if os.path.isdir(path):
-        raise IsADirectoryError(f"--plot: {path} is a directory, expected a file name like out.png")
-    if not os.access(parent, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
-        raise PermissionError(f"--plot: {path} is not writable")
+        common.check_out_file(args.plot, "--plot", suffix=None)
+    common.resolve_device(args.device)
 
 
 def results(args) -> dict:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import platform
+import sys
 import time
 
 import torch
@@ -26,6 +27,8 @@ def add_parser(sub):
                        description=__doc__, formatter_class=common.HelpFormatter)
     p.add_argument("--out", default="fastguide-train", help="output directory")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start again even though --out holds a training run (its checkpoint is replaced)")
     p.add_argument("--steps", type=int, default=d.steps, help="UNet optimisation steps")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="UNet batch size")
     p.add_argument("--seed", type=int, default=d.seed, help="seed of weights, batches and noise")
@@ -71,23 +74,35 @@ def write_tables(sums, out) -> None:
 
 def run(args) -> int:
     from fastguide.demo import digits
-    from fastguide.demo.train import ClassifierConfig, DiffusionConfig, train_classifier, train_diffusion
+    from fastguide.demo.train import CHECKPOINT_FILE, ClassifierConfig, DiffusionConfig, train_classifier, train_diffusion
+    from fastguide.interrupts import Interrupted
 
-    if args.threads is not None:
-        if args.threads < 1:
-            raise ValueError(f"--threads: expected >= 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
-    if args.stop_after is not None and args.stop_after < 1:
-        raise ValueError(f"--stop-after: expected >= 1, got {args.stop_after}")
-    if args.classifier_epochs < 1 or (args.table_samples_per_class or 1) < 1:
-        raise ValueError("--classifier-epochs / --table-samples-per-class: expected >= 1")
+    for option, value, low in (("--threads", args.threads, 1), ("--stop-after", args.stop_after, 1),
+                               ("--classifier-epochs", args.classifier_epochs, 1), ("--steps", args.steps, 1),
+                               ("--table-samples-per-class", args.table_samples_per_class, 1),
+                               ("--batch-size", args.batch_size, 1), ("--seed", args.seed, 0)):
+        common.at_least(value, option, low)
+    if args.resume and args.overwrite:
+        raise ValueError("--overwrite: contradicts --resume (continue the run, or start it again: not both)")
     cfg = DiffusionConfig(steps=args.steps, batch_size=args.batch_size, seed=args.seed).check()
     out = common.prepare_out_dir(args.out)
+    checkpoint = out / CHECKPOINT_FILE
+    if checkpoint.exists() and not (args.resume or args.overwrite):
+        raise ValueError(f"--out: {out} already holds a training run ({checkpoint.name}); continue it with --resume "
+                         "or start again with --overwrite")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     progress = not args.quiet
     facts = {"torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine(),
              "unet_config": cfg.__dict__}
     t0 = time.perf_counter()
-    unet = train_diffusion(cfg, out, resume=args.resume, stop_after=args.stop_after, progress=progress)
+    try:
+        unet = train_diffusion(cfg, out, resume=args.resume, stop_after=args.stop_after, progress=progress,
+                               overwrite=args.overwrite)
+    except Interrupted as stop:
+        print(f"interrupted after step {stop.done}/{cfg.steps}; saved {stop.checkpoint}; continue with: "
+              f"fastguide train --out {out} --resume", file=sys.stderr)
+        return 130
     facts["unet"] = unet
     if not unet["finished"]:
         print(f"stopped at step {unet['step']}/{cfg.steps}; continue with: fastguide train --out {out} --resume")

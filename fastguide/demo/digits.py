@@ -16,7 +16,7 @@ from fastguide.demo.data import IMAGE_SHAPE, NULL_LABEL, NUM_CLASSES
 from fastguide.demo.classifier import DigitsClassifier
 from fastguide.demo.unet import DigitsUNet
 from fastguide.schedule import NoiseSchedule
-from fastguide.storage import read_safetensors
+from fastguide.storage import metadata_field, read_safetensors
 
 ASSETS_DIR = Path(__file__).resolve().parent / "assets"
 UNET_FILE = "digits_unet.safetensors"
@@ -51,10 +51,11 @@ def _load_module(path, what: str, fmt: str, build, device, check_meta=None) -> t
     tensors, meta = read_safetensors(path, what, f"digits {what}", fmt, hint=CREATE_HINT)
     if check_meta is not None:
         check_meta(meta)
-    module = build(**json.loads(meta["config"]))
+    config = metadata_field(meta, "config", json.loads, path, what)
     try:
+        module = build(**config)
         module.load_state_dict(tensors)
-    except RuntimeError as e:
+    except (RuntimeError, TypeError, ValueError) as e:
         raise ValueError(f"{what}: {path} does not match the model it describes ({str(e).splitlines()[0]})") from None
     return module.to(device).eval().requires_grad_(False)
 
@@ -115,7 +116,7 @@ RULES = {"cfg": None, "recfg-paper": "paper", "recfg-ls": "least_squares"}  # ru
 
 def check_labels(labels) -> torch.Tensor:
     labels = torch.as_tensor(labels)
-    if labels.ndim != 1 or labels.numel() == 0 or labels.is_floating_point():
+    if labels.ndim != 1 or labels.numel() == 0 or labels.is_floating_point() or labels.dtype == torch.bool:
         raise ValueError(f"labels: expected a non-empty list of integer digits, got {labels.tolist()!r}")
     bad = labels[(labels < 0) | (labels >= NUM_CLASSES)]
     if bad.numel():

@@ -23,7 +23,8 @@ from fastguide.demo.data import NULL_LABEL, NUM_CLASSES, load_digits_split
 from fastguide.demo import digits
 from fastguide.demo.classifier import DigitsClassifier
 from fastguide.demo.unet import DigitsUNet
-from fastguide.storage import atomic_save, read_safetensors
+from fastguide.interrupts import Interrupted, deferred_sigint
+from fastguide.storage import atomic_save, metadata_field, read_safetensors
 
 CHECKPOINT_FILE = "digits_unet_checkpoint.safetensors"
 CHECKPOINT_FORMAT = "fastguide.digits_unet_checkpoint/1"
@@ -106,9 +107,10 @@ def save_checkpoint(path: Path, step: int, cfg: DiffusionConfig, model, ema, opt
 def load_checkpoint(path: Path, cfg: DiffusionConfig, model, ema, opt) -> tuple[int, float]:
     """Restore model, EMA and optimizer; returns (next step, training seconds so far)."""
     tensors, meta = read_safetensors(path, "resume", "training checkpoint", CHECKPOINT_FORMAT, hint=digits.CREATE_HINT)
-    saved = json.loads(meta["config"])
+    saved = metadata_field(meta, "config", json.loads, path, "resume")
     if saved != asdict(cfg):
-        diff = {k: (saved.get(k), v) for k, v in asdict(cfg).items() if saved.get(k) != v}
+        diff = {k: (saved.get(k) if isinstance(saved, dict) else None, v) for k, v in asdict(cfg).items()
+                if not isinstance(saved, dict) or saved.get(k) != v}
         raise ValueError(f"resume: checkpoint {path} was written with a different config (saved, now): {diff}")
     model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
     ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
@@ -120,7 +122,8 @@ def load_checkpoint(path: Path, cfg: DiffusionConfig, model, ema, opt) -> tuple[
             state.setdefault(int(i), {})[name] = v.reshape(()) if name == "step" else v
     sd["state"] = state
     opt.load_state_dict(sd)
-    return int(meta["step"]), float(meta.get("train_seconds", 0.0))
+    step = metadata_field(meta, "step", int, path, "resume")
+    return step, metadata_field(meta, "train_seconds", float, path, "resume") if "train_seconds" in meta else 0.0
 
 
 def save_model(path: Path, model: torch.nn.Module, fmt: str, extra: dict) -> None:
@@ -130,68 +133,100 @@ def save_model(path: Path, model: torch.nn.Module, fmt: str, extra: dict) -> Non
 
 
 # ---------------------------------------------------------------------- the two trainings
-def train_diffusion(cfg: DiffusionConfig, out_dir, resume: bool = False, stop_after: int | None = None,
-                    progress: bool = True) -> dict:
-    """Train (or resume) the UNet; writes the checkpoint and, when finished, ``digits_unet.safetensors`` (EMA).
+@dataclass
+class TrainState:
+    """The UNet run's state after ``step`` completed steps: what a checkpoint holds."""
 
-    ``stop_after`` ends this run (with a checkpoint) after that many steps, as an interruption would.
-    Returns {"step", "finished", "seconds", "final_loss"}.
-    """
-    cfg.check()
-    out_dir = Path(out_dir)
-    ckpt = out_dir / CHECKPOINT_FILE
+    model: DigitsUNet
+    ema: DigitsUNet
+    opt: torch.optim.Optimizer
+    step: int = 0
+    seconds: float = 0.0  # training time over all runs before this one
+
+
+def initial_state(cfg: DiffusionConfig, ckpt: Path, resume: bool, overwrite: bool = False) -> TrainState:
+    """Fresh weights (seeded), or the checkpoint's state when resuming. An existing checkpoint is never replaced
+    by a fresh run unless ``overwrite``."""
+    if not resume and ckpt.exists() and not overwrite:
+        raise FileExistsError(f"out: {ckpt.parent} already holds a training run ({ckpt.name}); continue it with "
+                              "resume=True (--resume) or start again with overwrite=True (--overwrite)")
     torch.manual_seed(cfg.seed)  # initial weights
     model = DigitsUNet(cfg.channels, NUM_CLASSES)
     ema = DigitsUNet(cfg.channels, NUM_CLASSES).requires_grad_(False)
     ema.load_state_dict(model.state_dict())
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
-    start, before = 0, 0.0
+    state = TrainState(model, ema, torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0))
     if resume:
-        if not ckpt.is_file():
-            raise FileNotFoundError(f"resume: no checkpoint {ckpt} to resume from")
-        start, before = load_checkpoint(ckpt, cfg, model, ema, opt)
-    split = load_digits_split()
-    schedule = digits.digits_schedule()
+        state.step, state.seconds = load_checkpoint(ckpt, cfg, state.model, state.ema, state.opt)
+    return state
+
+
+def train_step(state: TrainState, cfg: DiffusionConfig, split, abar: torch.Tensor) -> float:
+    """One optimisation step (batch, loss, AdamW, EMA), a pure function of (seed, step); returns the loss."""
+    step = state.step
+    x_t, t, cond, eps = diffusion_batch(split.train_images, split.train_labels, abar, cfg, step)
+    loss = F.mse_loss(state.model(x_t, t, cond), eps)
+    state.opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(state.model.parameters(), cfg.grad_clip)
+    for group in state.opt.param_groups:
+        group["lr"] = learning_rate(cfg, step)
+    state.opt.step()
+    ema_update(state.ema, state.model, min(cfg.ema_decay, (1 + step) / (10 + step)))
+    state.step = step + 1
+    return loss.item()
+
+
+@torch.no_grad()
+def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    for pe, pm in zip(ema.parameters(), model.parameters()):
+        pe.lerp_(pm, 1 - decay)
+
+
+def train_diffusion(cfg: DiffusionConfig, out_dir, resume: bool = False, stop_after: int | None = None,
+                    progress: bool = True, overwrite: bool = False) -> dict:
+    """Train (or resume) the UNet; writes the checkpoint and, when finished, ``digits_unet.safetensors`` (EMA).
+
+    ``stop_after`` ends this run (with a checkpoint) after that many steps, as an interruption would. Ctrl-C
+    finishes the step in progress, saves a checkpoint of the completed steps, then raises
+    :class:`fastguide.interrupts.Interrupted` (a second Ctrl-C stops at once, keeping the last checkpoint).
+    A checkpoint is only ever written between steps, so ``resume`` continues exactly.
+    Returns {"step", "finished", "seconds_this_run", "seconds_all_runs", "final_loss"}.
+    """
+    cfg.check()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ckpt = out_dir / CHECKPOINT_FILE
+    state = initial_state(cfg, ckpt, resume, overwrite)
+    split, schedule = load_digits_split(), digits.digits_schedule()
     abar = schedule.alphas_cumprod.float()
-    end = cfg.steps if stop_after is None else min(cfg.steps, start + stop_after)
+    end = cfg.steps if stop_after is None else min(cfg.steps, state.step + stop_after)
     t0, loss_avg = time.perf_counter(), None
 
-    def elapsed() -> float:  # training time over all runs of this checkpoint
-        return before + time.perf_counter() - t0
+    def save() -> None:
+        save_checkpoint(ckpt, state.step, cfg, state.model, state.ema, state.opt,
+                        state.seconds + time.perf_counter() - t0)
 
-    bar = tqdm(range(start, end), desc="train unet", disable=not progress, initial=start, total=cfg.steps)
-    step = start
-    try:
-        for step in bar:
-            x_t, t, cond, eps = diffusion_batch(split.train_images, split.train_labels, abar, cfg, step)
-            loss = F.mse_loss(model(x_t, t, cond), eps)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            for group in opt.param_groups:
-                group["lr"] = learning_rate(cfg, step)
-            opt.step()
-            with torch.no_grad():
-                decay = min(cfg.ema_decay, (1 + step) / (10 + step))
-                for pe, pm in zip(ema.parameters(), model.parameters()):
-                    pe.lerp_(pm, 1 - decay)
-            loss_avg = loss.item() if loss_avg is None else 0.98 * loss_avg + 0.02 * loss.item()
+    bar = tqdm(total=cfg.steps, initial=state.step, desc="train unet", disable=not progress)
+    with deferred_sigint() as interrupted, bar:
+        while state.step < end:
+            loss = train_step(state, cfg, split, abar)
+            loss_avg = loss if loss_avg is None else 0.98 * loss_avg + 0.02 * loss
+            bar.update()
             bar.set_postfix(loss=f"{loss_avg:.4f}", refresh=False)
-            if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < end:
-                save_checkpoint(ckpt, step + 1, cfg, model, ema, opt, elapsed())
-        step = end
-    except KeyboardInterrupt:
-        save_checkpoint(ckpt, step, cfg, model, ema, opt, elapsed())  # `step`: the first step not yet taken
-        raise
-    save_checkpoint(ckpt, end, cfg, model, ema, opt, elapsed())
+            if interrupted:
+                save()
+                raise Interrupted(state.step, ckpt)
+            if state.step % cfg.checkpoint_every == 0 and state.step < end:
+                save()
+    save()
     finished = end >= cfg.steps
     if finished:
-        save_model(out_dir / digits.UNET_FILE, ema, digits.UNET_FORMAT, {
+        save_model(out_dir / digits.UNET_FILE, state.ema, digits.UNET_FORMAT, {
             "schedule_fingerprint": schedule.fingerprint(), "null_label": str(NULL_LABEL),
             "train_steps": str(cfg.steps), "train_config": json.dumps(asdict(cfg), sort_keys=True),
             "prediction_type": "epsilon"})
     return {"step": end, "finished": finished, "seconds_this_run": time.perf_counter() - t0,
-            "seconds_all_runs": elapsed(), "final_loss": loss_avg}
+            "seconds_all_runs": state.seconds + time.perf_counter() - t0, "final_loss": loss_avg}
 
 
 def shift_augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:

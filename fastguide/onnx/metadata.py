@@ -23,7 +23,14 @@ def read_metadata(session_or_path) -> dict:
     if isinstance(session_or_path, (str, Path)):
         import onnx
 
-        return proto_metadata(onnx.load(str(session_or_path), load_external_data=False))
+        path = Path(session_or_path)
+        if not path.is_file():
+            raise FileNotFoundError(f"path: ONNX file {path} not found")
+        try:
+            proto = onnx.load(str(path), load_external_data=False)
+        except Exception as e:  # protobuf's DecodeError and friends
+            raise ValueError(f"path: {path} is not an ONNX graph ({str(e).splitlines()[0][:200]})") from None
+        return proto_metadata(proto)
     return decode_metadata(session_or_path.get_modelmeta().custom_metadata_map)
 
 
@@ -32,7 +39,10 @@ def proto_metadata(proto) -> dict:
 
 
 def decode_metadata(props: dict) -> dict:
-    meta = {k[len(META_PREFIX):]: json.loads(v) for k, v in props.items() if k.startswith(META_PREFIX)}
+    try:
+        meta = {k[len(META_PREFIX):]: json.loads(v) for k, v in props.items() if k.startswith(META_PREFIX)}
+    except ValueError as e:
+        raise ValueError(f"path: the graph's fastguide metadata does not parse ({e})") from None
     if meta.get("format") != FORMAT:
         raise ValueError(f"path: not a graph written by fastguide.onnx.export (format {meta.get('format')!r}, "
                          f"expected {FORMAT!r})")

@@ -47,7 +47,10 @@ class OnnxSampler:
             raise FileNotFoundError(f"path: ONNX file {path} not found (write one with fastguide.onnx.export or "
                                     "`fastguide export-onnx`)")
         providers = self._check_providers(providers, ort.get_available_providers())
-        self.session = ort.InferenceSession(str(path), providers=providers)
+        try:
+            self.session = ort.InferenceSession(str(path), providers=providers)
+        except Exception as e:  # onnxruntime raises its own types for a file that is not a loadable graph
+            raise ValueError(f"path: {path} is not a loadable ONNX graph ({str(e).splitlines()[0][:200]})") from None
         self.provider = self.session.get_providers()[0]
         if CUDA in providers and self.provider != CUDA:
             warnings.warn(f"providers: {CUDA} was requested but did not load (CUDA / cuDNN libraries missing or "
