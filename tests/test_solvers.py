@@ -349,5 +349,5 @@ def test_epsilon_prediction_on_a_zero_snr_schedule_is_refused():
 
 
 def test_bad_shift_for_flow():
-    with pytest.raises(ValueError, match="shift: expected a float > 0"):
+    with pytest.raises(ValueError, match="shift: expected a finite float > 0"):
         fg.FlowEuler(10, shift=0.0)

@@ -7,6 +7,7 @@ import pytest
 import safetensors.torch
 import torch
 
+from fastguide import storage
 from fastguide.storage import atomic_save, read_safetensors
 
 
@@ -76,12 +77,10 @@ def test_a_failed_write_keeps_the_previous_file_and_leaves_no_temporary_file(tmp
     atomic_save(old, path, {"batches_done": 4})
     before = path.read_bytes()
 
-    def dies_halfway(tensors, filename, metadata=None):
-        with open(filename, "wb") as f:  # a partial temporary file, then the writer dies
-            f.write(b"\x00" * 17)
+    def dies(fd):  # the temporary file is written but cannot be made durable: the write fails
         raise OSError("disk full")
 
-    monkeypatch.setattr(safetensors.torch, "save_file", dies_halfway)
+    monkeypatch.setattr(storage.os, "fsync", dies)
     with pytest.raises(OSError, match="disk full"):
         atomic_save({"sum_c": torch.randn(2, 3)}, path, {"batches_done": 6})
     assert path.read_bytes() == before
