@@ -78,6 +78,15 @@ def interrupt_at(monkeypatch, point: str, when: str, interrupt) -> None:
     monkeypatch.setattr(owner, name, wrapped)
 
 
+def interrupted_run(out, monkeypatch, point: str, when: str, interrupt) -> KeyboardInterrupt:
+    """Train CONFIG into ``out`` with ``interrupt`` injected at ``point``; the KeyboardInterrupt it ends with."""
+    with monkeypatch.context() as m:
+        interrupt_at(m, point, when, interrupt)
+        with pytest.raises(KeyboardInterrupt) as stop:
+            train_diffusion(CONFIG, out, progress=False)
+    return stop.value
+
+
 def sigint():
     os.kill(os.getpid(), signal.SIGINT)
 
@@ -90,11 +99,8 @@ def undeferred():
 @pytest.mark.parametrize("point", list(POINTS))
 def test_sigint_anywhere_in_a_step_saves_the_completed_step_and_resume_is_exact(tmp_path, monkeypatch, uninterrupted,
                                                                                point, when):
-    with monkeypatch.context() as m:
-        interrupt_at(m, point, when, sigint)
-        with pytest.raises(Interrupted) as stop:
-            train_diffusion(CONFIG, tmp_path, progress=False)
-    assert stop.value.done == INTERRUPTED_STEP + 1  # the step in progress finished, then the checkpoint
+    stop = interrupted_run(tmp_path, monkeypatch, point, when, sigint)
+    assert isinstance(stop, Interrupted) and stop.done == INTERRUPTED_STEP + 1  # the step finished, then saved
     assert checkpoint_step(tmp_path) == INTERRUPTED_STEP + 1
     train_diffusion(CONFIG, tmp_path, resume=True, progress=False)
     assert_same_state(checkpoint_state(tmp_path), uninterrupted)
@@ -104,11 +110,8 @@ def test_sigint_anywhere_in_a_step_saves_the_completed_step_and_resume_is_exact(
 @pytest.mark.parametrize("point", list(POINTS))
 def test_an_undeferred_interrupt_keeps_the_last_checkpoint_and_resume_is_exact(tmp_path, monkeypatch, uninterrupted,
                                                                               point, when):
-    with monkeypatch.context() as m:
-        interrupt_at(m, point, when, undeferred)
-        with pytest.raises(KeyboardInterrupt) as stop:
-            train_diffusion(CONFIG, tmp_path, progress=False)
-    assert not isinstance(stop.value, Interrupted)
+    stop = interrupted_run(tmp_path, monkeypatch, point, when, undeferred)
+    assert not isinstance(stop, Interrupted)
     last = INTERRUPTED_STEP // CONFIG.checkpoint_every * CONFIG.checkpoint_every
     assert checkpoint_step(tmp_path) == last  # written by the last periodic save, not by the interrupted step
     train_diffusion(CONFIG, tmp_path, resume=True, progress=False)
@@ -116,11 +119,8 @@ def test_an_undeferred_interrupt_keeps_the_last_checkpoint_and_resume_is_exact(t
 
 
 def test_a_second_sigint_stops_at_once(tmp_path, monkeypatch):
-    with monkeypatch.context() as m:
-        interrupt_at(m, "forward", "before", lambda: (sigint(), sigint()))
-        with pytest.raises(KeyboardInterrupt) as stop:
-            train_diffusion(CONFIG, tmp_path, progress=False)
-    assert not isinstance(stop.value, Interrupted)
+    stop = interrupted_run(tmp_path, monkeypatch, "forward", "before", lambda: (sigint(), sigint()))
+    assert not isinstance(stop, Interrupted)
     assert checkpoint_step(tmp_path) == 3
 
 
