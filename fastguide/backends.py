@@ -37,9 +37,15 @@ def check_backend(backend: str) -> str:
     return backend
 
 
-def step_impl(backend: str, device: torch.device, fused: bool) -> StepImpl:
+def step_impl(backend: str, device: torch.device, fused: bool, multistep: bool = False) -> StepImpl:
     """``backend``: "torch" (plain torch ops, any device), "triton" (the fused kernel), or "auto" (triton for
-    CUDA tensors when available, torch otherwise)."""
+    CUDA tensors when available, torch otherwise). ``multistep``: the plan carries history states, which the
+    Triton kernel does not read yet ("auto" then runs torch; "triton" is an error)."""
+    if multistep:
+        if backend == "triton":
+            raise ValueError("backend: the Triton kernel does not run multistep solvers (history states) yet; use "
+                             "backend='auto' or 'torch'")
+        backend = "torch"
     interpreted = backend == "triton" and os.environ.get("TRITON_INTERPRET") == "1"  # only "triton" asks
     return _step_impl(backend, device.type, fused, interpreted)
 

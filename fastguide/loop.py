@@ -47,6 +47,10 @@ class PlanTensors:
     table_w: torch.Tensor | None = None  # [S] the lerp weight between those rows (guidance data, not a coefficient)
     table_w_host: list | None = None
     table_w_source: torch.Tensor | None = None  # the host weights these were made from
+    hist_weights: torch.Tensor | None = None  # [S, K] a multistep solver's weights of its history slots in x_next
+    write_slots: torch.Tensor | None = None  # [S, W] int64: the slots each step writes
+    write_coef: torch.Tensor | None = None  # [S, W, 2 + K]: what it writes there
+    history_host: tuple | None = None  # (weights, write_slots, write_coef) as Python lists
 
     @classmethod
     def build(cls, plan, guidance, device, dtype) -> "PlanTensors":
@@ -59,8 +63,15 @@ class PlanTensors:
                 table_steps_host=[tuple(r) for r in guidance.table_steps.tolist()],
                 table_w=guidance.table_w.to(device, cdt), table_w_host=guidance.table_w.tolist(),
                 table_w_source=guidance.table_w)
+        history_parts = {}
+        if plan.history is not None:
+            h = plan.history
+            history_parts = dict(
+                hist_weights=h.weights.to(device, cdt), write_slots=h.write_slots.to(device),
+                write_coef=h.write_coef.to(device, cdt),
+                history_host=(h.weights.tolist(), h.write_slots.tolist(), h.write_coef.tolist()))
         return cls(plan, guidance.table, plan.timesteps.to(device, cdt), plan.coef.to(device, cdt),
-                   plan.coef.tolist(), **table_parts)
+                   plan.coef.tolist(), **table_parts, **history_parts)
 
     def serves(self, plan, guidance) -> bool:
         """Whether these tensors are the ones ``plan`` with ``guidance``'s table needs."""
@@ -84,6 +95,9 @@ class StepInputs(NamedTuple):
     table_w: torch.Tensor | None
     z: torch.Tensor | None
     out_sum: torch.Tensor  # where the step's float32 output sum goes
+    hist_coef: torch.Tensor | None  # [K] a multistep solver's history weights in x_next
+    write_slots: torch.Tensor | None  # [W] the history slots this step writes
+    write_coef: torch.Tensor | None  # [W, 2 + K] what it writes there
 
 
 class StepConstants(NamedTuple):
@@ -92,6 +106,7 @@ class StepConstants(NamedTuple):
     x2: torch.Tensor
     table: torch.Tensor | None
     rows: torch.Tensor | None
+    history: torch.Tensor | None
     batch: int
     cond_first: bool
     clip_range: float | None
@@ -118,6 +133,7 @@ class LoopBuffers:
     g1: torch.Tensor  # [S, B] in the compute dtype
     rows: torch.Tensor | None  # [B] table rows of this call's labels
     z: torch.Tensor | None  # [S, B, *shape] per-step noise of a stochastic solver
+    history: torch.Tensor | None  # [K, B, *shape] a multistep solver's states (zeroed every call)
     out_sums: torch.Tensor  # [S] float32 sum of each step's model output (non-finite iff the output was)
     guided: tuple  # [S] bool: the step runs the null half
     batch: int
@@ -134,11 +150,11 @@ def buffer_key(x: torch.Tensor, cond: torch.Tensor, plan: PlanTensors, guided) -
     """The static key of a call: calls with equal keys share buffers (and a captured graph)."""
     table = None if plan.table is None else (tuple(plan.table.shape), plan.table.dtype)
     return (tuple(x.shape), x.dtype, x.device, tuple(cond.shape), cond.dtype, tuple(guided), plan.plan.steps,
-            plan.plan.stochastic, table)
+            plan.plan.stochastic, plan.plan.history_slots, table)
 
 
 def allocate(x: torch.Tensor, cond: torch.Tensor, guidance, steps: int, stochastic: bool, null_cond,
-             cond_first: bool) -> LoopBuffers:
+             cond_first: bool, history_slots: int = 0) -> LoopBuffers:
     batch, dev = x.shape[0], x.device
     run_uncond = any(guidance.guided)
     labels = paired_conditions(cond, null_cond, cond_first) if run_uncond else cond.clone()
@@ -148,6 +164,7 @@ def allocate(x: torch.Tensor, cond: torch.Tensor, guidance, steps: int, stochast
         g1=torch.empty((steps, batch), dtype=compute_dtype_for(x.dtype), device=dev),
         rows=None if guidance.rows is None else torch.empty(batch, dtype=guidance.rows.dtype, device=dev),
         z=torch.empty((steps, *x.shape), dtype=x.dtype, device=dev) if stochastic else None,
+        history=torch.zeros((history_slots, *x.shape), dtype=x.dtype, device=dev) if history_slots else None,
         out_sums=torch.zeros(steps, dtype=torch.float32, device=dev), guided=tuple(guidance.guided), batch=batch,
         cond_first=cond_first, null_source=null_cond)
 
@@ -163,8 +180,9 @@ def bind_plan(b: LoopBuffers, plan: PlanTensors) -> None:
     z = none if b.z is None else b.z.unbind(0)
     table_steps = none if plan.table_steps is None else plan.table_steps.unbind(0)
     table_w = none if plan.table_w is None else plan.table_w.unbind(0)
+    hist = [none if t is None else t.unbind(0) for t in (plan.hist_weights, plan.write_slots, plan.write_coef)]
     steps = tuple(StepInputs(*((b.x2, b.labels, t_all[i]) if b.guided[i] else (x_cond, b.cond, t_cond[i])),
-                             g1, coef, table_steps[i], table_w[i], z[i], out_sum)
+                             g1, coef, table_steps[i], table_w[i], z[i], out_sum, hist[0][i], hist[1][i], hist[2][i])
                   for i, (g1, coef, out_sum) in enumerate(zip(b.g1.unbind(0), plan.coef.unbind(0),
                                                               b.out_sums.unbind(0))))
     b.views = StepViews(steps, x_cur=b.x2[:batch], x_blocks=b.x2.view(rows2 // batch, batch, *b.x2.shape[1:]))
@@ -188,6 +206,8 @@ def refill(b: LoopBuffers, x: torch.Tensor, cond: torch.Tensor, plan: PlanTensor
         b.rows.copy_(guidance.rows)
     if z is not None:
         b.z.copy_(z)
+    if b.history is not None:
+        b.history.zero_()
     copy_into_blocks(b.x2, x, b.views.x_blocks)
 
 
@@ -204,9 +224,11 @@ def draw_step_noise(plan, x: torch.Tensor, seeds: list[int] | None) -> torch.Ten
 # ---------------------------------------------------------------------- the step and the loop
 def guided_update(out, step: StepInputs, const: StepConstants, step_fn) -> None:
     """x_next from the model output ``out``, written into every B-row block of x2 (a device-tensor step)."""
+    history = {} if const.history is None else dict(history=const.history, hist_coef=step.hist_coef,
+                                                     write_slots=step.write_slots, write_coef=step.write_coef)
     step_fn(const.x2, const.x2[:const.batch], out, step.g1, step.coef, cond_first=const.cond_first, table=const.table,
             rows=const.rows, table_steps=step.table_steps, table_w=step.table_w, clip_range=const.clip_range,
-            z=step.z)
+            z=step.z, **history)
 
 
 def hot_step(model, step_fn, step: StepInputs, const: StepConstants) -> None:
@@ -243,7 +265,8 @@ def run_loop(b: LoopBuffers, config: LoopConfig, callback=None, progress: bool =
     """The S steps over b; returns the [S] float32 per-step output sums (for the finite check). Eager steps
     collect their sums in a list stacked once at the end; ``sums_into_buffer`` leaves them in b.out_sums
     instead (a captured loop's replays read them there)."""
-    const = StepConstants(b.x2, b.plan.table, b.rows, b.batch, b.cond_first, config.clip_range, config.check_finite)
+    const = StepConstants(b.x2, b.plan.table, b.rows, b.history, b.batch, b.cond_first, config.clip_range,
+                          config.check_finite)
     steps = range(len(b.views.steps))
     if progress:
         steps = tqdm(steps, desc="sampling", leave=False)
@@ -272,6 +295,8 @@ def _eager_loop(b: LoopBuffers, config: LoopConfig, const: StepConstants, steps,
         n = len(views.steps)
         table_steps = plan.table_steps_host or [None] * n
         table_w = plan.table_w_host or [None] * n
+        weights, slots, writes = plan.history_host or ([None] * n,) * 3
+        history = {}
     sums = []
     for i in steps:
         step = views.steps[i]
@@ -280,9 +305,11 @@ def _eager_loop(b: LoopBuffers, config: LoopConfig, const: StepConstants, steps,
         if check_finite:
             sums.append(out.sum(dtype=torch.float32))
         if host:
+            if const.history is not None:
+                history = dict(history=const.history, hist_coef=weights[i], write_slots=slots[i], write_coef=writes[i])
             fn(const.x2, views.x_cur, out, step.g1, plan.coef_host[i], cond_first=const.cond_first,
                table=const.table, rows=const.rows, table_steps=table_steps[i], table_w=table_w[i],
-               clip_range=const.clip_range, z=step.z, blocks=views.x_blocks)
+               clip_range=const.clip_range, z=step.z, blocks=views.x_blocks, **history)
         else:
             guided_update(out, step, const, fn)
         if callback is not None:

@@ -135,7 +135,7 @@ class Sampler:
             warnings.warn("cuda_graph=True: running eagerly over static buffers (needs CUDA tensors, no callback, "
                           "a rule without autograd)", stacklevel=2)
         allocate = functools.partial(loop.allocate, x, cond, sg, plan.steps, plan.stochastic, self.null_cond,
-                                     self.cond_first)
+                                     self.cond_first, plan.history_slots)
         with self.buffers.claim(loop.buffer_key(x, cond, pt, sg.guided), allocate) as b:
             loop.refill(b, x, cond, pt, sg, z, self.null_cond)
             if config.hot is not None:
@@ -150,7 +150,7 @@ class Sampler:
 
     # ------------------------------------------------------------------ what a call runs
     def _loop_config(self, rule, plan, device: torch.device) -> loop.LoopConfig:
-        step = step_impl(self.backend, device, self.compiled and self._fuse_step)
+        step = step_impl(self.backend, device, self.compiled and self._fuse_step, multistep=plan.history is not None)
         fused = step.fused and rule.traceable
         model = self.model if (not self.compiled or step.fused) else self._compiled_fn("model", device)
         hot = self._compiled_fn("hot", device) if fused else None

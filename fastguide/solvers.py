@@ -29,14 +29,35 @@ class Plan:
     prediction_type: str
     kind: str  # "discrete" | "flow"
     schedule: NoiseSchedule | None = None  # the discrete schedule the plan was built on (tables check against it)
+    history: "History | None" = None  # a multistep solver's past states (None: one-step solvers)
 
     @property
     def steps(self) -> int:
         return int(self.timesteps.numel())
 
+    @property
+    def history_slots(self) -> int:
+        return 0 if self.history is None else self.history.slots
+
     @functools.cached_property
     def stochastic(self) -> bool:
         return bool((self.coef[:, Coef.S] != 0).any())
+
+
+@dataclass(frozen=True, eq=False)
+class History:
+    """A multistep solver's states beyond x: K slots [K, B, *shape] that steps read and write. At step i,
+    x_next gains ``sum_j weights[i, j] * slot_j``, and the step writes W new states: slot ``write_slots[i, w]``
+    becomes ``write_coef[i, w] . (x, m, slot_0, ..., slot_{K-1})`` (all read before any write). Slots start at
+    zero; a slot is read with a non-zero weight only after a step wrote it. Float64 on the CPU."""
+
+    weights: torch.Tensor  # [S, K]
+    write_slots: torch.Tensor  # [S, W] int64
+    write_coef: torch.Tensor  # [S, W, 2 + K]
+
+    @property
+    def slots(self) -> int:
+        return int(self.weights.shape[1])
 
 
 def coef_row(**values: float) -> list[float]:

@@ -48,6 +48,52 @@ def _bcast(v: torch.Tensor, ndim: int) -> torch.Tensor:
     return v.reshape(v.shape + (1,) * (ndim - v.ndim))
 
 
+def guided_output(m_cond: torch.Tensor, m_uncond: torch.Tensor | None, g1: torch.Tensor, *, table=None, rows=None,
+                  table_steps=None, table_w=None, dt: torch.dtype) -> torch.Tensor:
+    """m = g1 m_cond + (1 - g1) R m_uncond in ``dt`` (m_cond alone without an unconditional half)."""
+    m = m_cond.to(dt)
+    if m_uncond is None:
+        return m
+    g1b = _bcast(g1.to(dt), m.ndim)
+    g0 = 1 - g1b
+    if table is not None:
+        flat = table.flatten(0, 1)  # [K*T, *shape]; tensor indices keep this traceable without host syncs
+        r0 = flat[rows * table.shape[1] + table_steps[0]].to(dt)
+        r1 = flat[rows * table.shape[1] + table_steps[1]].to(dt)
+        r = r0 + table_w.to(dt) * (r1 - r0)  # exactly r0 on grid points (w = 0, i1 = i0)
+        g0 = g0 * r
+    return g1b * m + g0 * m_uncond.to(dt)
+
+
+def solver_update(xf: torch.Tensor, m: torch.Tensor, coef: torch.Tensor, *, clip_range=None, z=None, history=None,
+                  hist_coef=None) -> torch.Tensor:
+    """x_next (in xf's dtype) from x, the guided output m, the solver's history states and the noise z."""
+    A, B, S, Px, Pm, C0, Cx, Cm = coef.to(xf.dtype).unbind()
+    if clip_range is None:
+        out = A * xf + B * m
+    else:
+        x0 = (Px * xf + Pm * m).clamp(-clip_range, clip_range)
+        out = C0 * x0 + Cx * xf + Cm * m
+    if history is not None:
+        out = out + history_combination(history, hist_coef.to(xf.dtype), xf.ndim)
+    if z is not None:
+        out = out + S * z.to(xf.dtype)
+    return out
+
+
+def history_combination(history: torch.Tensor, weights: torch.Tensor, ndim: int) -> torch.Tensor:
+    """sum_j weights[j] * history[j] over the K history slots [K, B, *shape], in the weights' dtype."""
+    return (_bcast(weights, ndim + 1) * history.to(weights.dtype)).sum(0)
+
+
+def history_writes(xf: torch.Tensor, m: torch.Tensor, history: torch.Tensor, write_coef: torch.Tensor) -> torch.Tensor:
+    """[W, B, *shape]: each written state w = c[w, 0] x + c[w, 1] m + sum_j c[w, 2 + j] history[j] (the history read
+    before any write of this step)."""
+    c = write_coef.to(xf.dtype)
+    return torch.stack([c[w, 0] * xf + c[w, 1] * m + history_combination(history, c[w, 2:], xf.ndim)
+                        for w in range(c.shape[0])])
+
+
 def guided_step(
     x: torch.Tensor,
     m_cond: torch.Tensor,
@@ -61,36 +107,21 @@ def guided_step(
     table_w: torch.Tensor | None = None,
     clip_range: float | None = None,
     z: torch.Tensor | None = None,
+    history: torch.Tensor | None = None,
+    hist_coef: torch.Tensor | None = None,
     compute_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """One guided step; returns x_next in x's dtype.
 
     x, m_cond, m_uncond, z: [B, *shape]; g1: [B]; coef: [NUM_COEF] (the columns of :class:`Coef`);
     table: [K, T, *shape] ratio rows; rows: [B] int64 row per sample; table_steps: [2] int (i0, i1);
-    table_w: [] the lerp weight between the two rows.
+    table_w: [] the lerp weight between the two rows; history: [K, B, *shape] a multistep solver's past states,
+    hist_coef: [K] their weights in x_next.
     """
     dt = compute_dtype or compute_dtype_for(x.dtype)
-    A, B, S, Px, Pm, C0, Cx, Cm = coef.to(dt).unbind()
-    xf = x.to(dt)
-    m = m_cond.to(dt)
-    if m_uncond is not None:
-        g1b = _bcast(g1.to(dt), x.ndim)
-        g0 = 1 - g1b
-        if table is not None:
-            flat = table.flatten(0, 1)  # [K*T, *shape]; tensor indices keep this traceable without host syncs
-            r0 = flat[rows * table.shape[1] + table_steps[0]].to(dt)
-            r1 = flat[rows * table.shape[1] + table_steps[1]].to(dt)
-            r = r0 + table_w.to(dt) * (r1 - r0)  # exactly r0 on grid points (w = 0, i1 = i0)
-            g0 = g0 * r
-        m = g1b * m + g0 * m_uncond.to(dt)
-    if clip_range is None:
-        out = A * xf + B * m
-    else:
-        x0 = (Px * xf + Pm * m).clamp(-clip_range, clip_range)
-        out = C0 * x0 + Cx * xf + Cm * m
-    if z is not None:
-        out = out + S * z.to(dt)
-    return out.to(x.dtype)
+    m = guided_output(m_cond, m_uncond, g1, table=table, rows=rows, table_steps=table_steps, table_w=table_w, dt=dt)
+    return solver_update(x.to(dt), m, coef, clip_range=clip_range, z=z, history=history,
+                         hist_coef=hist_coef).to(x.dtype)
 
 
 def copy_into_blocks(out: torch.Tensor, y: torch.Tensor, blocks: torch.Tensor | None = None) -> torch.Tensor:
@@ -126,11 +157,20 @@ def guided_step_into(
     table_w: torch.Tensor | None = None,
     clip_range: float | None = None,
     z: torch.Tensor | None = None,
+    history: torch.Tensor | None = None,
+    hist_coef: torch.Tensor | None = None,
+    write_slots: torch.Tensor | None = None,
+    write_coef: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The sampler-facing step: read the model's [2B] (or [B]) output in place, write x_next into every
-    B-row block of ``out`` ([B] or [2B], the model's next input buffer; ``x`` may alias ``out[:B]``)."""
+    B-row block of ``out`` ([B] or [2B], the model's next input buffer; ``x`` may alias ``out[:B]``). A multistep
+    solver also writes this step's new states (``write_coef`` [W, 2 + K]) into ``history`` at ``write_slots`` [W]."""
     batch = x.shape[0]
+    dt = compute_dtype_for(x.dtype)
     m_cond, m_uncond = split_model_output(model_out, batch, cond_first)
-    x_next = guided_step(x, m_cond, m_uncond, g1, coef, table=table, rows=rows, table_steps=table_steps,
-                         table_w=table_w, clip_range=clip_range, z=z)
-    return copy_into_blocks(out, x_next)
+    m = guided_output(m_cond, m_uncond, g1, table=table, rows=rows, table_steps=table_steps, table_w=table_w, dt=dt)
+    xf = x.to(dt)
+    x_next = solver_update(xf, m, coef, clip_range=clip_range, z=z, history=history, hist_coef=hist_coef)
+    if write_coef is not None:
+        history.index_copy_(0, write_slots, history_writes(xf, m, history, write_coef).to(history.dtype))
+    return copy_into_blocks(out, x_next.to(x.dtype))

@@ -21,10 +21,13 @@ def guided_step_into_host(out: torch.Tensor, x: torch.Tensor, model_out: torch.T
                           coef, *, cond_first: bool = True, table: torch.Tensor | None = None,
                           rows: torch.Tensor | None = None, table_steps=None, table_w: float | None = None,
                           clip_range: float | None = None, z: torch.Tensor | None = None,
+                          history: torch.Tensor | None = None, hist_coef=None, write_slots=None, write_coef=None,
                           blocks: torch.Tensor | None = None) -> torch.Tensor:
     """Same contract as the reference, except ``coef`` is a sequence of NUM_COEF Python floats (the columns of
-    ``Coef``), ``table_steps`` a pair of Python ints (i0, i1) and ``table_w`` a Python float. ``blocks``:
-    ``out`` viewed as [k, B, ...] (optional; a loop makes it once instead of every step)."""
+    ``Coef``), ``table_steps`` a pair of Python ints (i0, i1), ``table_w`` a Python float, ``hist_coef`` K floats,
+    ``write_slots`` W ints and ``write_coef`` W rows of 2 + K floats. Zero weights are skipped (a history slot
+    not yet written is never read). ``blocks``: ``out`` viewed as [k, B, ...] (optional; a loop makes it once
+    instead of every step)."""
     A, B, S, Px, Pm, C0, Cx, Cm = coef
     batch = x.shape[0]
     dt = compute_dtype_for(x.dtype)
@@ -50,4 +53,17 @@ def guided_step_into_host(out: torch.Tensor, x: torch.Tensor, model_out: torch.T
             y.add_(m, alpha=Cm)
     if z is not None and S != 0:
         y.add_(_as(z, dt), alpha=S)
+    if history is not None:
+        _add_history(y, history, hist_coef, dt)
+        if write_coef is not None:
+            states = [_add_history(torch.mul(xf, c[0]).add_(m, alpha=c[1]), history, c[2:], dt) for c in write_coef]
+            for slot, state in zip(write_slots, states):  # all computed from the history before this step's writes
+                history[slot].copy_(state)
     return copy_into_blocks(out, y, blocks)  # y is a fresh tensor, so x aliasing out[:B] is safe
+
+
+def _add_history(y: torch.Tensor, history: torch.Tensor, weights, dt: torch.dtype) -> torch.Tensor:
+    for j, w in enumerate(weights):
+        if w != 0:
+            y.add_(_as(history[j], dt), alpha=w)
+    return y

@@ -163,6 +163,9 @@ def _graph_for(sampler, latent_shape) -> GuidedGraph:
                          "inference graph does not have; export CFG or ReCFG, or sample it with fastguide.Sampler")
     if not isinstance(guidance, (CFG, ReCFG)):
         raise ValueError(f"guidance: only CFG and ReCFG can be exported to ONNX, got {type(guidance).__name__}")
+    if sampler.solver.plan.history is not None:
+        raise ValueError(f"solver: {type(sampler.solver).__name__} is a multistep solver, whose history states the "
+                         "ONNX graphs do not carry yet; export a one-step solver (DDIM, DDPM, FlowEuler)")
     null = sampler.null_cond
     if isinstance(null, torch.Tensor) or isinstance(null, bool) or not isinstance(null, (int, np.integer)):
         raise ValueError("null_cond: the ONNX graph takes int64 class labels, so null_cond must be an int label, "
