@@ -7,10 +7,10 @@ Each adapter wraps a diffusers model (it does not copy weights or code) and know
 diffusers puts the conditional rows in (``cond_first``, so a sample matches the pipeline's batch layout), and
 the scheduler config it came with (``solver(steps)``).
 
-- :class:`UNet2DAdapter`: ``UNet2DModel`` with class embeddings; cond = class ids, null = a given label; DDIM.
-- :class:`DiTAdapter`: ``DiTTransformer2DModel``; cond = class ids, null = ``num_embeds_ada_norm``; DDIM.
+- :class:`UNet2DAdapter`: ``UNet2DModel`` with class embeddings; cond = class ids, null = a given label.
+- :class:`DiTAdapter`: ``DiTTransformer2DModel``; cond = class ids, null = ``num_embeds_ada_norm``.
 - :class:`UNet2DConditionAdapter`: ``UNet2DConditionModel``; cond = prompt embeddings [N, L, D], null = the
-  negative / empty-prompt embedding; DDIM.
+  negative / empty-prompt embedding.
 - :class:`SD3Adapter`: ``SD3Transformer2DModel``; cond = packed [N, L + k, D] (below), null = the packed negative /
   empty prompt; FlowEuler (velocity).
 
@@ -29,9 +29,8 @@ import math
 
 import torch
 
+from fastguide.diffusers_schedulers import solver_from_diffusers
 from fastguide.sampler import Sampler
-from fastguide.schedule import NoiseSchedule
-from fastguide.solvers import DDIM, FlowEuler
 
 
 def _diffusers():
@@ -85,46 +84,39 @@ def _check_embeddings(cond: torch.Tensor, n: int, tail: tuple) -> None:
         raise TypeError(f"cond: expected a float tensor of shape {(n, *tail)} (embeddings), got {got}")
 
 
+def _with_class_name(scheduler_or_config) -> dict:
+    """A scheduler's config (or a config) as a dict that names the scheduler class it belongs to."""
+    from fastguide.diffusers_schedulers import scheduler_class
+
+    config = scheduler_or_config.config if hasattr(scheduler_or_config, "set_timesteps") else scheduler_or_config
+    return {**dict(config), "_class_name": scheduler_class(scheduler_or_config)}
+
+
 class _Adapter(torch.nn.Module):
     """What every adapter adds to the forward: null condition, batch layout, scheduler config, sampler helpers."""
 
     cond_first: bool = True
     num_classes: int | None = None  # class-conditional adapters: labels in [0, num_classes) (or the null label)
 
-    def __init__(self, model, null_cond, scheduler_config: dict | None):
+    def __init__(self, model, null_cond, scheduler_config):
         super().__init__()
         self.model = model
         self.null_cond = null_cond
-        self.scheduler_config = None if scheduler_config is None else dict(scheduler_config)
+        self.scheduler_config = None if scheduler_config is None else _with_class_name(scheduler_config)
 
     def solver(self, steps: int, **kw):
-        """The fastguide solver that steps like the wrapped pipeline's scheduler (from its config)."""
+        """The fastguide solver that steps like the wrapped pipeline's scheduler (from its config; see
+        :func:`fastguide.diffusers_schedulers.solver_from_diffusers`)."""
         if self.scheduler_config is None:
             raise ValueError("scheduler_config: this adapter was built without one; pass scheduler_config= "
                              "(e.g. pipe.scheduler.config) or build the solver yourself")
-        return solver_from_config(self.scheduler_config, steps, **kw)
+        return solver_from_diffusers(self.scheduler_config, steps, **kw)
 
     def sampler(self, solver, guidance=None, **kw) -> Sampler:
         """A :class:`fastguide.Sampler` over this adapter (``solver`` may be a step count: see :meth:`solver`)."""
         if isinstance(solver, int) and not isinstance(solver, bool):
             solver = self.solver(solver)
         return Sampler(self, solver, guidance, null_cond=self.null_cond, cond_first=self.cond_first, **kw)
-
-
-def solver_from_config(config, steps: int, **kw):
-    """DDIM for a discrete (DDIM / DDPM-style) scheduler config, FlowEuler for FlowMatchEulerDiscreteScheduler.
-
-    ``kw`` go to :class:`fastguide.DDIM` (eta, spacing, ...). diffusers' float32 rounding of the schedule is
-    reproduced (``float32_arithmetic``), so samples match the pipeline to float32 resolution.
-    """
-    if not hasattr(config, "items"):
-        raise TypeError(f"config: expected a diffusers scheduler config (a dict), got {type(config).__name__}")
-    cfg = dict(config)
-    if "shift" in cfg or cfg.get("_class_name") == "FlowMatchEulerDiscreteScheduler":
-        if kw:
-            raise ValueError(f"kw: FlowEuler takes no options here, got {sorted(kw)}")
-        return FlowEuler.from_diffusers(cfg, steps)
-    return DDIM(NoiseSchedule.from_diffusers(cfg, float32_arithmetic=True), steps=steps, **kw)
 
 
 # ====================================================================== class-conditional
@@ -134,7 +126,7 @@ class UNet2DAdapter(_Adapter):
 
     cond_first = True
 
-    def __init__(self, unet, null_class: int, scheduler_config: dict | None = None):
+    def __init__(self, unet, null_class: int, scheduler_config=None):
         _check_model(unet, "UNet2DModel", "unet")
         n = unet.config.num_class_embeds
         if unet.config.class_embed_type is not None or n is None:
@@ -148,7 +140,7 @@ class UNet2DAdapter(_Adapter):
 
     @classmethod
     def from_pipeline(cls, pipe, null_class: int) -> "UNet2DAdapter":
-        return cls(pipe.unet, null_class, pipe.scheduler.config)
+        return cls(pipe.unet, null_class, pipe.scheduler)
 
     def forward(self, x, t, cond):
         _check_t(t, x.shape[0])
@@ -162,14 +154,14 @@ class DiTAdapter(_Adapter):
 
     cond_first = True
 
-    def __init__(self, transformer, scheduler_config: dict | None = None):
+    def __init__(self, transformer, scheduler_config=None):
         _check_model(transformer, "DiTTransformer2DModel", "transformer")
         super().__init__(transformer, int(transformer.config.num_embeds_ada_norm), scheduler_config)
         self.num_classes = self.null_cond  # labels 0..n-1; n is the extra CFG (null) embedding
 
     @classmethod
     def from_pipeline(cls, pipe) -> "DiTAdapter":
-        return cls(pipe.transformer, pipe.scheduler.config)
+        return cls(pipe.transformer, pipe.scheduler)
 
     def forward(self, x, t, cond):
         _check_t(t, x.shape[0])
@@ -230,7 +222,7 @@ class UNet2DConditionAdapter(_TextAdapter):
     states); ``null_embedding`` [L, D] the negative / empty-prompt embedding. Batch layout as
     StableDiffusionPipeline: [negative | prompt]."""
 
-    def __init__(self, unet, null_embedding: torch.Tensor, scheduler_config: dict | None = None):
+    def __init__(self, unet, null_embedding: torch.Tensor, scheduler_config=None):
         _check_model(unet, "UNet2DConditionModel", "unet")
         cfg = unet.config
         extras = (cfg.addition_embed_type, cfg.time_cond_proj_dim, cfg.class_embed_type)
@@ -249,7 +241,7 @@ class UNet2DConditionAdapter(_TextAdapter):
         """From a StableDiffusionPipeline; the null condition is ``negative_prompt``'s embedding ("" by default),
         encoded exactly as the pipeline encodes its negative prompt."""
         _, null = pipe.encode_prompt([""], pipe.device, 1, True, negative_prompt=[negative_prompt], **encode_kw)
-        return cls(pipe.unet, null[0], pipe.scheduler.config)
+        return cls(pipe.unet, null[0], pipe.scheduler)
 
     @staticmethod
     def encode(pipe, prompts: list[str], **encode_kw) -> torch.Tensor:
@@ -272,7 +264,7 @@ class SD3Adapter(_TextAdapter):
     [N, L + k, D]; ``null_cond`` the packed negative / empty-prompt condition. Layout: [negative | prompt].
     """
 
-    def __init__(self, transformer, null_cond: torch.Tensor, scheduler_config: dict | None = None,
+    def __init__(self, transformer, null_cond: torch.Tensor, scheduler_config=None,
                  num_train_timesteps: int | None = None):
         _check_model(transformer, "SD3Transformer2DModel", "transformer")
         cfg = transformer.config
@@ -282,9 +274,9 @@ class SD3Adapter(_TextAdapter):
         if null.ndim != 2 or null.shape[1] != joint_dim or null.shape[0] <= k:
             raise ValueError(f"null_cond: expected a packed condition [L + {k}, {joint_dim}] (SD3Adapter.pack), "
                              f"got {tuple(null.shape)}")
-        if num_train_timesteps is None:
-            num_train_timesteps = int((scheduler_config or {}).get("num_train_timesteps", 1000))
         super().__init__(transformer, null, scheduler_config)
+        if num_train_timesteps is None:
+            num_train_timesteps = int((self.scheduler_config or {}).get("num_train_timesteps", 1000))
         self.joint_dim, self.pooled_dim, self.pooled_rows = joint_dim, pooled_dim, k
         self.num_train_timesteps = int(num_train_timesteps)
 
@@ -295,7 +287,7 @@ class SD3Adapter(_TextAdapter):
                                  do_classifier_free_guidance=True, negative_prompt=[negative_prompt], **encode_kw)
         _, neg, _, neg_pooled = out
         null = cls.pack_for(pipe.transformer, neg, neg_pooled)[0]
-        return cls(pipe.transformer, null, pipe.scheduler.config)
+        return cls(pipe.transformer, null, pipe.scheduler)
 
     @classmethod
     def encode_for(cls, pipe, prompts: list[str], **encode_kw) -> torch.Tensor:

@@ -261,6 +261,27 @@ def test_dit_cfg_matches_dit_pipeline(dit):
 
 
 @torch.no_grad()
+@pytest.mark.parametrize("solver_order", [2, 3])
+def test_dit_pipeline_with_its_shipped_dpm_solver_scheduler(dit, solver_order):
+    """The adapter steps with the scheduler the pipeline ships (DPM-Solver++ here), not a swapped-in DDIM."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    scheduler = DPMSolverMultistepScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                            solver_order=solver_order)
+    pipe, recorded = tiny_dit_pipeline(dit, scheduler)
+    pipe(DIT_LABELS, guidance_scale=SCALE, generator=torch.Generator().manual_seed(5), num_inference_steps=STEPS,
+         output_type="pt")
+    x = randn_tensor((BATCH, 4, 8, 8), generator=torch.Generator().manual_seed(5), dtype=dit.dtype)
+    adapter = adapters.DiTAdapter.from_pipeline(pipe)
+    solver = adapter.solver(STEPS)
+    assert isinstance(solver, fg.DPMSolver) and solver.options.order == solver_order
+    ours = sample(adapter, solver, fg.CFG(SCALE), x, torch.tensor(DIT_LABELS))
+    assert_close(ours, recorded[0])
+    assert_differs(ours, sample(adapter, adapters.DiTAdapter(dit, ddim_scheduler().config).solver(STEPS),
+                                fg.CFG(SCALE), x, torch.tensor(DIT_LABELS)))
+
+
+@torch.no_grad()
 def test_dit_recfg(dit):
     adapter = adapters.DiTAdapter(dit, ddim_scheduler().config)
     x, labels = noise((4, 8, 8), seed=2), torch.tensor([3, 7, 0])
@@ -474,7 +495,7 @@ def test_unet_text_from_pipeline_uses_the_negative_prompt_embedding(unet_text):
     assert torch.equal(other.null_cond, pipe.embed("blurry"))
     cond = adapter.encode(pipe, ["a", "bb"])
     assert torch.equal(cond, torch.stack([pipe.embed("a"), pipe.embed("bb")]))
-    assert adapter.scheduler_config == dict(pipe.scheduler.config)
+    assert adapter.scheduler_config == {**dict(pipe.scheduler.config), "_class_name": "DDIMScheduler"}
 
 
 class _StubSD3Pipe:

@@ -11,14 +11,16 @@ from fastguide.commands import common
 
 
 def add_parser(sub):
-    from fastguide.demo.digits import RULES
+    from fastguide.demo.digits import RULES, SOLVERS
 
     p = sub.add_parser("sample", help="sample digits from the embedded model into a PNG grid",
                        description=__doc__, formatter_class=common.HelpFormatter)
     p.add_argument("--labels", default="0,1,2,3,4,5,6,7,8,9", help="comma-separated digits 0..9 (one row each)")
     p.add_argument("--rule", default="cfg", choices=sorted(RULES), help="guidance rule")
     p.add_argument("--scale", type=float, default=3.0, help="guidance scale g (1 = conditional model only)")
-    p.add_argument("--steps", type=int, default=10, help="DDIM steps = NFE")
+    p.add_argument("--steps", type=int, default=10, help="sampling steps = NFE")
+    p.add_argument("--solver", default="ddim", choices=sorted(SOLVERS),
+                   help="ddim (eta 0, trailing spacing) or DPM-Solver++ multistep (2M, 3M, 2M on Karras sigmas)")
     p.add_argument("--interval", default=None, metavar="LO,HI",
                    help="guide only at model times t in [LO, HI] (0..999), e.g. 500,999 for the high-noise half; "
                         "other steps run the conditional rows alone (less work)")
@@ -50,7 +52,7 @@ def run(args) -> int:
     label_t = torch.tensor(labels).repeat_interleave(n)
     seeds = [args.seed + j for _ in labels for j in range(n)]
     x = digits.sample_digits(model, label_t, seeds, rule=args.rule, scale=scale, steps=args.steps, tables=tables,
-                             device=device, backend=args.backend, interval=interval)
+                             device=device, backend=args.backend, interval=interval, solver=args.solver)
     canvas = common.mosaic(x, len(labels), n).repeat(8, 0).repeat(8, 1)  # 8x nearest upscale: visible pixels
     try:
         imsave(out, canvas, cmap="gray_r", vmin=-1, vmax=1)
@@ -58,7 +60,7 @@ def run(args) -> int:
         raise ValueError(f"--out: cannot write {out} ({e.strerror or e})") from None
     guided = "" if interval is None else f" guided at t in [{interval[0]:g}, {interval[1]:g}]"
     print(f"wrote {out}: labels {labels} (rows) x {n} seeds from {args.seed}, {args.rule} g={scale:g}{guided}, "
-          f"{args.steps} steps")
+          f"{args.steps} steps of {args.solver}")
     return 0
 
 

@@ -15,7 +15,9 @@ import torch
 from fastguide.demo.data import IMAGE_SHAPE, NULL_LABEL, NUM_CLASSES
 from fastguide.demo.classifier import DigitsClassifier
 from fastguide.demo.unet import DigitsUNet
+from fastguide.multistep import DPMSolver
 from fastguide.schedule import NoiseSchedule
+from fastguide.solvers import DDIM
 from fastguide.storage import metadata_field, read_safetensors
 
 ASSETS_DIR = Path(__file__).resolve().parent / "assets"
@@ -138,21 +140,37 @@ def make_guidance(rule: str, scale, tables: dict | None = None, interval=None):
     return ReCFG(scale, table=tables[RULES[rule]], interval=interval)
 
 
+# solver name -> its construction for the digits schedule (``steps`` model evaluations each)
+SOLVERS = {
+    "ddim": lambda steps: DDIM(digits_schedule(), steps=steps),
+    "dpm++2m": lambda steps: DPMSolver(digits_schedule(), steps, order=2),
+    "dpm++3m": lambda steps: DPMSolver(digits_schedule(), steps, order=3),
+    "dpm++2m-karras": lambda steps: DPMSolver(digits_schedule(), steps, order=2, sigma_schedule="karras"),
+}
+
+
+def make_solver(name: str, steps: int):
+    """The named solver (``SOLVERS``) on the digits schedule."""
+    if name not in SOLVERS:
+        raise ValueError(f"solver: expected one of {sorted(SOLVERS)}, got {name!r}")
+    return SOLVERS[name](steps)
+
+
 @torch.no_grad()
 def sample_digits(model, labels, seeds, *, rule: str = "cfg", scale=3.0, steps: int = 10, tables: dict | None = None,
-                  device="cpu", backend: str = "auto", progress: bool = False, interval=None) -> torch.Tensor:
+                  device="cpu", backend: str = "auto", progress: bool = False, interval=None,
+                  solver: str = "ddim") -> torch.Tensor:
     """[N, 1, 8, 8] samples of the digits model for ``labels`` [N]; sample i starts from noise seeded by seeds[i].
 
-    DDIM (eta = 0, trailing spacing) with ``steps`` model evaluations of the 2N batch; ``scale`` is a float or
-    a per-sample [N] tensor; ``interval`` (lo, hi) guides only the steps at model times in [lo, hi] (the
-    others run the N conditional rows alone).
+    ``solver`` (``SOLVERS``: DDIM with eta 0 and trailing spacing, DPM-Solver++ 2M / 3M) with ``steps`` model
+    evaluations of the 2N batch; ``scale`` is a float or a per-sample [N] tensor; ``interval`` (lo, hi) guides
+    only the steps at model times in [lo, hi] (the others run the N conditional rows alone).
     """
     from fastguide.noise import seeded_noise
     from fastguide.sampler import Sampler
-    from fastguide.solvers import DDIM
 
     labels = check_labels(labels)
-    solver = DDIM(digits_schedule(), steps=steps)
+    solver = make_solver(solver, steps)
     sampler = Sampler(model, solver, make_guidance(rule, scale, tables, interval), null_cond=NULL_LABEL, backend=backend,
                       progress=progress)
     noise = seeded_noise(list(seeds), IMAGE_SHAPE, device=device)
@@ -160,4 +178,4 @@ def sample_digits(model, labels, seeds, *, rule: str = "cfg", scale=3.0, steps: 
 
 
 __all__ = ["digits_schedule", "load_digits_model", "load_digits_classifier", "load_digits_tables",
-           "load_training_facts", "sample_digits", "make_guidance", "RULES", "TABLE_TIMESTEPS", "NULL_LABEL", "NUM_CLASSES", "IMAGE_SHAPE"]
+           "load_training_facts", "sample_digits", "make_guidance", "make_solver", "RULES", "SOLVERS", "TABLE_TIMESTEPS", "NULL_LABEL", "NUM_CLASSES", "IMAGE_SHAPE"]

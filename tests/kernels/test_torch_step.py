@@ -90,3 +90,44 @@ def test_recfg_with_unit_table_is_exactly_cfg():
     cfg = run(guided_step_into_host, {**case, "table": None, "rows": None, "table_steps": None}, True, False)
     ones = run(guided_step_into_host, {**case, "table": torch.ones_like(case["table"])}, True, False)
     assert torch.equal(cfg, ones)
+
+
+@pytest.mark.parametrize("writes", [1, 2])
+@pytest.mark.parametrize("cond_first", [True, False])
+def test_history_reads_and_writes_match_the_reference(writes, cond_first):
+    """A multistep step: x_next gains weighted history slots and the step writes W new states, all from the
+    history as it was before the step (so a slot both read and written is read first)."""
+    gen = torch.Generator().manual_seed(17 + writes)
+    case, _ = make_case((3, 5, 7, 9), "cfg", False, True, cond_first, True, torch.float64, gen)
+    k = 3
+    history = torch.randn(k, 3, 5, 7, 9, generator=gen, dtype=torch.float64)
+    hist_coef = torch.randn(k, generator=gen, dtype=torch.float64)
+    hist_coef[1] = 0.0  # a zero weight is skipped by the host step: it must not change the result
+    write_slots = torch.tensor([0, 2][:writes])
+    write_coef = torch.randn(writes, 2 + k, generator=gen, dtype=torch.float64)
+    results = []
+    for host in (False, True):
+        h = history.clone()
+        b = 3
+        out = torch.full((6, 5, 7, 9), float("nan"), dtype=torch.float64)
+        kw = dict(history=h, hist_coef=hist_coef.tolist() if host else hist_coef,
+                  write_slots=write_slots.tolist() if host else write_slots,
+                  write_coef=write_coef.tolist() if host else write_coef)
+        fn = guided_step_into_host if host else guided_step_into
+        fn(out, case["x"], case["model_out"], case["g1"], case["coef"].tolist() if host else case["coef"],
+           cond_first=cond_first, z=case["z"], **kw)
+        results.append((out, h))
+    (out_ref, h_ref), (out_host, h_host) = results
+    torch.testing.assert_close(out_host, out_ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(h_host, h_ref, rtol=1e-12, atol=1e-12)
+    assert not torch.equal(h_ref[write_slots], history[write_slots])  # the written slots changed
+    untouched = [j for j in range(k) if j not in write_slots.tolist()]
+    assert torch.equal(h_ref[untouched], history[untouched])
+    # the written state is the documented combination of x, the guided m and the old slots
+    m_c, m_u = (case["model_out"][:b], case["model_out"][b:]) if cond_first else (case["model_out"][b:],
+                                                                                 case["model_out"][:b])
+    g1 = case["g1"].view(-1, 1, 1, 1)
+    m = g1 * m_c + (1 - g1) * m_u
+    c = write_coef[0]
+    want0 = c[0] * case["x"] + c[1] * m + sum(c[2 + j] * history[j] for j in range(k))
+    torch.testing.assert_close(h_ref[write_slots[0]], want0, rtol=1e-12, atol=1e-12)

@@ -1,0 +1,61 @@
+"""diffusers schedulers in: the fastguide solver that steps like a given diffusers scheduler (an instance, or
+its config with ``_class_name``), with diffusers' float32 rounding of the schedule, so samples match the
+pipeline's to float32 resolution. Options a solver cannot step exactly are refused by name."""
+from __future__ import annotations
+
+from fastguide.multistep import DPMSolver
+from fastguide.schedule import NoiseSchedule, config_items
+from fastguide.solvers import DDIM, DDPM, FlowEuler
+
+
+def _ddim(cfg, steps, **kw):
+    return DDIM(NoiseSchedule.from_diffusers(cfg, float32_arithmetic=True), steps=steps, **kw)
+
+
+def _ddpm(cfg, steps, **kw):
+    return DDPM(NoiseSchedule.from_diffusers(cfg, float32_arithmetic=True), steps=steps, **kw)
+
+
+def _no_options(build):
+    def make(cfg, steps, **kw):
+        if kw:
+            raise ValueError(f"kw: this solver takes its options from the scheduler config, got {sorted(kw)}")
+        return build(cfg, steps)
+    return make
+
+
+SOLVERS = {
+    "DDIMScheduler": _ddim,
+    "DDPMScheduler": _ddpm,
+    "DPMSolverMultistepScheduler": _no_options(DPMSolver.from_diffusers),
+    "FlowMatchEulerDiscreteScheduler": _no_options(FlowEuler.from_diffusers),
+}
+
+
+# Keys that tell a scheduler's config apart when it has no _class_name (a scheduler built in code has none).
+SIGNATURES = [("shift", "FlowMatchEulerDiscreteScheduler"), ("predict_x0", "UniPCMultistepScheduler"),
+              ("algorithm_type", "DPMSolverMultistepScheduler"), ("interpolation_type", "EulerDiscreteScheduler"),
+              ("skip_prk_steps", "PNDMScheduler"), ("set_alpha_to_one", "DDIMScheduler"),
+              ("variance_type", "DDPMScheduler")]
+
+
+def scheduler_class(scheduler) -> str:
+    """The diffusers class name of a scheduler or of its config (``_class_name``, else told by its keys; a
+    config with none of them is DDIM's)."""
+    if hasattr(scheduler, "set_timesteps"):
+        return type(scheduler).__name__
+    cfg = dict(scheduler)
+    if cfg.get("_class_name"):
+        return str(cfg["_class_name"])
+    return next((name for key, name in SIGNATURES if key in cfg), "DDIMScheduler")
+
+
+def solver_from_diffusers(scheduler, steps: int, **kw):
+    """The solver for ``scheduler`` (a diffusers scheduler, or its config / ``scheduler.config``); ``kw`` go to
+    DDIM / DDPM (eta, spacing, ...)."""
+    config = scheduler.config if hasattr(scheduler, "set_timesteps") else scheduler
+    cfg = config_items(config)
+    name = scheduler_class(scheduler)
+    if name not in SOLVERS:
+        raise ValueError(f"scheduler: {name} is not supported yet (supported: {', '.join(sorted(SOLVERS))})")
+    return SOLVERS[name](cfg, steps, **kw)
