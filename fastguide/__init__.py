@@ -1,7 +1,7 @@
 """fastguide: fast, tested classifier-free-guided diffusion sampling."""
 from fastguide.diffusers_schedulers import solver_from_diffusers
 from fastguide.guidance import CFG, ClassifierGuidance, NoGuidance, ReCFG
-from fastguide.multistep import DPMSolver
+from fastguide.multistep import DPMSolver, UniPC
 from fastguide.noise import seeded_noise, step_noise
 from fastguide.sampler import Sampler
 from fastguide.schedule import NoiseSchedule
@@ -12,4 +12,4 @@ from fastguide.table_build import RatioSums, accumulate_ratio_sums
 __version__ = "0.1.0"
 __all__ = ["CFG", "ClassifierGuidance", "DDIM", "DDPM", "DPMSolver", "FlowEuler", "NoGuidance", "NoiseSchedule", "Plan",
            "RatioSums", "RatioTable", "ReCFG", "Sampler", "accumulate_ratio_sums", "seeded_noise",
-           "solver_from_diffusers", "step_noise", "__version__"]
+           "solver_from_diffusers", "step_noise", "UniPC", "__version__"]

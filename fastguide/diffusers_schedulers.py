@@ -3,7 +3,7 @@ its config with ``_class_name``), with diffusers' float32 rounding of the schedu
 pipeline's to float32 resolution. Options a solver cannot step exactly are refused by name."""
 from __future__ import annotations
 
-from fastguide.multistep import DPMSolver
+from fastguide.multistep import DPMSolver, UniPC
 from fastguide.schedule import NoiseSchedule, config_items
 from fastguide.solvers import DDIM, DDPM, FlowEuler
 
@@ -28,6 +28,7 @@ SOLVERS = {
     "DDIMScheduler": _ddim,
     "DDPMScheduler": _ddpm,
     "DPMSolverMultistepScheduler": _no_options(DPMSolver.from_diffusers),
+    "UniPCMultistepScheduler": _no_options(UniPC.from_diffusers),
     "FlowMatchEulerDiscreteScheduler": _no_options(FlowEuler.from_diffusers),
 }
 

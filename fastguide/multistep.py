@@ -1,5 +1,6 @@
-"""Multistep solvers as plans: DPM-Solver and DPM-Solver++ (Lu et al. 2022, arXiv 2206.00927 / 2211.01095), as
-diffusers' DPMSolverMultistepScheduler steps them.
+"""Multistep solvers as plans: DPM-Solver and DPM-Solver++ (Lu et al. 2022, arXiv 2206.00927 / 2211.01095) and
+UniPC (Zhao et al. 2023, arXiv 2302.04867), as diffusers' DPMSolverMultistepScheduler / UniPCMultistepScheduler
+step them.
 
 Each step is linear in x, the guided model output m and the solver's past converted outputs (x0 predictions for
 DPM-Solver++, noise predictions for DPM-Solver), so a plan is per-step scalars plus a :class:`History`: step i
@@ -147,9 +148,11 @@ def _check_options(order, algorithm_type, solver_type, lower_order_final, euler_
 
 
 def dpm_grid(schedule, steps, sigma_schedule, spacing, steps_offset, final_sigmas_type, round_timesteps,
-             lambda_min_clipped) -> tuple[np.ndarray, np.ndarray]:
+             lambda_min_clipped=-math.inf, final_from_grid=False, sigma_min=None, sigma_max=None
+             ) -> tuple[np.ndarray, np.ndarray]:
     """(model times [S], sigmas [S + 1] float32 with the final sigma appended), as DPMSolverMultistepScheduler's
-    set_timesteps computes them."""
+    set_timesteps computes them (``final_from_grid``: a "sigma_min" final sigma is the grid's last, as
+    UniPCMultistepScheduler has it on non-training grids; ``sigma_min`` / ``sigma_max``: the grid's bounds)."""
     train = training_sigmas(schedule)
     n_train = len(train)
     lambdas = -np.log(train.astype(np.float64))  # log(alpha / sigma_vp) = -log(sigma)
@@ -166,10 +169,12 @@ def dpm_grid(schedule, steps, sigma_schedule, spacing, steps_offset, final_sigma
     if sigma_schedule == "training":
         sigmas = np.interp(t, np.arange(n_train), train)
     else:
-        sigmas = sigma_grid(sigma_schedule, train, steps)
+        sigmas = sigma_grid(sigma_schedule, train, steps, sigma_min, sigma_max)
         t = sigma_to_t(sigmas, train)
         t = (t.round() if round_timesteps else t).astype(np.int64)  # diffusers keeps int64 timesteps
-    last_sigma = float(train[0]) if final_sigmas_type == "sigma_min" else 0.0
+    last_sigma = 0.0
+    if final_sigmas_type == "sigma_min":
+        last_sigma = float(sigmas[-1]) if (final_from_grid and sigma_schedule != "training") else float(train[0])
     return t, np.concatenate([sigmas, [last_sigma]]).astype(np.float32)
 
 
@@ -293,3 +298,219 @@ def dpm_coefficients(sig: np.ndarray, prediction_type: str, opts: DPMOptions, fl
     history = History(torch.tensor(weights, dtype=torch.float64), torch.tensor(write_slots, dtype=torch.int64),
                       torch.tensor(write_coef, dtype=torch.float64))
     return coef, history
+
+
+# ====================================================================== UniPC
+UNIPC_TYPES = ("bh1", "bh2")
+
+
+@dataclass(frozen=True)
+class UniPCOptions:
+    order: int
+    solver_type: str
+    predict_x0: bool
+    lower_order_final: bool
+    disable_corrector: tuple
+    final_sigmas_type: str
+
+
+class UniPC:
+    """UniPC multistep (Zhao et al. 2023, arXiv 2302.04867) as diffusers' UniPCMultistepScheduler steps it: at each
+    step a corrector first refines the current sample with the new model output (UniC; not at step 0, nor after
+    the steps listed in ``disable_corrector``), then a predictor of order <= ``order`` (UniP) makes the next one.
+
+    Both are linear in the sample, the model output and past converted outputs, so the plan's History holds the
+    last corrected sample (slot 0) and the last ``order`` converted outputs (x0 with ``predict_x0``, else eps).
+    Defaults follow UniPCMultistepScheduler: order 2, "bh2", predict_x0, lower_order_final, final sigma zero,
+    linspace spacing. ``sigma_min`` / ``sigma_max`` bound a non-training sigma grid.
+    """
+
+    def __init__(self, schedule: NoiseSchedule, steps: int, order: int = 2, solver_type: str = "bh2",
+                 predict_x0: bool = True, lower_order_final: bool = True, disable_corrector=(),
+                 final_sigmas_type: str = "zero", sigma_schedule: str = "training", spacing: str = "linspace",
+                 steps_offset: int = 0, prediction_type: str | None = None, sigma_min=None, sigma_max=None):
+        if not isinstance(schedule, NoiseSchedule):
+            raise TypeError(f"schedule: expected a fastguide.NoiseSchedule, got {type(schedule).__name__}")
+        check_steps(steps, schedule.num_train_timesteps)
+        opts = _check_unipc_options(order, solver_type, predict_x0, lower_order_final, disable_corrector,
+                                    final_sigmas_type, steps)
+        for name, value, allowed in (("sigma_schedule", sigma_schedule, SIGMA_SCHEDULES), ("spacing", spacing, SPACINGS)):
+            if value not in allowed:
+                raise ValueError(f"{name}: expected one of {allowed}, got {value!r}")
+        pred = schedule.prediction_type if prediction_type is None else prediction_type
+        if pred not in ("epsilon", "sample", "v_prediction"):
+            raise ValueError(f"prediction_type: expected epsilon, sample or v_prediction, got {pred!r}")
+        self.schedule, self.steps, self.options, self.sigma_schedule = schedule, steps, opts, sigma_schedule
+        t, sigmas = dpm_grid(schedule, steps, sigma_schedule, spacing, check_int(steps_offset, "steps_offset", 0),
+                             final_sigmas_type, sigma_schedule == "karras", final_from_grid=True,
+                             sigma_min=sigma_min, sigma_max=sigma_max)
+        coef, history = unipc_coefficients(sigmas, pred, opts, schedule.float32_arithmetic)
+        eps_scale = [vp_alpha_sigma(float(s))[1] for s in sigmas[:-1]]
+        self.plan = Plan(torch.from_numpy(t.astype(np.float64)), torch.tensor(coef, dtype=torch.float64),
+                         torch.tensor(eps_scale, dtype=torch.float64), None, pred, "discrete", schedule, history)
+
+    @classmethod
+    def from_diffusers(cls, config, steps: int) -> "UniPC":
+        """From a UniPCMultistepScheduler config; options it cannot step exactly are refused by name."""
+        cfg = config_items(config)
+        unknown = set(cfg) - _UNIPC_KEYS - set(_UNIPC_INERT) - _SCHEDULE_KEYS
+        if unknown:
+            raise ValueError(f"config: unsupported UniPCMultistepScheduler keys {sorted(unknown)}")
+        for key, inert in _UNIPC_INERT.items():
+            if cfg.get(key, inert) not in (inert, None):
+                raise ValueError(f"config: {key}={cfg[key]!r} is not supported by fastguide's UniPC")
+        sched_cfg = {k: v for k, v in cfg.items() if k in _SCHEDULE_KEYS}
+        sched_cfg.setdefault("timestep_spacing", "linspace")  # UniPCMultistepScheduler's default
+        schedule = NoiseSchedule.from_diffusers(sched_cfg, float32_arithmetic=True)
+        kinds = [k for k in ("karras", "exponential", "beta") if config_value(cfg, f"use_{k}_sigmas", bool, False)]
+        if len(kinds) > 1:
+            raise ValueError(f"config: only one of use_karras_sigmas / use_exponential_sigmas / use_beta_sigmas, "
+                             f"got {kinds}")
+        return cls(schedule, steps, order=config_value(cfg, "solver_order", int, 2),
+                   solver_type=cfg.get("solver_type", "bh2"), predict_x0=config_value(cfg, "predict_x0", bool, True),
+                   lower_order_final=config_value(cfg, "lower_order_final", bool, True),
+                   disable_corrector=tuple(cfg.get("disable_corrector") or ()),
+                   final_sigmas_type=cfg.get("final_sigmas_type", "zero"),
+                   sigma_schedule=kinds[0] if kinds else "training", spacing=schedule.timestep_spacing,
+                   steps_offset=schedule.steps_offset, prediction_type=schedule.prediction_type,
+                   sigma_min=cfg.get("sigma_min"), sigma_max=cfg.get("sigma_max"))
+
+    def __repr__(self):
+        o = self.options
+        return (f"UniPC(steps={self.steps}, order={o.order}, solver_type={o.solver_type!r}, "
+                f"predict_x0={o.predict_x0}, sigma_schedule={self.sigma_schedule!r})")
+
+
+_UNIPC_KEYS = {"solver_order", "solver_type", "predict_x0", "lower_order_final", "disable_corrector",
+               "use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "final_sigmas_type",
+               "dynamic_thresholding_ratio", "sample_max_value", "flow_shift", "time_shift_type", "sigma_min",
+               "sigma_max"}
+_UNIPC_INERT = {"thresholding": False, "solver_p": None, "use_flow_sigmas": False, "rescale_betas_zero_snr": False,
+                "use_dynamic_shifting": False, "shift_terminal": None}
+
+
+def _check_unipc_options(order, solver_type, predict_x0, lower_order_final, disable_corrector, final_sigmas_type,
+                         steps) -> UniPCOptions:
+    if isinstance(order, bool) or order not in (1, 2, 3):
+        raise ValueError(f"order: expected 1, 2 or 3, got {order!r}")
+    if order > steps:
+        raise ValueError(f"order: {order} needs at least {order} steps, got {steps}")
+    for name, value, allowed in (("solver_type", solver_type, UNIPC_TYPES),
+                                 ("final_sigmas_type", final_sigmas_type, FINAL_SIGMAS)):
+        if value not in allowed:
+            raise ValueError(f"{name}: expected one of {allowed}, got {value!r}")
+    for name, value in (("predict_x0", predict_x0), ("lower_order_final", lower_order_final)):
+        if not isinstance(value, bool):
+            raise TypeError(f"{name}: expected True or False, got {value!r}")
+    try:
+        disabled = tuple(check_int(v, "disable_corrector", 0) for v in disable_corrector)
+    except TypeError:
+        raise TypeError(f"disable_corrector: expected a list of step indices, got {disable_corrector!r}") from None
+    if not predict_x0 and final_sigmas_type == "zero":
+        raise ValueError("final_sigmas_type: 'zero' is not defined with predict_x0=False (noise prediction ends at "
+                         "sigma 0 with log 0); use 'sigma_min'")
+    return UniPCOptions(order, solver_type, predict_x0, lower_order_final, disabled, final_sigmas_type)
+
+
+def unipc_orders(n: int, opts: UniPCOptions) -> list[int]:
+    """The predictor's order at each of n steps (warm-up from 1, lower at the end with lower_order_final)."""
+    orders = []
+    for i in range(n):
+        order = min(opts.order, n - i) if opts.lower_order_final else opts.order
+        orders.append(min(order, min(i, opts.order) + 1))
+    return orders
+
+
+def _unipc_update(sig, t: int, s0: int, prev: list[int], order: int, opts: UniPCOptions, float32: bool,
+                  corrector: bool) -> tuple[float, float, dict, float]:
+    """(a, w_m0, {j: w_j}, w_this): x_out = a x_in + w_m0 m0 + sum_j w_j c_j + w_this c_this, UniPC's update from
+    noise level sig[s0] to sig[t] with m0 the converted output at s0 and c_j the earlier ones (``prev``)."""
+    alpha_t, s_t, lam_t = _vp_scalars(float(sig[t]), float32)
+    alpha_s, s_s, lam_s = _vp_scalars(float(sig[s0]), float32)
+    h = lam_t - lam_s
+    if h == 0:
+        raise ValueError("final_sigmas_type: 'sigma_min' on this sigma grid repeats its last sigma, a step of length "
+                         "zero (diffusers divides by zero there too); use 'zero'")
+    rks = [(_vp_scalars(float(sig[j]), float32)[2] - lam_s) / h for j in prev] + [1.0]
+    hh = -h if opts.predict_x0 else h
+    h_phi_1 = math.expm1(hh)
+    b_h = hh if opts.solver_type == "bh1" else math.expm1(hh)
+    h_phi_k, factorial, rows, rhs = h_phi_1 / hh - 1, 1, [], []
+    for i in range(1, order + 1):
+        rows.append([r ** (i - 1) for r in rks])
+        rhs.append(h_phi_k * factorial / b_h)
+        factorial *= i + 1
+        h_phi_k = h_phi_k / hh - 1 / factorial
+    if corrector:
+        rhos = [0.5] if order == 1 else list(np.linalg.solve(np.array(rows), np.array(rhs)))
+    else:
+        rhos = [] if order == 1 else [0.5] if order == 2 else list(np.linalg.solve(np.array(rows)[:-1, :-1],
+                                                                                     np.array(rhs)[:-1]))
+    a, g = (s_t / s_s, alpha_t) if opts.predict_x0 else (alpha_t / alpha_s, s_t)
+    w_m0, weights = -g * h_phi_1, {}
+    for k, j in enumerate(prev):
+        weights[j] = -g * b_h * rhos[k] / rks[k]
+        w_m0 += g * b_h * rhos[k] / rks[k]
+    w_this = 0.0
+    if corrector:
+        w_this = -g * b_h * rhos[-1]
+        w_m0 += g * b_h * rhos[-1]
+    return a, w_m0, weights, w_this
+
+
+def unipc_coefficients(sig: np.ndarray, prediction_type: str, opts: UniPCOptions, float32: bool = False):
+    """Coefficient rows and History of a UniPC plan over the sigma grid ``sig`` [S + 1]. Slot 0 holds the last
+    corrected sample, slot 1 + (j mod order) the converted output c_j of step j."""
+    n, p = len(sig) - 1, opts.order
+    orders = unipc_orders(n, opts)
+    slots = p + 1
+    rows, weights, write_slots, write_coef = [], [], [], []
+    for i in range(n):
+        dx, dm = _converted(float(sig[i]), prediction_type, opts.predict_x0, float32)
+        c_i = {"x": dx, "m": dm}
+        xc = {"x": 1.0}  # the corrected sample: x itself unless the corrector runs
+        if i > 0 and (i - 1) not in opts.disable_corrector:
+            o = orders[i - 1]
+            a, w0, w, w_this = _unipc_update(sig, i, i - 1, [i - 1 - k for k in range(1, o)], o, opts, float32, True)
+            xc = _combine({"L": a, ("c", i - 1): w0, **{("c", j): v for j, v in w.items()}}, (w_this, c_i))
+        o = orders[i]
+        a, w0, w, _ = _unipc_update(sig, i + 1, i, [i - k for k in range(1, o)], o, opts, float32, False)
+        x_next = _combine({**{("c", j): v for j, v in w.items()}}, (a, xc), (w0, c_i))
+        row, hist = _as_inputs(x_next, slots, p)
+        rows.append(coef_row(A=row[0], B=row[1]))
+        weights.append(hist)
+        write_slots.append([0, 1 + i % p])
+        write_coef.append([_as_write(xc, slots, p), _as_write(c_i, slots, p)])
+    coef = np.array(rows, dtype=np.float64).reshape(n, NUM_COEF)
+    if not np.isfinite(coef).all() or not np.isfinite(np.array(weights)).all():
+        raise ValueError("UniPC: the plan has non-finite coefficients (a final sigma of zero with "
+                         "lower_order_final=False divides by zero, as in diffusers; use lower_order_final=True)")
+    return coef, History(torch.tensor(weights, dtype=torch.float64), torch.tensor(write_slots, dtype=torch.int64),
+                         torch.tensor(write_coef, dtype=torch.float64))
+
+
+def _combine(base: dict, *scaled: tuple[float, dict]) -> dict:
+    """base + sum of weight * form, for linear forms as {symbol: coefficient}."""
+    out = dict(base)
+    for w, form in scaled:
+        for key, v in form.items():
+            out[key] = out.get(key, 0.0) + w * v
+    return out
+
+
+def _slot(key, p: int) -> int:
+    return 0 if key == "L" else 1 + key[1] % p
+
+
+def _as_inputs(form: dict, slots: int, p: int) -> tuple[tuple[float, float], list[float]]:
+    """A linear form as ((x coefficient, m coefficient), history slot weights)."""
+    hist = [0.0] * slots
+    for key, v in form.items():
+        if key not in ("x", "m"):
+            hist[_slot(key, p)] += v
+    return (form.get("x", 0.0), form.get("m", 0.0)), hist
+
+
+def _as_write(form: dict, slots: int, p: int) -> list[float]:
+    (x, m), hist = _as_inputs(form, slots, p)
+    return [x, m, *hist]

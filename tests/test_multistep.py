@@ -1,7 +1,8 @@
-"""fastguide.multistep: DPM-Solver / DPM-Solver++ plans against diffusers' DPMSolverMultistepScheduler driving the
-same model from the same noise (float64 tensors, so what differs is only how the step is computed), over a grid
-of algorithm x order x solver type x sigma schedule x spacing x lower_order_final x prediction type and 4 / 8 / 25
-steps; the SDE variants with the same per-step noise; compiled == eager; ReCFG, intervals; bad input."""
+"""fastguide.multistep: DPM-Solver / DPM-Solver++ and UniPC plans against diffusers' DPMSolverMultistepScheduler /
+UniPCMultistepScheduler driving the same model from the same noise (float64 tensors, so what differs is only how
+the step is computed), over grids of algorithm x order x solver type x sigma schedule x spacing x
+lower_order_final x prediction type (x corrector) and 4 / 8 / 25 steps; the SDE variants with the same per-step
+noise; compiled == eager; ReCFG, intervals; bad input."""
 from __future__ import annotations
 
 import warnings
@@ -11,7 +12,7 @@ import pytest
 import torch
 
 import fastguide as fg
-from fastguide.multistep import DPMSolver
+from fastguide.multistep import DPMSolver, UniPC
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -34,10 +35,10 @@ def gaussian_eps(abar):
     return model
 
 
-def diffusers_sample(cfg, steps, scale=3.0, seeds=None):
+def diffusers_sample(cfg, steps, scale=3.0, seeds=None, scheduler="DPMSolverMultistepScheduler"):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # dpmsolver / sde-dpmsolver are deprecated upstream
-        sch = diffusers.DPMSolverMultistepScheduler(**cfg)
+        sch = getattr(diffusers, scheduler)(**cfg)
     sch.set_timesteps(steps)
     model = gaussian_eps(sch.alphas_cumprod.double())
     x = fg.seeded_noise(range(BATCH), SHAPE, torch.float64)
@@ -174,3 +175,71 @@ def test_the_triton_kernel_and_onnx_refuse_multistep_plans_clearly(tmp_path):
 
     with pytest.raises(ValueError, match=r"^solver: DPMSolver is a multistep solver"):
         export(fg.Sampler(model, solver, fg.CFG(2.0), null_cond=NULL), tmp_path / "m.onnx", SHAPE)
+
+
+# ====================================================================== UniPC
+UNIPC_CONFIGS = [
+    pytest.param(dict(), id="bh2-2"),
+    pytest.param(dict(solver_order=3), id="bh2-3"),
+    pytest.param(dict(solver_order=1), id="bh2-1"),
+    pytest.param(dict(solver_type="bh1", final_sigmas_type="sigma_min"), id="bh1-2"),
+    pytest.param(dict(solver_type="bh1", solver_order=3, final_sigmas_type="sigma_min"), id="bh1-3"),
+    pytest.param(dict(use_karras_sigmas=True), id="karras"),
+    pytest.param(dict(use_exponential_sigmas=True), id="exponential"),
+    pytest.param(dict(use_beta_sigmas=True, solver_order=3), id="beta-3"),
+    pytest.param(dict(predict_x0=False, final_sigmas_type="sigma_min"), id="noise-prediction"),
+    pytest.param(dict(prediction_type="v_prediction"), id="v"),
+    pytest.param(dict(prediction_type="sample", solver_order=3), id="sample-3"),
+    pytest.param(dict(timestep_spacing="trailing"), id="trailing"),
+    pytest.param(dict(solver_order=3, lower_order_final=False, final_sigmas_type="sigma_min"), id="3-nolof"),
+    pytest.param(dict(disable_corrector=[0, 2]), id="corrector-off-after-0-and-2"),
+    pytest.param(dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, use_karras_sigmas=True,
+                      solver_order=3), id="sd-karras-3"),
+]
+
+
+@pytest.mark.parametrize("steps", [4, 8, 25])
+@pytest.mark.parametrize("cfg", UNIPC_CONFIGS)
+def test_unipc_whole_sample_equals_diffusers(cfg, steps):
+    want, sch, model = diffusers_sample(cfg, steps, scheduler="UniPCMultistepScheduler")
+    solver = UniPC.from_diffusers(sch.config, steps)
+    np.testing.assert_array_equal(solver.plan.timesteps.numpy(), sch.timesteps.numpy())
+    got = ours(solver, model).sample(fg.seeded_noise(range(BATCH), SHAPE, torch.float64), LABELS)
+    assert torch.isfinite(got).all() and got.abs().max() > 0.5
+    # noise-prediction UniPC at 4 steps ends far out (|x| ~ 36, in diffusers too): there the bound is relative
+    assert (got - want).abs().max().item() <= TOL * max(1.0, want.abs().max().item() / 10)
+
+
+def test_unipc_bound_can_fail_without_the_corrector():
+    want, sch, model = diffusers_sample(dict(), 8, scheduler="UniPCMultistepScheduler")
+    no_corrector = UniPC(fg.NoiseSchedule.from_diffusers(dict(timestep_spacing="linspace"), float32_arithmetic=True),
+                         8, disable_corrector=range(8))
+    got = ours(no_corrector, model).sample(fg.seeded_noise(range(BATCH), SHAPE, torch.float64), LABELS)
+    assert (got - want).abs().max().item() > 1e-3
+
+
+def test_unipc_compiled_equals_eager():
+    _, sch, model = diffusers_sample(dict(solver_order=3), 6, scheduler="UniPCMultistepScheduler")
+    solver = UniPC.from_diffusers(sch.config, 6)
+    noise = fg.seeded_noise(range(BATCH), SHAPE, torch.float32)
+    eager = ours(solver, model).sample(noise, LABELS)
+    compiled = ours(solver, model).compile()
+    for _ in range(2):
+        torch.testing.assert_close(compiled.sample(noise, LABELS), eager, rtol=1e-5, atol=1e-5)
+
+
+def test_unipc_bad_options_are_named():
+    schedule = fg.NoiseSchedule.linear()
+    for kw, name in ((dict(order=0), "order"), (dict(order=3, steps=2), "order"), (dict(solver_type="bh3"),
+                     "solver_type"), (dict(predict_x0="yes"), "predict_x0"), (dict(predict_x0=False),
+                     "final_sigmas_type"), (dict(disable_corrector=[-1]), "disable_corrector"),
+                     (dict(disable_corrector=5), "disable_corrector"), (dict(sigma_schedule="linear"),
+                     "sigma_schedule"), (dict(final_sigmas_type="sigma_min", sigma_schedule="exponential"),
+                     "final_sigmas_type")):
+        args = dict(steps=kw.pop("steps", 4), **kw)
+        with pytest.raises((TypeError, ValueError), match=rf"^{name}:"):
+            UniPC(schedule, **args)
+    for cfg, key in ((dict(thresholding=True), "thresholding"), (dict(use_flow_sigmas=True), "use_flow_sigmas"),
+                     (dict(bar=1), "bar")):
+        with pytest.raises(ValueError, match=rf"^config: .*{key}"):
+            UniPC.from_diffusers(cfg, 4)

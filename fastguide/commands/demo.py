@@ -33,7 +33,8 @@ def add_parser(sub):
     common.add_device_args(p)
     p.add_argument("--steps", type=int, default=10, help="sampling steps = NFE (each runs the 2B cond+null batch)")
     p.add_argument("--solver", default="ddim", choices=sorted(digits_solvers()),
-                   help="ddim (eta 0, trailing spacing) or DPM-Solver++ multistep (2M, 3M, 2M on Karras sigmas)")
+                   help="ddim (eta 0, trailing spacing), DPM-Solver++ multistep (2M, 3M, 2M on Karras sigmas) or UniPC "
+                        "(bh2, order 2 or 3)")
     p.add_argument("--scales", default=DEFAULT_SCALES, help="comma-separated guidance scales g")
     p.add_argument("--per-class", type=int, default=30,
                    help="samples per digit per rule and scale (the held-out reference has 35-37 per digit)")

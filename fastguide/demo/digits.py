@@ -15,7 +15,7 @@ import torch
 from fastguide.demo.data import IMAGE_SHAPE, NULL_LABEL, NUM_CLASSES
 from fastguide.demo.classifier import DigitsClassifier
 from fastguide.demo.unet import DigitsUNet
-from fastguide.multistep import DPMSolver
+from fastguide.multistep import DPMSolver, UniPC
 from fastguide.schedule import NoiseSchedule
 from fastguide.solvers import DDIM
 from fastguide.storage import metadata_field, read_safetensors
@@ -146,6 +146,8 @@ SOLVERS = {
     "dpm++2m": lambda steps: DPMSolver(digits_schedule(), steps, order=2),
     "dpm++3m": lambda steps: DPMSolver(digits_schedule(), steps, order=3),
     "dpm++2m-karras": lambda steps: DPMSolver(digits_schedule(), steps, order=2, sigma_schedule="karras"),
+    "unipc": lambda steps: UniPC(digits_schedule(), steps, order=2),
+    "unipc-3": lambda steps: UniPC(digits_schedule(), steps, order=3),
 }
 
 
@@ -162,7 +164,7 @@ def sample_digits(model, labels, seeds, *, rule: str = "cfg", scale=3.0, steps: 
                   solver: str = "ddim") -> torch.Tensor:
     """[N, 1, 8, 8] samples of the digits model for ``labels`` [N]; sample i starts from noise seeded by seeds[i].
 
-    ``solver`` (``SOLVERS``: DDIM with eta 0 and trailing spacing, DPM-Solver++ 2M / 3M) with ``steps`` model
+    ``solver`` (``SOLVERS``: DDIM with eta 0 and trailing spacing, DPM-Solver++ 2M / 3M, UniPC) with ``steps`` model
     evaluations of the 2N batch; ``scale`` is a float or a per-sample [N] tensor; ``interval`` (lo, hi) guides
     only the steps at model times in [lo, hi] (the others run the N conditional rows alone).
     """
