@@ -3,6 +3,7 @@ its config with ``_class_name``), with diffusers' float32 rounding of the schedu
 pipeline's to float32 resolution. Options a solver cannot step exactly are refused by name."""
 from __future__ import annotations
 
+from fastguide.euler import Euler
 from fastguide.multistep import DPMSolver, UniPC
 from fastguide.schedule import NoiseSchedule, config_items
 from fastguide.solvers import DDIM, DDPM, FlowEuler
@@ -30,6 +31,8 @@ SOLVERS = {
     "DPMSolverMultistepScheduler": _no_options(DPMSolver.from_diffusers),
     "UniPCMultistepScheduler": _no_options(UniPC.from_diffusers),
     "FlowMatchEulerDiscreteScheduler": _no_options(FlowEuler.from_diffusers),
+    "EulerDiscreteScheduler": _no_options(Euler.from_diffusers),
+    "EulerAncestralDiscreteScheduler": _no_options(lambda cfg, steps: Euler.from_diffusers(cfg, steps, ancestral=True)),
 }
 
 

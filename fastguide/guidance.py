@@ -182,7 +182,7 @@ class ClassifierGuidance(GuidanceRule):
         return StepGuidance(torch.ones(plan.steps, cond.shape[0], dtype=torch.float64), (False,) * plan.steps)
 
     def wrap_model(self, model, plan, null_cond):
-        return ClassifierGuidedModel(model, self.classifier, self.scale, plan.schedule.alphas_cumprod,
+        return ClassifierGuidedModel(model, self.classifier, self.scale, plan.timesteps, plan.eps_scale,
                                      null_cond if self.use_null_cond else None)
 
     def __repr__(self):
@@ -190,12 +190,20 @@ class ClassifierGuidance(GuidanceRule):
 
 
 class ClassifierGuidedModel:
-    """``model`` with the classifier's gradient folded into its epsilon output (model times are training
-    indices; ``null_cond``: run the model with the null condition, the classifier with the labels)."""
+    """``model`` with the classifier's gradient folded into its epsilon output; ``model_times`` / ``eps_scales``
+    [S]: the plan's model times and sqrt(1 - abar) at each (so fractional times of sigma-space plans get the
+    plan's own scale); ``null_cond``: run the model with the null condition, the classifier with the labels."""
 
-    def __init__(self, model, classifier, scale, alphas_cumprod: torch.Tensor, null_cond=None):
+    def __init__(self, model, classifier, scale, model_times: torch.Tensor, eps_scales: torch.Tensor, null_cond=None):
         self.model, self.classifier, self.scale, self.null_cond = model, classifier, scale, null_cond
-        self.alphas_cumprod = alphas_cumprod
+        self.model_times, self.eps_scales = model_times.double(), eps_scales.double()
+
+    def eps_scale(self, t: torch.Tensor) -> torch.Tensor:
+        """sqrt(1 - abar) [B] float64 at each row's model time (one of the plan's)."""
+        hit = t.detach().double().cpu()[:, None] == self.model_times[None, :]
+        if not bool(hit.any(1).all()):
+            raise ValueError(f"t: ClassifierGuidance got a model time outside its plan: {t.tolist()}")
+        return self.eps_scales[hit.double().argmax(1)]
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         eps = self.model(x, t, cond if self.null_cond is None else null_batch(self.null_cond, cond))
@@ -204,7 +212,7 @@ class ClassifierGuidedModel:
         # (and scale 0 leaves eps untouched).
         cdt = compute_dtype_for(eps.dtype)
         bcast = (-1, *([1] * (x.ndim - 1)))
-        eps_scale = (1 - self.alphas_cumprod.to(x.device)[t.long()]).sqrt().view(bcast)  # float64
+        eps_scale = self.eps_scale(t).to(x.device).view(bcast)
         if isinstance(self.scale, torch.Tensor):
             factor = self.scale.to(x.device, cdt).view(bcast) * eps_scale.to(cdt)
         else:

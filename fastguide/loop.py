@@ -208,7 +208,8 @@ def refill(b: LoopBuffers, x: torch.Tensor, cond: torch.Tensor, plan: PlanTensor
         b.z.copy_(z)
     if b.history is not None:
         b.history.zero_()
-    copy_into_blocks(b.x2, x, b.views.x_blocks)
+    scale = plan.plan.init_scale
+    copy_into_blocks(b.x2, x if scale == 1.0 else x * scale, b.views.x_blocks)
 
 
 def draw_step_noise(plan, x: torch.Tensor, seeds: list[int] | None) -> torch.Tensor | None:

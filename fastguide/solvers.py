@@ -30,6 +30,7 @@ class Plan:
     kind: str  # "discrete" | "flow"
     schedule: NoiseSchedule | None = None  # the discrete schedule the plan was built on (tables check against it)
     history: "History | None" = None  # a multistep solver's past states (None: one-step solvers)
+    init_scale: float = 1.0  # x_T = init_scale * noise (sigma-space solvers whose first state is not unit noise)
 
     @property
     def steps(self) -> int:

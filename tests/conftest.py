@@ -148,6 +148,24 @@ def eager_sample():
     return sample
 
 
+# ------------------------------------------------------------------ ReCFG by sampler step
+@pytest.fixture
+def per_step_table():
+    """per_step_table(table, model_times): the ratios [K, S, ...] a RatioTable gives at each of S model times,
+    interpolated here independently (np.interp over the table's grid), for a table indexed by sampler step."""
+    import numpy as np
+
+    def rows(table, model_times):
+        grid = table.timesteps.numpy()
+        pos = np.interp(np.asarray(model_times, dtype=np.float64), grid, np.arange(len(grid)))
+        i0 = np.minimum(np.floor(pos).astype(int), len(grid) - 2)
+        w = torch.from_numpy(pos - i0).view(1, -1, *([1] * (table.ratios.ndim - 2))).to(table.ratios.dtype)
+        r = table.ratios
+        return r[:, i0] + w * (r[:, i0 + 1] - r[:, i0])
+
+    return rows
+
+
 # ------------------------------------------------------------------ the digits demo
 @pytest.fixture(scope="module")
 def split():

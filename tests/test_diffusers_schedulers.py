@@ -14,10 +14,11 @@ CASES = [
     (lambda: diffusers.DPMSolverMultistepScheduler(solver_order=3), fg.DPMSolver),
     (lambda: diffusers.UniPCMultistepScheduler(solver_order=3), fg.UniPC),
     (lambda: diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0), fg.FlowEuler),
+    (lambda: diffusers.EulerDiscreteScheduler(use_karras_sigmas=True), fg.Euler),
 ]
 
 
-@pytest.mark.parametrize("make,kind", CASES, ids=["ddim", "ddpm", "dpm", "unipc", "flow"])
+@pytest.mark.parametrize("make,kind", CASES, ids=["ddim", "ddpm", "dpm", "unipc", "flow", "euler"])
 def test_instances_and_configs_map_to_their_solver(make, kind):
     scheduler = make()
     name = type(scheduler).__name__
@@ -34,8 +35,8 @@ def test_instances_and_configs_map_to_their_solver(make, kind):
 
 
 def test_unsupported_schedulers_are_refused_by_name():
-    with pytest.raises(ValueError, match=r"^scheduler: EulerDiscreteScheduler is not supported yet \(supported: "):
-        solver_from_diffusers(diffusers.EulerDiscreteScheduler(), 4)
+    with pytest.raises(ValueError, match=r"^scheduler: LMSDiscreteScheduler is not supported yet \(supported: "):
+        solver_from_diffusers(diffusers.LMSDiscreteScheduler(), 4)
     with pytest.raises(ValueError, match=r"^scheduler: PNDMScheduler is not supported yet"):
         solver_from_diffusers(dict(diffusers.PNDMScheduler().config), 4)
     with pytest.raises(TypeError, match=r"^config: expected a diffusers scheduler config"):

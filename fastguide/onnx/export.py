@@ -166,6 +166,9 @@ def _graph_for(sampler, latent_shape) -> GuidedGraph:
     if sampler.solver.plan.history is not None:
         raise ValueError(f"solver: {type(sampler.solver).__name__} is a multistep solver, whose history states the "
                          "ONNX graphs do not carry yet; export a one-step solver (DDIM, DDPM, FlowEuler)")
+    if sampler.solver.plan.init_scale != 1.0:
+        raise ValueError(f"solver: {type(sampler.solver).__name__} starts from {sampler.solver.plan.init_scale:g} x "
+                         "the noise, which the ONNX graphs do not take yet; export DDIM, DDPM or FlowEuler")
     null = sampler.null_cond
     if isinstance(null, torch.Tensor) or isinstance(null, bool) or not isinstance(null, (int, np.integer)):
         raise ValueError("null_cond: the ONNX graph takes int64 class labels, so null_cond must be an int label, "
