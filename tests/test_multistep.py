@@ -165,12 +165,17 @@ def test_bad_options_are_named():
             DPMSolver.from_diffusers(cfg, 4)
 
 
-def test_the_triton_kernel_and_onnx_refuse_multistep_plans_clearly(tmp_path):
+def test_the_triton_kernel_refuses_multistep_plans_clearly():
     _, sch, model = diffusers_sample(dict(), 4)
     solver = DPMSolver.from_diffusers(sch.config, 4)
     with pytest.raises(ValueError, match=r"^backend: the Triton kernel does not run multistep solvers"):
         fg.Sampler(model, solver, fg.CFG(2.0), null_cond=NULL, backend="triton", progress=False).sample(
             fg.seeded_noise(range(BATCH), SHAPE), LABELS)
+
+
+def test_onnx_refuses_multistep_plans_clearly(tmp_path):
+    _, sch, model = diffusers_sample(dict(), 4)
+    solver = DPMSolver.from_diffusers(sch.config, 4)
     from fastguide.onnx import export
 
     with pytest.raises(ValueError, match=r"^solver: DPMSolver is a multistep solver"):
