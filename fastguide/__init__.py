@@ -1,7 +1,9 @@
 """fastguide: fast, tested classifier-free-guided diffusion sampling."""
 from fastguide.diffusers_schedulers import solver_from_diffusers
+from fastguide.edm import EDM
 from fastguide.euler import Euler
 from fastguide.guidance import CFG, ClassifierGuidance, NoGuidance, ReCFG
+from fastguide.heun import Heun
 from fastguide.multistep import DPMSolver, UniPC
 from fastguide.noise import seeded_noise, step_noise
 from fastguide.sampler import Sampler
@@ -11,6 +13,6 @@ from fastguide.table import RatioTable
 from fastguide.table_build import RatioSums, accumulate_ratio_sums
 
 __version__ = "0.1.0"
-__all__ = ["CFG", "ClassifierGuidance", "DDIM", "DDPM", "DPMSolver", "Euler", "FlowEuler", "NoGuidance", "NoiseSchedule", "Plan",
-           "RatioSums", "RatioTable", "ReCFG", "Sampler", "accumulate_ratio_sums", "seeded_noise",
-           "solver_from_diffusers", "step_noise", "UniPC", "__version__"]
+__all__ = ["CFG", "ClassifierGuidance", "DDIM", "DDPM", "DPMSolver", "EDM", "Euler", "FlowEuler", "Heun", "NoGuidance",
+           "NoiseSchedule", "Plan", "RatioSums", "RatioTable", "ReCFG", "Sampler", "UniPC", "__version__",
+           "accumulate_ratio_sums", "seeded_noise", "solver_from_diffusers", "step_noise"]

@@ -3,7 +3,9 @@ its config with ``_class_name``), with diffusers' float32 rounding of the schedu
 pipeline's to float32 resolution. Options a solver cannot step exactly are refused by name."""
 from __future__ import annotations
 
+from fastguide.edm import EDM
 from fastguide.euler import Euler
+from fastguide.heun import Heun
 from fastguide.multistep import DPMSolver, UniPC
 from fastguide.schedule import NoiseSchedule, config_items
 from fastguide.solvers import DDIM, DDPM, FlowEuler
@@ -33,13 +35,17 @@ SOLVERS = {
     "FlowMatchEulerDiscreteScheduler": _no_options(FlowEuler.from_diffusers),
     "EulerDiscreteScheduler": _no_options(Euler.from_diffusers),
     "EulerAncestralDiscreteScheduler": _no_options(lambda cfg, steps: Euler.from_diffusers(cfg, steps, ancestral=True)),
+    "HeunDiscreteScheduler": _no_options(Heun.from_diffusers),
+    "EDMEulerScheduler": _no_options(EDM.from_diffusers),
 }
 
 
-# Keys that tell a scheduler's config apart when it has no _class_name (a scheduler built in code has none).
-SIGNATURES = [("shift", "FlowMatchEulerDiscreteScheduler"), ("predict_x0", "UniPCMultistepScheduler"),
+# Keys (or sets of keys) that tell a scheduler's config apart when it has no _class_name (a scheduler built in
+# code has none).
+SIGNATURES = [("shift", "FlowMatchEulerDiscreteScheduler"), ("sigma_data", "EDMEulerScheduler"), ("predict_x0", "UniPCMultistepScheduler"),
               ("algorithm_type", "DPMSolverMultistepScheduler"), ("interpolation_type", "EulerDiscreteScheduler"),
-              ("skip_prk_steps", "PNDMScheduler"), ("set_alpha_to_one", "DDIMScheduler"),
+              (("use_karras_sigmas", "clip_sample"), "HeunDiscreteScheduler"), ("skip_prk_steps", "PNDMScheduler"),
+              ("set_alpha_to_one", "DDIMScheduler"),
               ("variance_type", "DDPMScheduler")]
 
 
@@ -51,7 +57,8 @@ def scheduler_class(scheduler) -> str:
     cfg = dict(scheduler)
     if cfg.get("_class_name"):
         return str(cfg["_class_name"])
-    return next((name for key, name in SIGNATURES if key in cfg), "DDIMScheduler")
+    return next((name for keys, name in SIGNATURES if set((keys,) if isinstance(keys, str) else keys) <= set(cfg)),
+                "DDIMScheduler")
 
 
 def solver_from_diffusers(scheduler, steps: int, **kw):

@@ -4,23 +4,20 @@ EulerAncestralDiscreteScheduler step them.
 
 diffusers keeps the state in VE form x_ve = sqrt(1 + sigma^2) x and feeds the model x_ve / sqrt(1 + sigma^2);
 fastguide keeps the VP state x (what the model reads), so a step is x_next = (r x + dt d) / r_next with
-r = sqrt(1 + sigma^2) and the derivative d linear in x and the model output: one-step plans with per-step
-scalars. The first state is init_noise_sigma / r_0 times the noise, as diffusers scales it.
+r = sqrt(1 + sigma^2) and the derivative d linear in x and the model output (fastguide.sigma_steps):
+one-step plans with per-step scalars. The first state is init_noise_sigma / r_0 times the noise, as diffusers
+scales it; the last step returns the VE state, as diffusers does.
 """
 from __future__ import annotations
 
-import math
-
 import numpy as np
-import torch
 
 from fastguide.checks import check_int, check_steps
-from fastguide.kernels.reference import NUM_COEF
 from fastguide.schedule import NoiseSchedule, config_items, config_value
-from fastguide.sigmas import SIGMA_SCHEDULES, sigma_grid, sigma_to_t, training_sigmas
-from fastguide.solvers import Plan, coef_row
+from fastguide.sigma_steps import (SPACINGS, discrete_sigma_grid, second_order_plan, stage_rows, vp_init_scale,
+                                   vp_sigma_model)
+from fastguide.sigmas import SIGMA_SCHEDULES
 
-SPACINGS = ("linspace", "leading", "trailing")
 FINAL_SIGMAS = ("zero", "sigma_min")
 
 
@@ -52,18 +49,11 @@ class Euler:
         if pred not in ("epsilon", "sample", "v_prediction"):
             raise ValueError(f"prediction_type: expected epsilon, sample or v_prediction, got {pred!r}")
         self.schedule, self.steps, self.ancestral, self.sigma_schedule = schedule, steps, ancestral, sigma_schedule
-        t, sig = euler_grid(schedule, steps, sigma_schedule, spacing, check_int(steps_offset, "steps_offset", 0),
-                            final_sigmas_type, sigma_min, sigma_max)
-        coef = np.array([euler_row(float(sig[i]), float(sig[i + 1]), pred, ancestral, last=i == steps - 1)
-                         for i in range(steps)], dtype=np.float64).reshape(steps, NUM_COEF)
-        if not np.isfinite(coef).all():
-            raise ValueError("Euler: the plan has non-finite coefficients")
-        r0 = math.sqrt(float(sig[0]) ** 2 + 1)
-        init_sigma = float(sig.max()) if spacing in ("linspace", "trailing") else r0  # diffusers' init_noise_sigma
-        eps_scale = [float(s) / math.sqrt(float(s) ** 2 + 1) for s in sig[:-1]]
-        self.plan = Plan(torch.from_numpy(t.astype(np.float64)), torch.from_numpy(coef),
-                         torch.tensor(eps_scale, dtype=torch.float64), None, pred, "discrete", schedule,
-                         init_scale=init_sigma / r0)
+        t, sig = discrete_sigma_grid(schedule, steps, sigma_schedule, spacing,
+                                     check_int(steps_offset, "steps_offset", 0), final_sigmas_type, sigma_min, sigma_max)
+        target, up = ancestral_split(sig) if ancestral else (sig[1:].astype(np.float64), np.zeros(steps))
+        rows = stage_rows(sig[:-1].astype(np.float64), target, up, vp_sigma_model(pred), heun=False)
+        self.plan = second_order_plan(rows, t, pred, schedule, vp_init_scale(sig, spacing), with_history=False)
 
     @classmethod
     def from_diffusers(cls, config, steps: int, ancestral: bool = False) -> "Euler":
@@ -104,41 +94,9 @@ _ANCESTRAL_KEYS: set = set()
 _ANCESTRAL_INERT = {"rescale_betas_zero_snr": False}
 
 
-def euler_grid(schedule, steps, sigma_schedule, spacing, steps_offset, final_sigmas_type, sigma_min=None,
-               sigma_max=None) -> tuple[np.ndarray, np.ndarray]:
-    """(model times [S] float, sigmas [S + 1] float32), as EulerDiscreteScheduler's set_timesteps makes them."""
-    train = training_sigmas(schedule)
-    n = len(train)
-    if spacing == "linspace":
-        t = np.linspace(0, n - 1, steps, dtype=np.float32)[::-1].copy()
-    elif spacing == "leading":
-        t = (np.arange(0, steps) * (n // steps)).round()[::-1].copy().astype(np.float32) + steps_offset
-    else:
-        t = np.arange(n, 0, -n / steps).round().copy().astype(np.float32) - 1
-    if t.min() < 0 or t.max() > n - 1:
-        raise ValueError(f"steps_offset: {steps_offset} pushes timesteps outside [0, {n - 1}]")
-    sigmas = np.interp(t, np.arange(n), train)
-    if sigma_schedule != "training":
-        lo = float(sigmas[-1]) if sigma_min is None else sigma_min
-        hi = float(sigmas[0]) if sigma_max is None else sigma_max
-        sigmas = sigma_grid(sigma_schedule, train, steps, lo, hi)
-        t = sigma_to_t(sigmas, train)
-    last = float(train[0]) if final_sigmas_type == "sigma_min" else 0.0
-    return t.astype(np.float32).astype(np.float64), np.concatenate([sigmas, [last]]).astype(np.float32)
-
-
-def euler_row(sigma: float, sigma_next: float, prediction_type: str, ancestral: bool, last: bool = False
-              ) -> list[float]:
-    """One step x_next = (r x + dt d) / r_next (+ sigma_up / r_next z) in the VP state, d = Dx x + Dm m the
-    VE derivative (x_ve - x0) / sigma written in the VP state and the model output. The ``last`` step returns
-    the VE state, as diffusers does (it differs from the VP state when the final sigma is sigma_min)."""
-    r = math.sqrt(sigma * sigma + 1)
-    r_next = 1.0 if last else math.sqrt(sigma_next * sigma_next + 1)
-    dx, dm = {"epsilon": (0.0, 1.0), "v_prediction": (sigma / r, 1 / r), "sample": (r / sigma, -1 / sigma)}[prediction_type]
-    up = 0.0
-    target = sigma_next
-    if ancestral:
-        up = math.sqrt(sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2)
-        target = math.sqrt(sigma_next**2 - up**2)
-    dt = target - sigma
-    return coef_row(A=(r + dt * dx) / r_next, B=dt * dm / r_next, S=up / r_next)
+def ancestral_split(sigmas: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(sigma_down, sigma_up) [S] of each step sigma -> sigma_next: go down to sigma_down, add sigma_up noise
+    (sigma_down^2 + sigma_up^2 = sigma_next^2), as EulerAncestralDiscreteScheduler splits it."""
+    s, s_next = sigmas[:-1].astype(np.float64), sigmas[1:].astype(np.float64)
+    up = np.sqrt(s_next**2 * (s**2 - s_next**2) / s**2)
+    return np.sqrt(s_next**2 - up**2), up

@@ -20,14 +20,14 @@ def training_sigmas(schedule) -> np.ndarray:
     return ((1 - abar) / abar).sqrt().numpy()
 
 
-def sigma_grid(kind: str, train_sigmas: np.ndarray, steps: int, sigma_min=None, sigma_max=None) -> np.ndarray:
-    """``steps`` sigmas from high to low on the grid ``kind`` ("karras": rho = 7, Karras et al. 2022;
+def sigma_grid(kind: str, train_sigmas: np.ndarray | None, steps: int, sigma_min=None, sigma_max=None,
+               rho: float = 7.0) -> np.ndarray:
+    """``steps`` sigmas from high to low on the grid ``kind`` ("karras": ``rho`` = 7, Karras et al. 2022;
     "exponential": log-uniform; "beta": Beta(0.6, 0.6) quantiles, Lee et al. 2024), between the training grid's
     extremes unless ``sigma_min`` / ``sigma_max`` are given."""
     lo = float(train_sigmas[0]) if sigma_min is None else float(sigma_min)
     hi = float(train_sigmas[-1]) if sigma_max is None else float(sigma_max)
     if kind == "karras":
-        rho = 7.0
         ramp = np.linspace(0, 1, steps)
         return (hi ** (1 / rho) + ramp * (lo ** (1 / rho) - hi ** (1 / rho))) ** rho
     if kind == "exponential":

@@ -15,17 +15,19 @@ CASES = [
     (lambda: diffusers.UniPCMultistepScheduler(solver_order=3), fg.UniPC),
     (lambda: diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0), fg.FlowEuler),
     (lambda: diffusers.EulerDiscreteScheduler(use_karras_sigmas=True), fg.Euler),
+    (lambda: diffusers.HeunDiscreteScheduler(use_karras_sigmas=True), fg.Heun),
+    (lambda: diffusers.EDMEulerScheduler(), fg.EDM),
 ]
 
 
-@pytest.mark.parametrize("make,kind", CASES, ids=["ddim", "ddpm", "dpm", "unipc", "flow", "euler"])
+@pytest.mark.parametrize("make,kind", CASES, ids=["ddim", "ddpm", "dpm", "unipc", "flow", "euler", "heun", "edm"])
 def test_instances_and_configs_map_to_their_solver(make, kind):
     scheduler = make()
     name = type(scheduler).__name__
     for given in (scheduler, scheduler.config, dict(scheduler.config), {**scheduler.config, "_class_name": name}):
         assert scheduler_class(given) == name
         solver = solver_from_diffusers(given, 6)
-        assert type(solver) is kind and solver.plan.steps == 6
+        assert type(solver) is kind and solver.plan.steps == (11 if kind is fg.Heun else 6)  # Heun: 2 x 6 - 1 NFE
     scheduler.set_timesteps(6)
     got = solver_from_diffusers(scheduler, 6).plan.timesteps
     want = scheduler.timesteps.double()

@@ -21,20 +21,20 @@ DEFAULT_SCALES = "1,2,3,5,7.5"
 
 
 def digits_solvers():
-    from fastguide.demo.digits import SOLVERS
+    from fastguide.demo.digits import SOLVER_HELP, SOLVERS
 
-    return SOLVERS
+    return SOLVERS, SOLVER_HELP
 
 
 def add_parser(sub):
+    solvers, solver_help = digits_solvers()
     p = sub.add_parser("demo", help="CFG vs ReCFG on the embedded digits model (grids, metrics, plot)",
                        description=__doc__, formatter_class=common.HelpFormatter)
     p.add_argument("--out", default="fastguide-demo", help="output directory")
     common.add_device_args(p)
     p.add_argument("--steps", type=int, default=10, help="sampling steps = NFE (each runs the 2B cond+null batch)")
-    p.add_argument("--solver", default="ddim", choices=sorted(digits_solvers()),
-                   help="ddim (eta 0, trailing spacing), DPM-Solver++ multistep (2M, 3M, 2M on Karras sigmas) or UniPC "
-                        "(bh2, order 2 or 3)")
+    p.add_argument("--solver", default="ddim", choices=sorted(solvers),
+                   help=solver_help)
     p.add_argument("--scales", default=DEFAULT_SCALES, help="comma-separated guidance scales g")
     p.add_argument("--per-class", type=int, default=30,
                    help="samples per digit per rule and scale (the held-out reference has 35-37 per digit)")

@@ -11,7 +11,7 @@ from fastguide.commands import common
 
 
 def add_parser(sub):
-    from fastguide.demo.digits import RULES, SOLVERS
+    from fastguide.demo.digits import RULES, SOLVER_HELP, SOLVERS
 
     p = sub.add_parser("sample", help="sample digits from the embedded model into a PNG grid",
                        description=__doc__, formatter_class=common.HelpFormatter)
@@ -20,8 +20,7 @@ def add_parser(sub):
     p.add_argument("--scale", type=float, default=3.0, help="guidance scale g (1 = conditional model only)")
     p.add_argument("--steps", type=int, default=10, help="sampling steps = NFE")
     p.add_argument("--solver", default="ddim", choices=sorted(SOLVERS),
-                   help="ddim (eta 0, trailing spacing), DPM-Solver++ multistep (2M, 3M, 2M on Karras sigmas) or UniPC "
-                        "(bh2, order 2 or 3)")
+                   help=SOLVER_HELP)
     p.add_argument("--interval", default=None, metavar="LO,HI",
                    help="guide only at model times t in [LO, HI] (0..999), e.g. 500,999 for the high-noise half; "
                         "other steps run the conditional rows alone (less work)")

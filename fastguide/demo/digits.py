@@ -15,6 +15,8 @@ import torch
 from fastguide.demo.data import IMAGE_SHAPE, NULL_LABEL, NUM_CLASSES
 from fastguide.demo.classifier import DigitsClassifier
 from fastguide.demo.unet import DigitsUNet
+from fastguide.euler import Euler
+from fastguide.heun import Heun
 from fastguide.multistep import DPMSolver, UniPC
 from fastguide.schedule import NoiseSchedule
 from fastguide.solvers import DDIM
@@ -148,7 +150,15 @@ SOLVERS = {
     "dpm++2m-karras": lambda steps: DPMSolver(digits_schedule(), steps, order=2, sigma_schedule="karras"),
     "unipc": lambda steps: UniPC(digits_schedule(), steps, order=2),
     "unipc-3": lambda steps: UniPC(digits_schedule(), steps, order=3),
+    "euler": lambda steps: Euler(digits_schedule(), steps, spacing="trailing"),
+    "euler-a": lambda steps: Euler(digits_schedule(), steps, ancestral=True, spacing="trailing"),
+    # Heun's steps are evaluations: N intervals cost 2N - 1, so the largest N within the budget
+    "heun": lambda steps: Heun(digits_schedule(), max((steps + 1) // 2, 2), spacing="trailing"),
 }
+
+SOLVER_HELP = ("ddim (eta 0, trailing spacing), DPM-Solver++ multistep (2M, 3M, 2M on Karras sigmas), UniPC (bh2, "
+               "order 2 or 3), euler / euler-a (Euler, Euler-ancestral in sigma space) or heun (2 evaluations per "
+               "interval: the largest 2k - 1 <= --steps)")
 
 
 def make_solver(name: str, steps: int):
@@ -164,8 +174,8 @@ def sample_digits(model, labels, seeds, *, rule: str = "cfg", scale=3.0, steps: 
                   solver: str = "ddim") -> torch.Tensor:
     """[N, 1, 8, 8] samples of the digits model for ``labels`` [N]; sample i starts from noise seeded by seeds[i].
 
-    ``solver`` (``SOLVERS``: DDIM with eta 0 and trailing spacing, DPM-Solver++ 2M / 3M, UniPC) with ``steps`` model
-    evaluations of the 2N batch; ``scale`` is a float or a per-sample [N] tensor; ``interval`` (lo, hi) guides
+    ``solver`` (``SOLVERS``: DDIM with eta 0 and trailing spacing, DPM-Solver++ 2M / 3M, UniPC, Euler,
+    Euler-ancestral, Heun) with ``steps`` model evaluations of the 2N batch (Heun: 2k - 1 <= steps); ``scale`` is a float or a per-sample [N] tensor; ``interval`` (lo, hi) guides
     only the steps at model times in [lo, hi] (the others run the N conditional rows alone).
     """
     from fastguide.noise import seeded_noise
@@ -175,9 +185,10 @@ def sample_digits(model, labels, seeds, *, rule: str = "cfg", scale=3.0, steps: 
     solver = make_solver(solver, steps)
     sampler = Sampler(model, solver, make_guidance(rule, scale, tables, interval), null_cond=NULL_LABEL, backend=backend,
                       progress=progress)
-    noise = seeded_noise(list(seeds), IMAGE_SHAPE, device=device)
-    return sampler.sample(noise, labels.to(device)).cpu()
+    seeds = list(seeds)
+    noise = seeded_noise(seeds, IMAGE_SHAPE, device=device)
+    return sampler.sample(noise, labels.to(device), seeds=seeds if solver.plan.stochastic else None).cpu()
 
 
 __all__ = ["digits_schedule", "load_digits_model", "load_digits_classifier", "load_digits_tables",
-           "load_training_facts", "sample_digits", "make_guidance", "make_solver", "RULES", "SOLVERS", "TABLE_TIMESTEPS", "NULL_LABEL", "NUM_CLASSES", "IMAGE_SHAPE"]
+           "load_training_facts", "sample_digits", "make_guidance", "make_solver", "RULES", "SOLVERS", "SOLVER_HELP", "TABLE_TIMESTEPS", "NULL_LABEL", "NUM_CLASSES", "IMAGE_SHAPE"]

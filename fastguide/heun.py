@@ -1,0 +1,71 @@
+"""Heun's second-order method in sigma space (Karras et al. 2022, Algorithm 1; k-diffusion's sample_heun;
+diffusers' HeunDiscreteScheduler) as a plan: two network evaluations per sigma interval, each a plan step.
+
+The steps are built in fastguide.sigma_steps (stage 1 stores the state, stage 2 combines it with its own
+input); the interval ending at sigma 0 is one Euler step, so N intervals cost 2N - 1 evaluations, as in
+diffusers and k-diffusion. The plan's steps are evaluations: NFE =
+``plan.steps``; stage 2 of an interval evaluates at sigma_next, so ReCFG reads the table row at that model time.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from fastguide.checks import check_int, check_steps
+from fastguide.schedule import NoiseSchedule, config_items, config_value
+from fastguide.sigma_steps import (SPACINGS, discrete_sigma_grid, second_order_plan, stage_rows, vp_init_scale,
+                                   vp_sigma_model)
+from fastguide.sigmas import SIGMA_SCHEDULES
+
+
+class Heun:
+    """Heun's method on a discrete VP schedule, as diffusers' HeunDiscreteScheduler steps it: ``steps`` sigma
+    intervals, 2 * steps - 1 network evaluations (``plan.steps``). ``sigma_schedule``: "training", "karras",
+    "exponential" or "beta"; ``clip_sample_range``: clamp x0 to [-r, r] (diffusers' clip_sample)."""
+
+    def __init__(self, schedule: NoiseSchedule, steps: int, sigma_schedule: str = "training", spacing: str = "linspace",
+                 steps_offset: int = 0, prediction_type: str | None = None, clip_sample_range: float | None = None):
+        if not isinstance(schedule, NoiseSchedule):
+            raise TypeError(f"schedule: expected a fastguide.NoiseSchedule, got {type(schedule).__name__}")
+        check_steps(steps, schedule.num_train_timesteps)
+        for name, value, allowed in (("sigma_schedule", sigma_schedule, SIGMA_SCHEDULES), ("spacing", spacing, SPACINGS)):
+            if value not in allowed:
+                raise ValueError(f"{name}: expected one of {allowed}, got {value!r}")
+        pred = schedule.prediction_type if prediction_type is None else prediction_type
+        if pred not in ("epsilon", "sample", "v_prediction"):
+            raise ValueError(f"prediction_type: expected epsilon, sample or v_prediction, got {pred!r}")
+        if clip_sample_range is not None and not (isinstance(clip_sample_range, (int, float)) and clip_sample_range > 0):
+            raise ValueError(f"clip_sample_range: expected a positive number or None, got {clip_sample_range!r}")
+        self.schedule, self.steps, self.sigma_schedule = schedule, steps, sigma_schedule
+        t, sig = discrete_sigma_grid(schedule, steps, sigma_schedule, spacing, check_int(steps_offset, "steps_offset", 0), "zero")
+        rows = stage_rows(sig[:-1], sig[1:], np.zeros(steps), vp_sigma_model(pred))
+        times = np.concatenate([t[:1], np.repeat(t[1:], 2)])
+        self.plan = second_order_plan(rows, times, pred, schedule, vp_init_scale(sig, spacing),
+                                      None if clip_sample_range is None else float(clip_sample_range))
+
+    @classmethod
+    def from_diffusers(cls, config, steps: int) -> "Heun":
+        """From a HeunDiscreteScheduler config."""
+        cfg = config_items(config)
+        unknown = set(cfg) - _HEUN_KEYS - _SCHEDULE_KEYS
+        if unknown:
+            raise ValueError(f"config: unsupported HeunDiscreteScheduler keys {sorted(unknown)}")
+        sched_cfg = {k: v for k, v in cfg.items() if k in _SCHEDULE_KEYS}
+        sched_cfg.setdefault("timestep_spacing", "linspace")
+        schedule = NoiseSchedule.from_diffusers(sched_cfg, float32_arithmetic=True)
+        kinds = [k for k in ("karras", "exponential", "beta") if config_value(cfg, f"use_{k}_sigmas", bool, False)]
+        if len(kinds) > 1:
+            raise ValueError(f"config: only one of use_karras_sigmas / use_exponential_sigmas / use_beta_sigmas, "
+                             f"got {kinds}")
+        clip = config_value(cfg, "clip_sample", bool, False)
+        return cls(schedule, steps, sigma_schedule=kinds[0] if kinds else "training",
+                   spacing=schedule.timestep_spacing, steps_offset=schedule.steps_offset,
+                   prediction_type=schedule.prediction_type,
+                   clip_sample_range=float(cfg.get("clip_sample_range", 1.0)) if clip else None)
+
+    def __repr__(self):
+        return f"Heun(steps={self.steps}, sigma_schedule={self.sigma_schedule!r}, evaluations={self.plan.steps})"
+
+
+_SCHEDULE_KEYS = {"num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "prediction_type",
+                  "timestep_spacing", "steps_offset"}
+_HEUN_KEYS = {"use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "clip_sample", "clip_sample_range"}
