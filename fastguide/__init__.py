@@ -5,6 +5,7 @@ from fastguide.euler import Euler
 from fastguide.guidance import CFG, ClassifierGuidance, NoGuidance, ReCFG
 from fastguide.heun import Heun
 from fastguide.multistep import DPMSolver, UniPC
+from fastguide.pndm import PLMS
 from fastguide.noise import seeded_noise, step_noise
 from fastguide.sampler import Sampler
 from fastguide.schedule import NoiseSchedule
@@ -14,5 +15,5 @@ from fastguide.table_build import RatioSums, accumulate_ratio_sums
 
 __version__ = "0.1.0"
 __all__ = ["CFG", "ClassifierGuidance", "DDIM", "DDPM", "DPMSolver", "EDM", "Euler", "FlowEuler", "Heun", "NoGuidance",
-           "NoiseSchedule", "Plan", "RatioSums", "RatioTable", "ReCFG", "Sampler", "UniPC", "__version__",
+           "NoiseSchedule", "PLMS", "Plan", "RatioSums", "RatioTable", "ReCFG", "Sampler", "UniPC", "__version__",
            "accumulate_ratio_sums", "seeded_noise", "solver_from_diffusers", "step_noise"]

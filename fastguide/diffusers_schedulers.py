@@ -7,6 +7,7 @@ from fastguide.edm import EDM
 from fastguide.euler import Euler
 from fastguide.heun import Heun
 from fastguide.multistep import DPMSolver, UniPC
+from fastguide.pndm import PLMS
 from fastguide.schedule import NoiseSchedule, config_items
 from fastguide.solvers import DDIM, DDPM, FlowEuler
 
@@ -37,6 +38,7 @@ SOLVERS = {
     "EulerAncestralDiscreteScheduler": _no_options(lambda cfg, steps: Euler.from_diffusers(cfg, steps, ancestral=True)),
     "HeunDiscreteScheduler": _no_options(Heun.from_diffusers),
     "EDMEulerScheduler": _no_options(EDM.from_diffusers),
+    "PNDMScheduler": _no_options(PLMS.from_diffusers),
 }
 
 

@@ -17,17 +17,18 @@ CASES = [
     (lambda: diffusers.EulerDiscreteScheduler(use_karras_sigmas=True), fg.Euler),
     (lambda: diffusers.HeunDiscreteScheduler(use_karras_sigmas=True), fg.Heun),
     (lambda: diffusers.EDMEulerScheduler(), fg.EDM),
+    (lambda: diffusers.PNDMScheduler(skip_prk_steps=True), fg.PLMS),
 ]
 
 
-@pytest.mark.parametrize("make,kind", CASES, ids=["ddim", "ddpm", "dpm", "unipc", "flow", "euler", "heun", "edm"])
+@pytest.mark.parametrize("make,kind", CASES, ids=["ddim", "ddpm", "dpm", "unipc", "flow", "euler", "heun", "edm", "plms"])
 def test_instances_and_configs_map_to_their_solver(make, kind):
     scheduler = make()
     name = type(scheduler).__name__
     for given in (scheduler, scheduler.config, dict(scheduler.config), {**scheduler.config, "_class_name": name}):
         assert scheduler_class(given) == name
         solver = solver_from_diffusers(given, 6)
-        assert type(solver) is kind and solver.plan.steps == (11 if kind is fg.Heun else 6)  # Heun: 2 x 6 - 1 NFE
+        assert type(solver) is kind and solver.plan.steps == {fg.Heun: 11, fg.PLMS: 7}.get(kind, 6)  # Heun 2 x 6 - 1, PLMS 6 + 1
     scheduler.set_timesteps(6)
     got = solver_from_diffusers(scheduler, 6).plan.timesteps
     want = scheduler.timesteps.double()
@@ -39,8 +40,6 @@ def test_instances_and_configs_map_to_their_solver(make, kind):
 def test_unsupported_schedulers_are_refused_by_name():
     with pytest.raises(ValueError, match=r"^scheduler: LMSDiscreteScheduler is not supported yet \(supported: "):
         solver_from_diffusers(diffusers.LMSDiscreteScheduler(), 4)
-    with pytest.raises(ValueError, match=r"^scheduler: PNDMScheduler is not supported yet"):
-        solver_from_diffusers(dict(diffusers.PNDMScheduler().config), 4)
     with pytest.raises(TypeError, match=r"^config: expected a diffusers scheduler config"):
         solver_from_diffusers([1, 2], 4)
     with pytest.raises(ValueError, match=r"^kw: this solver takes its options from the scheduler config"):

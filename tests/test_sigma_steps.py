@@ -16,26 +16,13 @@ import fastguide as fg
 from fastguide.edm import EDM
 from fastguide.euler import Euler
 from fastguide.heun import Heun
+from gaussian_models import MEANS, NULL, SHAPE, gaussian_eps
 
 diffusers = pytest.importorskip("diffusers")
 
-SHAPE, BATCH, NULL = (2, 3, 5), 3, 5
+BATCH = 3
 TOL = 1e-4
-_gen = torch.Generator().manual_seed(1)
-MEANS = torch.randn(NULL + 1, *SHAPE, generator=_gen, dtype=torch.float64) * 0.5
 LABELS = torch.tensor([0, 1, 2])
-
-
-def gaussian_eps(abar):
-    """The exact eps of per-element Gaussian data N(mean_c, 0.3^2) at a fractional training index (abar
-    interpolated linearly), plus a small nonlinearity: samples stay O(1)."""
-    def model(x, t, c):
-        lo = t.floor().long().clamp(max=len(abar) - 2)
-        w = (t - lo).view(-1, 1, 1, 1).to(x.dtype)
-        a2 = (abar[lo].view(-1, 1, 1, 1) * (1 - w) + abar[lo + 1].view(-1, 1, 1, 1) * w).to(x.dtype)
-        a, s = a2.sqrt(), (1 - a2).sqrt()
-        return s * (x - a * MEANS[c].to(x.dtype)) / (a2 * 0.09 + s * s) + 0.05 * torch.tanh(x.roll(1, 1))
-    return model
 
 
 def diffusers_sample(cfg, steps, scheduler="EulerDiscreteScheduler", seeds=None, scale=3.0, monkeypatch=None):

@@ -18,6 +18,7 @@ from fastguide.demo.unet import DigitsUNet
 from fastguide.euler import Euler
 from fastguide.heun import Heun
 from fastguide.multistep import DPMSolver, UniPC
+from fastguide.pndm import PLMS
 from fastguide.schedule import NoiseSchedule
 from fastguide.solvers import DDIM
 from fastguide.storage import metadata_field, read_safetensors
@@ -154,11 +155,12 @@ SOLVERS = {
     "euler-a": lambda steps: Euler(digits_schedule(), steps, ancestral=True, spacing="trailing"),
     # Heun's steps are evaluations: N intervals cost 2N - 1, so the largest N within the budget
     "heun": lambda steps: Heun(digits_schedule(), max((steps + 1) // 2, 2), spacing="trailing"),
+    "plms": lambda steps: PLMS(digits_schedule(), max(steps - 1, 2), spacing="trailing"),  # N intervals: N + 1 NFE
 }
 
 SOLVER_HELP = ("ddim (eta 0, trailing spacing), DPM-Solver++ multistep (2M, 3M, 2M on Karras sigmas), UniPC (bh2, "
-               "order 2 or 3), euler / euler-a (Euler, Euler-ancestral in sigma space) or heun (2 evaluations per "
-               "interval: the largest 2k - 1 <= --steps)")
+               "order 2 or 3), euler / euler-a (Euler, Euler-ancestral in sigma space) heun (2 evaluations per "
+               "interval: the largest 2k - 1 <= --steps) or plms (PNDM's linear multistep: --steps - 1 intervals)")
 
 
 def make_solver(name: str, steps: int):
@@ -175,7 +177,7 @@ def sample_digits(model, labels, seeds, *, rule: str = "cfg", scale=3.0, steps: 
     """[N, 1, 8, 8] samples of the digits model for ``labels`` [N]; sample i starts from noise seeded by seeds[i].
 
     ``solver`` (``SOLVERS``: DDIM with eta 0 and trailing spacing, DPM-Solver++ 2M / 3M, UniPC, Euler,
-    Euler-ancestral, Heun) with ``steps`` model evaluations of the 2N batch (Heun: 2k - 1 <= steps); ``scale`` is a float or a per-sample [N] tensor; ``interval`` (lo, hi) guides
+    Euler-ancestral, Heun, PLMS) with ``steps`` model evaluations of the 2N batch (Heun: 2k - 1 <= steps); ``scale`` is a float or a per-sample [N] tensor; ``interval`` (lo, hi) guides
     only the steps at model times in [lo, hi] (the others run the N conditional rows alone).
     """
     from fastguide.noise import seeded_noise

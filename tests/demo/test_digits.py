@@ -46,13 +46,16 @@ def test_guided_samples_are_classified_as_requested(model):
 
 @pytest.mark.parametrize("solver", sorted(digits.SOLVERS))
 def test_every_demo_solver_samples_the_requested_digits(model, solver):
-    """8 evaluations of each solver the CLI offers, CFG g = 3, 5 per digit: the classifier reads the requested
-    digits (0.8: 8x chance; measured here: 1.0 for all but dpm++2m-karras, 0.92), within the evaluation budget."""
+    """8 evaluations of each solver the CLI offers (PLMS: 20), CFG g = 3, 5 per digit: the classifier reads the
+    requested digits (0.8: 8x chance; measured here 1.0 for all but dpm++2m-karras, 0.92), within the budget.
+    PLMS at 8 evaluations reads 0.08 here, and so does diffusers' PNDMScheduler on the same model and noise: its
+    order-4 Adams-Bashforth steps are unstable at so few steps."""
+    steps = 20 if solver == "plms" else 8
     labels = torch.arange(10).repeat_interleave(5)
-    x = digits.sample_digits(model, labels, list(range(50)), rule="cfg", scale=3.0, steps=8, solver=solver)
+    x = digits.sample_digits(model, labels, list(range(50)), rule="cfg", scale=3.0, steps=steps, solver=solver)
     assert torch.isfinite(x).all()
     assert evaluate_samples(x, labels)["accuracy"] >= 0.8, solver
-    assert digits.make_solver(solver, 8).plan.steps <= 8
+    assert digits.make_solver(solver, steps).plan.steps <= steps
 
 
 def test_every_rule_is_the_conditional_model_at_scale_one(model):
