@@ -40,9 +40,13 @@ SM_REGISTERS, SM_MAX_THREADS = 65536, 2048  # sm_80 and sm_90: full occupancy ne
 
 
 # ---------------------------------------------------------------------------- static (SASS) figures
+HISTORY_VARIANTS = ((1, 1), (4, 2))  # (K slots read, W written): DPM-Solver++ 2M, UniPC-3 (the most the kernel runs)
+
+
 def static_variants() -> list[dict]:
     """Every rule x dtype, lightest (no clip, no z, out [B]) and heaviest (clip, z, out [2B]) form, plus the
-    mixed-width operands the Sampler produces (float32 z, float32 tables with low-precision latents)."""
+    mixed-width operands the Sampler produces (float32 z, float32 tables with low-precision latents), plus the
+    multistep history forms (K, W) in HISTORY_VARIANTS on the lightest CFG and the heaviest ReCFG step."""
     variants = []
     for dtype in TRITON_DTYPE:
         for rule in RULES:
@@ -51,6 +55,12 @@ def static_variants() -> list[dict]:
     for dtype in (torch.float16, torch.bfloat16):
         variants.append(dict(rule="recfg", dtype=dtype, table_dtype=torch.float32, z_dtype=torch.float32, clip=True,
                              out_rows=2))
+    for dtype in TRITON_DTYPE:
+        for k, w in HISTORY_VARIANTS:
+            variants.append(dict(rule="cfg", dtype=dtype, table_dtype=dtype, z_dtype=None, clip=False, out_rows=1,
+                                 hist_k=k, hist_w=w))
+            variants.append(dict(rule="recfg", dtype=dtype, table_dtype=dtype, z_dtype=dtype, clip=True, out_rows=2,
+                                 hist_k=k, hist_w=w))
     return variants
 
 
@@ -60,12 +70,15 @@ def variant_name(v: dict) -> str:
         parts.append(f"table-{TRITON_DTYPE[v['table_dtype']]}")
     parts += ["clip" if v["clip"] else "noclip", f"z-{TRITON_DTYPE[v['z_dtype']]}" if v["z_dtype"] else "noz",
               f"out{v['out_rows']}B"]
+    if v.get("hist_k"):
+        parts.append(f"hist-K{v['hist_k']}W{v['hist_w']}")
     return "/".join(parts)
 
 
 def streamed_operands(v: dict) -> tuple[list[torch.dtype], list[torch.dtype]]:
     """(dtypes of the streamed inputs read per element, dtypes of the outputs written per element).
-    The second ReCFG table row is read only on lerp steps (it is predicated off on grid steps)."""
+    The second ReCFG table row is read only on lerp steps (it is predicated off on grid steps). A multistep step
+    also reads its K history slots and writes W of them."""
     reads = [v["dtype"], v["dtype"]]  # x, m_cond
     if v["rule"] != "cond":
         reads.append(v["dtype"])  # m_uncond
@@ -73,7 +86,8 @@ def streamed_operands(v: dict) -> tuple[list[torch.dtype], list[torch.dtype]]:
         reads += [v["table_dtype"], v["table_dtype"]]  # table rows i0 and i1
     if v["z_dtype"] is not None:
         reads.append(v["z_dtype"])
-    return reads, [v["dtype"]] * v["out_rows"]
+    reads += [v["dtype"]] * v.get("hist_k", 0)  # the history slots
+    return reads, [v["dtype"]] * (v["out_rows"] + v.get("hist_w", 0))
 
 
 def _signature(v: dict) -> tuple[dict, dict]:
@@ -84,10 +98,13 @@ def _signature(v: dict) -> tuple[dict, dict]:
            "rows_ptr": "*i64" if v["rule"] == "recfg" else "*fp32",
            "steps_ptr": "*i64" if v["rule"] == "recfg" else "*fp32", "w_ptr": "*fp32",
            "z_ptr": "*" + TRITON_DTYPE[v["z_dtype"]] if v["z_dtype"] else ptr,
+           "hist_ptr": ptr, "hist_coef_ptr": "*fp32", "write_slots_ptr": "*i64" if v.get("hist_w") else "*fp32",
+           "write_coef_ptr": "*fp32",
            "n_per_row": "i32", "table_k": "i32", "table_t": "i32", "clip_range": "fp32"}
     block, _ = gs.launch_config(v["dtype"])
     constexprs = dict(HAS_UNCOND=v["rule"] != "cond", HAS_TABLE=v["rule"] == "recfg", CLIP=v["clip"],
-                      HAS_Z=v["z_dtype"] is not None, TWO_OUT=v["out_rows"] == 2, BLOCK=block)
+                      HAS_Z=v["z_dtype"] is not None, TWO_OUT=v["out_rows"] == 2, BLOCK=block,
+                      HIST_K=v.get("hist_k", 0), HIST_W=v.get("hist_w", 0))
     sig.update({k: "constexpr" for k in constexprs})
     return sig, constexprs
 
@@ -143,7 +160,8 @@ def static_report(arches=ARCHES) -> list[dict]:
         reads, writes = streamed_operands(v)
         block, num_warps = gs.launch_config(v["dtype"])
         rows.append(dict(variant=variant_name(v), arch=arch, block=block, num_warps=num_warps,
-                         elems_per_thread=block // (32 * num_warps),
+                         elems_per_thread=block // (32 * num_warps), hist_k=v.get("hist_k", 0),
+                         hist_w=v.get("hist_w", 0),
                          read_bytes=[torch.empty((), dtype=d).element_size() for d in reads],
                          write_bytes=[torch.empty((), dtype=d).element_size() for d in writes], **st))
     return rows
@@ -202,6 +220,10 @@ STATIC_NOTE = (
     "scalars (g1, label row, step rows, coefficients). REG <= 32 means full occupancy on sm_80 / sm_90 "
     "(2048 threads x 32 = 65536 registers); the mixed-width variants (16-bit latents, float32 table and "
     "noise, as the Sampler passes them today) need 46-48 (62.5% occupancy, 9 loads in flight per thread). "
+    "hist-KkWw: a multistep step that also reads its K history slots and writes W of them (K + W more 128-bit "
+    "accesses per thread, and K + W (2 + K) more scalar loads, the history weights and write coefficients, plus W "
+    "slot indices when K > 1); "
+    "these need up to 64 registers (50% occupancy, 1024 threads per SM with 4-10 loads in flight each). "
     "Launch: BLOCK = 8 warps x 32 threads x (16 bytes / element size) elements, grid (blocks per row, B).")
 
 

@@ -37,15 +37,10 @@ def check_backend(backend: str) -> str:
     return backend
 
 
-def step_impl(backend: str, device: torch.device, fused: bool, multistep: bool = False) -> StepImpl:
+def step_impl(backend: str, device: torch.device, fused: bool) -> StepImpl:
     """``backend``: "torch" (plain torch ops, any device), "triton" (the fused kernel), or "auto" (triton for
-    CUDA tensors when available, torch otherwise). ``multistep``: the plan carries history states, which the
-    Triton kernel does not read yet ("auto" then runs torch; "triton" is an error)."""
-    if multistep:
-        if backend == "triton":
-            raise ValueError("backend: the Triton kernel does not run multistep solvers (history states) yet; use "
-                             "backend='auto' or 'torch'")
-        backend = "torch"
+    CUDA tensors when available, torch otherwise). Every implementation runs every plan, multistep ones (history
+    states) included."""
     interpreted = backend == "triton" and os.environ.get("TRITON_INTERPRET") == "1"  # only "triton" asks
     return _step_impl(backend, device.type, fused, interpreted)
 
@@ -68,5 +63,6 @@ def _step_impl(backend: str, device_type: str, fused: bool, interpreted: bool) -
         from fastguide.kernels.guided_step import guided_step_into
     except ImportError as e:
         raise ValueError(f"backend: 'triton' is not available here ({e})") from None
-    # Table rows and steps were validated on the host (RatioTable.rows_for / step_rows): no per-step sync.
+    # Table rows and steps were validated on the host (RatioTable.rows_for / step_rows), a plan's history write
+    # slots by PlanTensors.build: no per-step sync.
     return StepImpl(functools.partial(guided_step_into, check=False), host=False, fused=fused)

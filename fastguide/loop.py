@@ -66,6 +66,7 @@ class PlanTensors:
         history_parts = {}
         if plan.history is not None:
             h = plan.history
+            _check_write_slots(h.write_slots, h.slots)
             history_parts = dict(
                 hist_weights=h.weights.to(device, cdt), write_slots=h.write_slots.to(device),
                 write_coef=h.write_coef.to(device, cdt),
@@ -80,6 +81,14 @@ class PlanTensors:
         if guidance.table_w is None or self.table_w_source is guidance.table_w:
             return True
         return torch.equal(self.table_w_source, guidance.table_w)
+
+
+def _check_write_slots(write_slots: torch.Tensor, slots: int) -> None:
+    """Each step writes distinct slots in [0, K): checked once per plan on the host (the steps then need no sync)."""
+    for i, row in enumerate(write_slots.tolist()):
+        if len(set(row)) != len(row) or not all(0 <= s < slots for s in row):
+            raise ValueError(f"solver: step {i} of the plan writes history slots {row}; expected distinct slots in "
+                             f"[0, {slots})")
 
 
 class StepInputs(NamedTuple):

@@ -150,7 +150,7 @@ class Sampler:
 
     # ------------------------------------------------------------------ what a call runs
     def _loop_config(self, rule, plan, device: torch.device) -> loop.LoopConfig:
-        step = step_impl(self.backend, device, self.compiled and self._fuse_step, multistep=plan.history is not None)
+        step = step_impl(self.backend, device, self.compiled and self._fuse_step)
         fused = step.fused and rule.traceable
         model = self.model if (not self.compiled or step.fused) else self._compiled_fn("model", device)
         hot = self._compiled_fn("hot", device) if fused else None

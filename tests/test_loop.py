@@ -6,6 +6,7 @@ Models come from conftest.py: toy_model / sampler_for (the sampler tests' ToyEps
 conv net of the compiled-sampler tests) and tanh_kit.
 """
 import math
+import types
 import warnings
 
 import pytest
@@ -278,3 +279,20 @@ def test_the_loop_a_cuda_graph_captures_leaves_every_step_sum_in_its_buffer(tanh
     assert (b.out_sums[:2] != 7.0).all()
     with pytest.raises(ValueError, match=r"model: output contained NaN/inf, first at step 2 \(t=400\)"):
         loop.raise_if_not_finite(b, got, x)
+
+
+@pytest.mark.parametrize("slots, message", [([[0], [1]], r"step 1 .* \[1\]"), ([[0], [-1]], r"step 1 .* \[-1\]"),
+                                            ([[0, 0], [0, 1]], r"step 0 .* \[0, 0\]")])
+def test_a_plan_writing_bad_history_slots_is_refused_once_on_the_host(tanh_kit, slots, message):
+    """The steps read write slots from device tensors without a sync (the fused kernel clamps them), so a plan's
+    slots are checked once on the host when its tensors are built: distinct, in [0, K)."""
+    import dataclasses
+
+    from fastguide.solvers import History
+
+    base = fg.DPMSolver(fg.NoiseSchedule.linear(), steps=2, order=2).plan  # K = 1 slot, W = 1 write a step
+    w = len(slots[0])
+    history = History(base.history.weights, torch.tensor(slots), torch.zeros(2, w, 3, dtype=torch.float64))
+    bad = types.SimpleNamespace(plan=dataclasses.replace(base, history=history))
+    with pytest.raises(ValueError, match=rf"^solver: {message}; expected distinct slots in \[0, 1\)$"):
+        tanh_kit.sampler(solver=bad).sample(tanh_kit.noise(), tanh_kit.LABELS)

@@ -170,3 +170,49 @@ def test_sampler_benchmark_suite_runs_at_tiny_sizes():
                          cwd=repo, env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert "8 passed" in res.stdout  # 3 end-to-end + 5 overhead cases at batch 1
+
+
+@pytest.mark.parametrize("pair", ["dpm++2m", "unipc2"])
+@torch.no_grad()
+def test_compiled_multistep_with_the_triton_op_matches_torch_and_switches_solvers_without_recompiling(tiny_net, pair,
+                                                                                                      monkeypatch):
+    """A multistep plan's history through the registered Triton op (interpreter) inside the compiled hot step: the
+    same samples as the torch backend, no graph breaks, and a second solver with the same history slots and writes
+    per step (K, W) compiles nothing new (its weights and slots are tensor values)."""
+    net, _, table, B, SHAPE = tiny_net
+    sched = fg.NoiseSchedule.linear()
+    first, second = {
+        "dpm++2m": (fg.DPMSolver(sched, steps=6, order=2),  # K = 1, W = 1
+                    fg.DPMSolver(sched, steps=6, order=2, algorithm_type="dpmsolver", final_sigmas_type="sigma_min",
+                                 sigma_schedule="karras")),
+        "unipc2": (fg.UniPC(sched, steps=6, order=2),  # K = 3, W = 2
+                   fg.UniPC(sched, steps=6, order=2, solver_type="bh1", sigma_schedule="karras")),
+    }[pair]
+    assert first.plan.history.write_coef.shape[1:] == second.plan.history.write_coef.shape[1:]
+    noise = fg.seeded_noise(range(40, 40 + B), SHAPE)
+    labels = torch.tensor([3, 1, 4, 1])
+    guide = fg.ReCFG(3.0, table=table)
+    breaks = sum(counters["graph_break"].values())
+    sampler = fg.Sampler(net, first, guide, null_cond=10, backend="triton", progress=False).compile()
+
+    from fastguide.kernels import guided_step as gs
+
+    launches, real_launch = [], gs.launch
+    monkeypatch.setattr(gs, "launch", lambda *a, **kw: launches.append(kw["history"].shape[0]) or real_launch(*a, **kw))
+
+    def check(solver):
+        sampler.solver = solver
+        launches.clear()
+        got = sampler.sample(noise, labels)
+        assert launches == [solver.plan.history_slots] * solver.plan.steps  # the kernel ran every step, with history
+        want = fg.Sampler(net, solver, guide, null_cond=10, backend="torch", progress=False).sample(noise, labels)
+        assert torch.isfinite(want).all()
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)  # float32, inductor's network vs eager
+
+    check(first)
+    graphs, recompiles = counters["stats"]["unique_graphs"], sum(counters["recompiles"].values())
+    check(second)
+    check(first)  # a second call re-zeroes the same history buffers
+    assert counters["stats"]["unique_graphs"] == graphs, "a solver with the same history shape compiled a new graph"
+    assert sum(counters["recompiles"].values()) == recompiles
+    assert sum(counters["graph_break"].values()) == breaks, dict(counters["graph_break"])

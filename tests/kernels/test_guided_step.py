@@ -11,6 +11,13 @@ Coverage: the core test is the full product of rule (cond-only / CFG / ReCFG on 
 lerp) x clipping x noise z x cond_first x in-place x out [B] or [2B] x dtype fp32/fp16 on (3, 5, 7, 9)
 (cond_first is moot without an uncond half, so cond-only runs it once). Shapes, layouts, table / z dtypes
 and bf16 are covered by smaller tests with every option on.
+
+Multistep solvers' history states: the full product of rule x clipping x noise z x out [B] or [2B] x dtype x
+every reachable (K slots, W writes) with K in 1..4 and W in 0..min(2, K) on (2, 5, 7, 9) (in place, as the Sampler
+calls it),
+plus shapes and layouts with history, checked on out and on every history slot after the step (written slots
+against the reference, the others bit-identical). Every slot is read with a non-zero weight, so every written
+slot is also read in the same step (it cannot be NaN-poisoned; the tests assert its value changed instead).
 """
 from __future__ import annotations
 
@@ -55,6 +62,8 @@ class Case:
     z_dtype: torch.dtype | None = None  # None: same as dtype
     shape: tuple = (3, 5, 7, 9)
     channels_last: bool = False
+    hist_k: int = 0  # a multistep solver's history slots K (0: none)
+    hist_w: int = 0  # the states the step writes W (<= K, distinct slots)
 
 
 def _uniform(shape, lo, hi):
@@ -98,15 +107,32 @@ def make_inputs(case: Case) -> dict:
             table = table.permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3)
         low.update(table=table, rows=master["rows"].to(DEVICE), table_steps=master["table_steps"].to(DEVICE),
                    table_w=_as(master["table_w"], torch.float32))
+    if case.hist_k:
+        k, w = case.hist_k, case.hist_w
+        history = torch.randn((k, *case.shape), dtype=torch.float64).to(DEVICE, case.dtype)
+        if cl:  # channels_last inside each [C, H, W] slab, like x
+            history = history.permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3)
+        signs = torch.where(torch.rand((w, 2 + k)) < 0.5, -1.0, 1.0).double()
+        low.update(history=history, hist_coef=_as(_uniform((k,), -0.8, 0.8), torch.float32),
+                   write_slots=torch.randperm(k)[:w].to(DEVICE),
+                   write_coef=_as(signs * _uniform((w, 2 + k), 0.2, 1.0), torch.float32))
     exact = {k: (None if v is None else v.detach().cpu().double() if v.is_floating_point() else v.cpu())
              for k, v in low.items()}
     return {"low": low, "exact": exact}
 
 
+HISTORY_ARGS = ("history", "hist_coef", "write_slots", "write_coef")
+
+
 def _kwargs(t: dict, case: Case) -> dict:
-    return dict(cond_first=case.cond_first, table=t.get("table"), rows=t.get("rows"),
-                table_steps=t.get("table_steps"), table_w=t.get("table_w"), clip_range=CLIP_RANGE if case.clip else None,
-                z=t.get("z"))
+    kw = dict(cond_first=case.cond_first, table=t.get("table"), rows=t.get("rows"),
+              table_steps=t.get("table_steps"), table_w=t.get("table_w"), clip_range=CLIP_RANGE if case.clip else None,
+              z=t.get("z"))
+    if case.hist_k:
+        kw.update({k: t[k] for k in HISTORY_ARGS})
+        if not case.hist_w:  # W = 0: no writes (the reference's contract: both None)
+            kw.update(write_slots=None, write_coef=None)
+    return kw
 
 
 def run_kernel(case: Case, low: dict) -> torch.Tensor:
@@ -124,36 +150,63 @@ def run_kernel(case: Case, low: dict) -> torch.Tensor:
     return out
 
 
-def reference_out(case: Case, t: dict) -> torch.Tensor:
+def reference_step(case: Case, t: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(x_next, the history after the step) from the reference, on copies (``t`` is left as it was)."""
     b = case.shape[0]
     out = torch.empty((b, *case.shape[1:]), dtype=t["x"].dtype, device=t["x"].device)
-    return reference.guided_step_into(out, t["x"], t["model_out"], t["g1"], t["coef"], **_kwargs(t, case))
+    t = dict(t, history=t["history"].clone()) if case.hist_k else t
+    reference.guided_step_into(out, t["x"], t["model_out"], t["g1"], t["coef"], **_kwargs(t, case))
+    return out, t.get("history")
 
 
-def assert_matches_reference(case: Case, inputs: dict, out: torch.Tensor) -> None:
-    exact = reference_out(case, inputs["exact"])
+def reference_out(case: Case, t: dict) -> torch.Tensor:
+    return reference_step(case, t)[0]
+
+
+def _assert_close(case: Case, what: str, got: torch.Tensor, exact: torch.Tensor, eager: torch.Tensor | None) -> None:
+    """fp32: max-norm relative error <= 1e-5; fp16 / bf16: max error <= 2 x the eager step's + 1e-3."""
+    assert not torch.isnan(got).any(), f"{what} was not written"
+    err = (got - exact).abs().max().item()
+    if case.dtype == torch.float32:
+        rel = err / exact.abs().max().item()
+        assert rel <= 1e-5, f"{case}: {what} relative error {rel:.3g} > 1e-5"
+    else:
+        eager_err = (eager - exact).abs().max().item()
+        assert err <= 2 * eager_err + 1e-3, f"{case}: {what} error {err:.3g} > 2 x eager {eager_err:.3g} + 1e-3"
+
+
+def assert_matches_reference(case: Case, inputs: dict, out: torch.Tensor, history: torch.Tensor | None = None) -> None:
+    """out (and ``history``, the kernel's history after the step) against the float64 reference."""
+    exact, exact_hist = reference_step(case, inputs["exact"])
     assert not torch.isnan(exact).any()
+    eager, eager_hist = (None, None) if case.dtype == torch.float32 else reference_step(case, inputs["pristine"])
     b = case.shape[0]
     for k in range(case.out_rows):
-        block = out[k * b:(k + 1) * b].detach().cpu().double()
-        assert not torch.isnan(block).any(), f"out block {k} was not written"
-        err = (block - exact).abs().max().item()
-        if case.dtype == torch.float32:
-            rel = err / exact.abs().max().item()
-            assert rel <= 1e-5, f"{case}: block {k} relative error {rel:.3g} > 1e-5"
-        else:
-            eager = reference_out(case, inputs["low"]).cpu().double()
-            eager_err = (eager - exact).abs().max().item()
-            assert err <= 2 * eager_err + 1e-3, f"{case}: block {k} error {err:.3g} > 2 x eager {eager_err:.3g} + 1e-3"
+        _assert_close(case, f"out block {k}", out[k * b:(k + 1) * b].detach().cpu().double(), exact,
+                      None if eager is None else eager.cpu().double())
+    if not case.hist_k:
+        return
+    written = inputs["low"]["write_slots"].tolist()[:case.hist_w]
+    for j in range(case.hist_k):
+        got, old = history[j].cpu(), inputs["pristine"]["history"][j].cpu()
+        if j not in written:
+            assert torch.equal(got, old), f"{case}: history slot {j} is not written by this step but changed"
+            continue
+        want = exact_hist[j]
+        assert (want - old.double()).abs().max() > 0.1, "vacuous: the written state equals the old one"
+        _assert_close(case, f"history slot {j}", got.double(), want,
+                      None if eager_hist is None else eager_hist[j].cpu().double())
 
 
 def check_case(case: Case) -> None:
     inputs = make_inputs(case)
     before = {k: v.clone() for k, v in inputs["low"].items() if v is not None}
+    inputs["pristine"] = before
     out = run_kernel(case, inputs["low"])
-    assert_matches_reference(case, inputs, out)
-    for k, v in before.items():  # the kernel writes only into out
-        assert torch.equal(inputs["low"][k], v), f"{k} was modified"
+    assert_matches_reference(case, inputs, out, inputs["low"].get("history"))
+    for k, v in before.items():  # the kernel writes only into out (and the history, checked above)
+        if k != "history":
+            assert torch.equal(inputs["low"][k], v), f"{k} was modified"
 
 
 def _core_cases():
@@ -178,6 +231,31 @@ def test_every_rule_option_combination(case):
     check_case(case)
 
 
+# Every reachable (K, W): 1..4 history slots, 0..2 distinct written slots.
+HISTORY_KW = [(k, w) for k in range(1, gs.MAX_HISTORY_SLOTS + 1) for w in range(min(k, gs.MAX_HISTORY_WRITES) + 1)]
+
+
+def _history_cases():
+    for rule in RULES:
+        for clip in (False, True):
+            for noise in (False, True):
+                for out_rows in (1, 2):
+                    for dtype in (torch.float32, torch.float16):
+                        for k, w in HISTORY_KW:  # B = 2 (rows > 0 are indexed; the interpreter's cost is per row)
+                            yield Case(rule, clip, noise, True, True, out_rows, dtype, shape=(2, 5, 7, 9), hist_k=k,
+                                       hist_w=w)
+
+
+def _history_case_id(c: Case) -> str:
+    return "-".join([c.rule, "clip" if c.clip else "noclip", "z" if c.noise else "noz", f"out{c.out_rows}B",
+                     str(c.dtype).removeprefix("torch."), f"K{c.hist_k}W{c.hist_w}"])
+
+
+@pytest.mark.parametrize("case", list(_history_cases()), ids=_history_case_id)
+def test_every_history_option_combination(case):
+    check_case(case)
+
+
 FULL = dict(rule="recfg_lerp", clip=True, noise=True, inplace=True, out_rows=2)
 
 
@@ -191,6 +269,17 @@ FULL = dict(rule="recfg_lerp", clip=True, noise=True, inplace=True, out_rows=2)
 @pytest.mark.parametrize("rule", ["cfg", "recfg_lerp"])
 def test_shapes_layouts_dtypes(shape, channels_last, dtype, rule):
     check_case(Case(**{**FULL, "rule": rule}, dtype=dtype, shape=shape, channels_last=channels_last))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, pytest.param(torch.bfloat16, marks=needs_cuda_for_bf16)])
+@pytest.mark.parametrize("shape,channels_last", [
+    ((3, 5, 7, 9), True), ((1, 16, 8, 8), False), ((1, 16, 8, 8), True),
+    ((2, 3, 40, 41), False),  # several blocks per row plus a ragged tail
+    ((2, 7), False),
+])
+@pytest.mark.parametrize("hist_k,hist_w", [(1, 1), (4, 2)])
+def test_history_shapes_layouts_dtypes(shape, channels_last, dtype, hist_k, hist_w):
+    check_case(Case(**FULL, dtype=dtype, shape=shape, channels_last=channels_last, hist_k=hist_k, hist_w=hist_w))
 
 
 @pytest.mark.parametrize("dtype,table_dtype", [
@@ -242,6 +331,37 @@ def test_unchecked_bad_indices_never_read_outside_the_table():
     exact = dict(inputs["exact"], rows=torch.tensor([TABLE_K - 1, 0, 1]), table_steps=torch.tensor([TABLE_T - 1] * 2))
     want = reference_out(case, exact)
     assert ((out[:3].cpu().double() - want).abs().max() / want.abs().max()).item() <= 1e-5
+
+
+def test_unchecked_bad_write_slots_never_write_outside_the_history():
+    """With check=False a bad write slot is clamped into [0, K) (no out-of-bounds write)."""
+    case = Case(rule="cfg", noise=True, hist_k=3, hist_w=2)
+    inputs = make_inputs(case)
+    low = inputs["low"]
+    low["write_slots"] = torch.tensor([-4, 3 + 9], device=DEVICE)
+    canary = torch.randn((5, *case.shape), device=DEVICE)  # history is a view into the middle of a larger buffer
+    guarded = canary.clone()
+    guarded[1:4] = low["history"]
+    low["history"] = guarded[1:4]
+    inputs["pristine"] = {k: v.clone() for k, v in low.items() if v is not None}
+    out = torch.full((6, 5, 7, 9), float("nan"), device=DEVICE)
+    gs.guided_step_into(out, low["x"], low["model_out"], low["g1"], low["coef"], check=False, **_kwargs(low, case))
+    assert torch.equal(guarded[0], canary[0]) and torch.equal(guarded[4], canary[4])
+    inputs["exact"]["write_slots"] = torch.tensor([0, 2])
+    inputs["low"]["write_slots"] = torch.tensor([0, 2])
+    inputs["pristine"]["write_slots"] = torch.tensor([0, 2], device=DEVICE)
+    assert_matches_reference(case, inputs, out, low["history"])
+
+
+def test_float64_history_runs_the_reference():
+    case = Case(**FULL, hist_k=3, hist_w=2)
+    inputs = make_inputs(case)
+    ex = {k: (None if v is None else v.to(DEVICE)) for k, v in inputs["exact"].items()}
+    history = ex["history"].clone()
+    out = torch.full((6, 5, 7, 9), float("nan"), dtype=torch.float64, device=DEVICE)
+    gs.guided_step_into(out, ex["x"], ex["model_out"], ex["g1"], ex["coef"], **_kwargs(dict(ex, history=history), case))
+    want, want_hist = reference_step(case, inputs["exact"])
+    assert torch.equal(out[:3].cpu(), want) and torch.equal(history.cpu(), want_hist)
 
 
 # ---------------------------------------------------------------------------- bad input
@@ -304,6 +424,74 @@ def test_bad_input_raises_a_clear_error(name):
         _call(**args)
 
 
+def _good_history():
+    low = make_inputs(Case(rule="cfg", noise=True, hist_k=3, hist_w=2))["low"]
+    return dict(out=torch.empty((6, 5, 7, 9), device=DEVICE),
+                **{k: low[k] for k in ("x", "model_out", "g1", "coef", "z", *HISTORY_ARGS)})
+
+
+def _slots(*values):
+    return lambda a: a.update(write_slots=torch.tensor(values, device=DEVICE))
+
+
+BAD_HISTORY = {
+    "history_not_tensor": (lambda a: a.update(history=a["history"].tolist()), TypeError, "history"),
+    "history_dtype": (lambda a: a.update(history=a["history"].half()), TypeError, "history"),
+    "history_device": (lambda a: a.update(history=torch.empty(3, 3, 5, 7, 9, device=META)), ValueError, "history"),
+    "history_latent": (lambda a: a.update(history=a["history"][..., :8]), ValueError, "history"),
+    "history_batch": (lambda a: a.update(history=a["history"][:, :2]), ValueError, "history"),
+    "history_rank": (lambda a: a.update(history=a["history"][0]), ValueError, "history"),
+    "history_no_slots": (lambda a: a.update(history=a["history"][:0], hist_coef=a["hist_coef"][:0],
+                                            write_slots=None, write_coef=None), ValueError, "history"),
+    "history_too_many_slots": (lambda a: a.update(history=torch.randn(5, 3, 5, 7, 9, device=DEVICE),
+                                                  hist_coef=torch.rand(5, device=DEVICE),
+                                                  write_coef=torch.rand(2, 7, device=DEVICE)), ValueError, "history"),
+    "history_strided": (lambda a: a.update(history=torch.randn(3, 3, 5, 7, 18, device=DEVICE)[..., ::2]),
+                        ValueError, "history"),
+    "history_slots_not_dense": (lambda a: a.update(history=torch.randn(3, 4, 5, 7, 9, device=DEVICE)[:, :3]),
+                                ValueError, "history"),
+    "hist_coef_missing": (lambda a: a.update(hist_coef=None), ValueError, "hist_coef"),
+    "hist_coef_shape": (lambda a: a.update(hist_coef=a["hist_coef"][:2]), ValueError, "hist_coef"),
+    "hist_coef_float64": (lambda a: a.update(hist_coef=a["hist_coef"].double()), TypeError, "hist_coef"),
+    "hist_coef_device": (lambda a: a.update(hist_coef=torch.empty(3, device=META)), ValueError, "hist_coef"),
+    "hist_coef_without_history": (lambda a: a.update(history=None, write_slots=None, write_coef=None), ValueError,
+                                  "hist_coef"),
+    "write_coef_without_history": (lambda a: a.update(history=None, hist_coef=None, write_slots=None), ValueError,
+                                   "write_coef"),
+    "write_slots_missing": (lambda a: a.update(write_slots=None), ValueError, "write_slots"),
+    "write_coef_missing": (lambda a: a.update(write_coef=None), ValueError, "write_coef"),
+    "write_slots_float": (lambda a: a.update(write_slots=a["write_slots"].float()), TypeError, "write_slots"),
+    "write_slots_2d": (lambda a: a.update(write_slots=a["write_slots"].view(1, 2)), ValueError, "write_slots"),
+    "write_slots_too_many": (lambda a: a.update(write_slots=torch.tensor([0, 1, 2], device=DEVICE),
+                                                write_coef=torch.rand(3, 5, device=DEVICE)), ValueError, "write_slots"),
+    "write_slots_device": (lambda a: a.update(write_slots=torch.empty(2, dtype=torch.long, device=META)), ValueError,
+                           "write_slots"),
+    "write_slot_outside_history": (_slots(0, 3), ValueError, "write_slots"),
+    "negative_write_slot": (_slots(-1, 1), ValueError, "write_slots"),
+    "write_slot_twice": (_slots(2, 2), ValueError, "write_slots"),
+    "write_coef_columns": (lambda a: a.update(write_coef=a["write_coef"][:, :4]), ValueError, "write_coef"),
+    "write_coef_rows": (lambda a: a.update(write_coef=a["write_coef"][:1]), ValueError, "write_coef"),
+    "write_coef_float64": (lambda a: a.update(write_coef=a["write_coef"].double()), TypeError, "write_coef"),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_HISTORY))
+def test_bad_history_input_raises_a_clear_error(name):
+    mutate, exc, arg = BAD_HISTORY[name]
+    args = _good_history()
+    _call(**{**args, "history": args["history"].clone()})  # the unmodified inputs are fine
+    mutate(args)
+    with pytest.raises(exc, match=rf"^{arg}:"):
+        _call(**args)
+
+
+def test_bad_write_slots_are_not_checked_with_check_false():
+    """check=False skips the one sync (the Sampler's plans are checked on the host); the kernel clamps instead."""
+    args = _good_history()
+    _slots(0, 3)(args)
+    _call(**args, check=False)
+
+
 # ---------------------------------------------------------------------------- integration
 def test_torch_compile_fullgraph_traces_the_op():
     case = Case(**FULL)
@@ -326,13 +514,47 @@ def test_torch_compile_fullgraph_traces_the_op():
     assert torch.equal(got2, step(eager_buf, low["model_out"], low["g1"], coef2))
 
 
+def test_torch_compile_fullgraph_traces_the_op_with_history():
+    """The op mutates the history too: compiled == eager for out and history, and new per-step history weights and
+    slots (tensor values) reuse the graph."""
+    case = Case(**FULL, hist_k=3, hist_w=2)
+    low = make_inputs(case)["low"]
+    kw = {k: v for k, v in _kwargs(low, case).items() if k not in HISTORY_ARGS}
+
+    def step(buf, history, model_out, g1, coef, hist_coef, write_slots, write_coef):
+        gs.guided_step_into(buf, buf[:3], model_out, g1, coef, history=history, hist_coef=hist_coef,
+                            write_slots=write_slots, write_coef=write_coef, **kw)
+        return buf * 2
+
+    torch._dynamo.reset()
+    from torch._dynamo.utils import counters
+    compiled = torch.compile(step, fullgraph=True, dynamic=False)
+    buf = torch.cat([low["x"], low["x"]])
+    history = low["history"].clone()
+    eager_buf, eager_history = buf.clone(), history.clone()
+    per_step = [(low["hist_coef"], low["write_slots"], low["write_coef"]),
+                (low["hist_coef"] * -1.3, low["write_slots"].flip(0), low["write_coef"] * 0.7)]
+    for i, (hc, ws, wc) in enumerate(per_step):
+        got = compiled(buf, history, low["model_out"], low["g1"], low["coef"], hc, ws, wc)
+        want = step(eager_buf, eager_history, low["model_out"], low["g1"], low["coef"], hc, ws, wc)
+        assert torch.equal(got, want) and torch.equal(buf, eager_buf) and torch.equal(history, eager_history)
+        assert not torch.equal(history, low["history"])
+        if i == 0:
+            graphs = counters["stats"]["unique_graphs"]
+    assert counters["stats"]["unique_graphs"] == graphs
+
+
 def test_fake_tensor_propagation():
     from torch._subclasses.fake_tensor import FakeTensorMode
     with FakeTensorMode() as mode:
         out = torch.empty(6, 5, 7, 9)
         x = torch.empty(3, 5, 7, 9)
         res = gs.guided_step_into(out, x, torch.empty(6, 5, 7, 9), torch.empty(3), torch.empty(reference.NUM_COEF))
-    assert res is out and res.shape == (6, 5, 7, 9)
+        history = torch.empty(2, 3, 5, 7, 9)
+        res_h = gs.guided_step_into(out, x, torch.empty(6, 5, 7, 9), torch.empty(3), torch.empty(reference.NUM_COEF),
+                                    history=history, hist_coef=torch.empty(2),
+                                    write_slots=torch.zeros(1, dtype=torch.long), write_coef=torch.empty(1, 4))
+    assert res is out and res.shape == (6, 5, 7, 9) and res_h is out
 
 
 @pytest.mark.skipif(not USE_CUDA, reason="CUDA graphs need a GPU")
@@ -356,6 +578,35 @@ def test_cuda_graph_capture_reads_new_scalars_on_replay():
         want = torch.empty_like(out)
         reference.guided_step_into(want, x, low["model_out"], low["g1"], low["coef"], **kw)
         torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not USE_CUDA, reason="CUDA graphs need a GPU")
+def test_cuda_graph_capture_reads_new_history_weights_and_slots_on_replay():
+    """A captured multistep step: replays with new history weights, write coefficients and slots (written in place)
+    step like the reference with those values, so a captured loop can run any plan with the same K and W."""
+    case = Case(**FULL, hist_k=3, hist_w=2)
+    low = make_inputs(case)["low"]
+    kw = _kwargs(low, case)
+    out = torch.empty((6, 5, 7, 9), device=DEVICE)
+    x, history = low["x"].clone(), low["history"].clone()
+    step_kw = dict(kw, history=history)
+    gs.guided_step_into(out, x, low["model_out"], low["g1"], low["coef"], **step_kw)  # compile outside capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        gs.guided_step_into(out, x, low["model_out"], low["g1"], low["coef"], **step_kw)
+    for scale, slots in ((1.0, [0, 2]), (-0.5, [2, 1]), (2.0, [1, 0])):
+        low["hist_coef"].mul_(scale)
+        low["write_coef"].mul_(scale)
+        low["write_slots"].copy_(torch.tensor(slots))
+        start = torch.randn_like(history)
+        history.copy_(start)
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        want, want_hist = torch.empty_like(out), start.clone()
+        reference.guided_step_into(want, x, low["model_out"], low["g1"], low["coef"], **dict(kw, history=want_hist))
+        torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(history, want_hist, rtol=1e-5, atol=1e-5)
 
 
 # ---------------------------------------------------------------------------- whole samples
@@ -391,6 +642,10 @@ def _solver(name):
         "ddim_eta_sample": lambda: fg.DDIM(sched, steps=5, eta=0.7, prediction_type="sample"),
         "ddpm": lambda: fg.DDPM(sched, steps=5),
         "flow": lambda: fg.FlowEuler(steps=5),
+        "dpm++2m": lambda: fg.DPMSolver(sched, steps=6, order=2),  # K = 1, W = 1
+        "dpm++3m": lambda: fg.DPMSolver(sched, steps=6, order=3),  # K = 2, W = 1
+        "unipc2": lambda: fg.UniPC(sched, steps=6, order=2),  # K = 3, W = 2
+        "unipc3": lambda: fg.UniPC(sched, steps=6, order=3, prediction_type="v_prediction"),  # K = 4, W = 2
     }[name]()
 
 
@@ -400,12 +655,13 @@ def _sample(backend, solver, guide, noise, cond):
     return sampler.sample(noise, cond, seeds=[11, 12])
 
 
-@pytest.mark.parametrize("solver_name", ["ddim", "ddim_clip_v", "ddim_eta_sample", "ddpm", "flow"])
+@pytest.mark.parametrize("solver_name", ["ddim", "ddim_clip_v", "ddim_eta_sample", "ddpm", "flow",
+                                         "dpm++2m", "dpm++3m", "unipc2", "unipc3"])
 @pytest.mark.parametrize("rule", ["cfg", "recfg", "cfg_interval"])
 def test_whole_sample_triton_equals_torch(solver_name, rule, monkeypatch):
     launches = []
     real_launch = gs.launch
-    monkeypatch.setattr(gs, "launch", lambda *a: launches.append(1) or real_launch(*a))
+    monkeypatch.setattr(gs, "launch", lambda *a, **kw: launches.append(kw["history"]) or real_launch(*a, **kw))
     solver = _solver(solver_name)
     plan = solver.plan
     ts = np.asarray(plan.timesteps, dtype=np.float64)
@@ -417,15 +673,17 @@ def test_whole_sample_triton_equals_torch(solver_name, rule, monkeypatch):
     noise = torch.randn((2, *LATENT), device=DEVICE)
     cond = torch.tensor([2, 0], device=DEVICE)
     got = _sample("triton", solver, guide, noise, cond)
-    assert len(launches) == plan.steps  # the kernel ran every step
+    assert len(launches) == plan.steps  # the kernel ran every step (with the history states of a multistep plan)
+    assert all((h is None) == (plan.history is None) for h in launches)
     want = _sample("torch", solver, guide, noise, cond)
     assert not torch.isnan(got).any()
     rel = ((got - want).abs().max() / want.abs().max()).item()
     assert rel <= 1e-5, f"triton vs torch sample: relative error {rel:.3g}"
 
 
-def test_whole_sample_fp16_within_twice_eager_error():
-    solver = _solver("ddim_clip_v")
+@pytest.mark.parametrize("solver_name", ["ddim_clip_v", "unipc3"])
+def test_whole_sample_fp16_within_twice_eager_error(solver_name):
+    solver = _solver(solver_name)
     guide = fg.ReCFG(3.0, table=_table_for(solver.plan.timesteps))
     noise = torch.randn((2, *LATENT), device=DEVICE)
     cond = torch.tensor([1, 2], device=DEVICE)

@@ -7,7 +7,12 @@ the cuobjdump that ships in triton's nvidia backend, and check, for every dtype 
   output element (the only other loads are the per-program scalars: g1, label row, step rows, coefficients);
 - no local memory (no spills) and registers within the bound for full occupancy: <= 32 per thread (65536
   registers / 2048 threads on sm_80 and sm_90) when all streamed operands share the latent dtype; <= 48 for
-  16-bit latents with float32 tables and noise (62.5% occupancy with 9 128-bit loads in flight per thread).
+  16-bit latents with float32 tables and noise (62.5% occupancy with 9 128-bit loads in flight per thread);
+- multistep (history) variants, K slots read and W written (K1W1: DPM-Solver++ 2M; K4W2: UniPC-3, the most the
+  kernel runs): the K history reads and W history writes are 128-bit accesses at the floor too, the extra scalar
+  loads are exactly the step's history weights (K + W (2 + K) float32, W slot indices when K > 1), and registers stay
+  <= 64 (50% occupancy: 1024 threads per SM, each with 4 to 10 128-bit loads in flight, far more bytes in
+  flight than the memory system needs to stream at full bandwidth).
 """
 from __future__ import annotations
 
@@ -22,7 +27,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 REPORT = REPO / "benchmarks" / "report_guided_step.py"
 MAX_SCALAR_LOADS = 11  # g1, label row, two step rows, the lerp weight, at most six coefficients
-FULL_OCCUPANCY_REGS, MIXED_WIDTH_REGS = 32, 48
+FULL_OCCUPANCY_REGS, MIXED_WIDTH_REGS, HISTORY_REGS = 32, 48, 64
 
 
 def _nvidia_tools_present() -> bool:
@@ -51,6 +56,17 @@ def test_every_rule_and_dtype_is_covered_on_both_arches(figures):
         for rule in ("cond", "cfg", "recfg"):
             for dtype in ("fp32", "fp16", "bf16"):
                 assert (arch, rule, dtype) in seen
+    hist = {(r["arch"], r["variant"].split("/")[1], r["hist_k"], r["hist_w"]) for r in figures}
+    for arch in (90, 80):
+        for dtype in ("fp32", "fp16", "bf16"):
+            assert {(arch, dtype, 1, 1), (arch, dtype, 4, 2)} <= hist
+
+
+def _history_scalars(r) -> int:
+    """The history's per-step scalars: K weights in x_next, W rows of 2 + K write coefficients and W slot indices
+    (none for K = 1: the slot is clamped into [0, 1), so the compiler knows it is 0)."""
+    k, w = r["hist_k"], r["hist_w"]
+    return k + w * (2 + k) + (w if k > 1 else 0)
 
 
 def _vectors(byte_sizes, elems_per_thread):
@@ -66,7 +82,12 @@ def test_streamed_operands_use_128_bit_accesses_at_the_floor(figures):
         assert loads.get(128, 0) == _vectors(r["read_bytes"], e), r
         assert stores == {128: _vectors(r["write_bytes"], e)}, r
         scalar = sum(n for w, n in loads.items() if w != 128)
-        assert scalar <= MAX_SCALAR_LOADS, r
+        assert scalar <= MAX_SCALAR_LOADS + _history_scalars(r), r
+        if r["hist_k"]:  # the history adds exactly its scalars to the same variant without history
+            base = next(b for b in figures if b["arch"] == r["arch"] and not b["hist_k"]
+                        and b["variant"] == r["variant"].rsplit("/", 1)[0])
+            base_scalar = sum(n for w, n in base["loads"].items() if int(w) != 128)
+            assert scalar == base_scalar + _history_scalars(r), (r, base)
         assert all(w in (32, 64) for w in loads if w != 128), r  # scalars: fp32 values and int64 indices
         moved = 16 * (loads.get(128, 0) + stores[128]) / e
         assert moved == sum(r["read_bytes"]) + sum(r["write_bytes"]), r  # bytes per element = the floor
@@ -76,4 +97,18 @@ def test_no_local_memory_and_registers_within_the_occupancy_bound(figures):
     for r in figures:
         assert r["local"] == 0 and r["local_accesses"] == 0 and r["stack"] == 0, r
         mixed = len(set(r["read_bytes"] + r["write_bytes"])) > 1
-        assert r["reg"] <= (MIXED_WIDTH_REGS if mixed else FULL_OCCUPANCY_REGS), r
+        bound = HISTORY_REGS if r["hist_k"] else MIXED_WIDTH_REGS if mixed else FULL_OCCUPANCY_REGS
+        assert r["reg"] <= bound, r
+
+
+def test_history_variants_stream_k_more_reads_and_w_more_writes(figures):
+    """The history's K slot reads and W slot writes are counted by the floor above; check here that they are
+    really there: K more LDG.128 and W more STG.128 per 16 bytes of elements than the variant without history."""
+    hist = [r for r in figures if r["hist_k"]]
+    assert hist
+    for r in hist:
+        base = next(b for b in figures if b["arch"] == r["arch"] and not b["hist_k"]
+                    and b["variant"] == r["variant"].rsplit("/", 1)[0])
+        per_operand = r["elems_per_thread"] * r["write_bytes"][0] // 16  # history shares the latent dtype
+        assert r["loads"]["128"] == base["loads"]["128"] + r["hist_k"] * per_operand, (r, base)
+        assert r["stores"]["128"] == base["stores"]["128"] + r["hist_w"] * per_operand, (r, base)
