@@ -165,21 +165,20 @@ def test_bad_options_are_named():
             DPMSolver.from_diffusers(cfg, 4)
 
 
-def test_the_triton_kernel_refuses_multistep_plans_clearly():
-    _, sch, model = diffusers_sample(dict(), 4)
-    solver = DPMSolver.from_diffusers(sch.config, 4)
-    with pytest.raises(ValueError, match=r"^backend: the Triton kernel does not run multistep solvers"):
-        fg.Sampler(model, solver, fg.CFG(2.0), null_cond=NULL, backend="triton", progress=False).sample(
-            fg.seeded_noise(range(BATCH), SHAPE), LABELS)
-
-
-def test_onnx_refuses_multistep_plans_clearly(tmp_path):
-    _, sch, model = diffusers_sample(dict(), 4)
-    solver = DPMSolver.from_diffusers(sch.config, 4)
-    from fastguide.onnx import export
-
-    with pytest.raises(ValueError, match=r"^solver: DPMSolver is a multistep solver"):
-        export(fg.Sampler(model, solver, fg.CFG(2.0), null_cond=NULL), tmp_path / "m.onnx", SHAPE)
+@pytest.mark.parametrize("scheduler,cfg", [("DPMSolverMultistepScheduler", dict(solver_order=3)),
+                                           ("UniPCMultistepScheduler", dict(solver_order=3))],
+                         ids=["dpm++3m", "unipc-3"])
+def test_the_triton_kernel_runs_multistep_plans(scheduler, cfg):
+    """backend="triton" (the fused kernel; the Triton interpreter on the CPU) steps the history like the torch step;
+    "auto" runs them too (the torch step on the CPU)."""
+    _, sch, model = diffusers_sample(cfg, 6, scheduler=scheduler)
+    solver = (DPMSolver if scheduler.startswith("DPM") else UniPC).from_diffusers(sch.config, 6)
+    noise = fg.seeded_noise(range(BATCH), SHAPE)
+    runs = {backend: fg.Sampler(model, solver, fg.CFG(3.0), null_cond=NULL, backend=backend, progress=False).sample(
+        noise, LABELS) for backend in ("triton", "torch", "auto")}
+    assert torch.equal(runs["auto"], runs["torch"])
+    rel = ((runs["triton"] - runs["torch"]).abs().max() / runs["torch"].abs().max()).item()
+    assert rel <= 1e-5, f"triton vs torch: relative error {rel:.3g}"
 
 
 # ====================================================================== UniPC

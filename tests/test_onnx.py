@@ -4,7 +4,9 @@ Graphs are exported once per module (export traces for seconds). The digits UNet
 fixed seed and a random (not zero) output layer, and sampled as a v-prediction model so that samples stay O(1)
 (an untrained epsilon model sends DDIM's x0 = (x - sqrt(1-a) eps) / sqrt(a) to ~100s, where fp32 cannot resolve
 1e-4); the stochastic DDPM case uses the epsilon prediction with x0 clipping instead. The shipped (trained)
-model and tables are tested too, also against the float64 torch sample.
+model and tables are tested too, also against the float64 torch sample. The multistep solvers (history slots in
+the graph's state) and the sigma-space Euler solvers (x_T = init_scale * noise) are tested with a tiny
+convolutional model, whose export is quicker.
 """
 from __future__ import annotations
 
@@ -34,10 +36,10 @@ def digits_model() -> DigitsUNet:
     return model.eval().requires_grad_(False)
 
 
-def ratio_table(classes: int = NULL_LABEL) -> fg.RatioTable:
+def ratio_table(classes: int = NULL_LABEL, shape=IMAGE_SHAPE) -> fg.RatioTable:
     """Random ratios near 1 on a coarse grid (most sampler steps lerp between two table rows), + the mean row."""
     gen = torch.Generator().manual_seed(7 + classes)
-    ratios = 1 + 0.2 * torch.randn(classes + 1, 12, *IMAGE_SHAPE, generator=gen, dtype=torch.float64)
+    ratios = 1 + 0.2 * torch.randn(classes + 1, 12, *shape, generator=gen, dtype=torch.float64)
     return fg.RatioTable(ratios, timesteps=np.linspace(0, 999, 12))
 
 
@@ -174,6 +176,282 @@ def test_one_step_matches_reference(built):
     assert 0 < float(w[i]) < 1  # a lerp between two table rows
     got = OnnxSampler(paths["step"]).step(x, i, labels, scale=g1)
     assert float((got.double() - want).abs().max()) <= ATOL
+
+
+# ---------------------------------------------------------------------- multistep and sigma-space solvers
+TINY_SHAPE, TINY_NULL, MS_STEPS = (2, 4, 4), 6, 7
+
+
+class TinyNet(torch.nn.Module):
+    """A conditional v-model small enough to export quickly: tanh(conv(x) + emb[label] / 2 + sin(t w / 333))."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(3)
+        self.conv = torch.nn.Conv2d(TINY_SHAPE[0], TINY_SHAPE[0], 3, padding=1)
+        self.emb = torch.nn.Embedding(TINY_NULL + 1, int(np.prod(TINY_SHAPE)))
+        self.t_w = torch.nn.Parameter(torch.randn(*TINY_SHAPE))
+
+    def forward(self, x, t, labels):
+        h = self.conv(x) + self.emb(labels).view(-1, *TINY_SHAPE) / 2
+        return torch.tanh(h + torch.sin(t.view(-1, 1, 1, 1) / 333 * self.t_w))
+
+
+def _multistep_solvers():
+    sch, v = digits_schedule(), "v_prediction"
+    return {
+        "dpm++2": lambda: fg.DPMSolver(sch, MS_STEPS, order=2, prediction_type=v),
+        "dpm3-sigma-min": lambda: fg.DPMSolver(sch, MS_STEPS, order=3, algorithm_type="dpmsolver",
+                                               final_sigmas_type="sigma_min", prediction_type=v),
+        "sde-dpm++2m": lambda: fg.DPMSolver(sch, MS_STEPS, algorithm_type="sde-dpmsolver++", prediction_type=v),
+        "unipc2-bh2": lambda: fg.UniPC(sch, MS_STEPS, order=2, solver_type="bh2", prediction_type=v),
+        "unipc3-bh1": lambda: fg.UniPC(sch, MS_STEPS, order=3, solver_type="bh1", prediction_type=v),
+        # a Karras grid from sigma 3 (fractional model times; x_T = 0.95 noise, so init_scale matters)
+        "euler-karras": lambda: fg.Euler(sch, MS_STEPS, sigma_schedule="karras", sigma_max=3.0, prediction_type=v),
+        "euler-ancestral": lambda: fg.Euler(sch, MS_STEPS, ancestral=True, prediction_type=v),
+        # two evaluations per interval through one slot, with the x0 clamp (the clip form plus history)
+        "heun-clip": lambda: fg.Heun(sch, 4, prediction_type=v, clip_sample_range=1.0),
+        "plms": lambda: fg.PLMS(sch, MS_STEPS - 1, prediction_type=v),
+        # model time sigma, churn noise added by the evaluation before each interval
+        "edm-heun-churn": lambda: fg.EDM(4, sigma_max=5.0, s_churn=4.0, s_tmax=4.0),
+    }
+
+
+MULTISTEP = list(_multistep_solvers())
+
+
+@pytest.fixture(scope="module")
+def ms_graphs(tmp_path_factory):
+    """ms_graphs(solver, rule) -> (sampler, {mode: path}); each pair exported once per module, on first use."""
+    d = tmp_path_factory.mktemp("onnx_multistep")
+    model, solvers, cache = TinyNet().eval().requires_grad_(False), _multistep_solvers(), {}
+
+    def get(name: str, rule: str):
+        if (name, rule) not in cache:
+            # the stochastic plans' ReCFG guides inside an interval only (g1 = 1 in the graph elsewhere)
+            interval = {"sde-dpm++2m": (300, 800), "euler-ancestral": (300, 800), "edm-heun-churn": (0.1, 3.0)}.get(name)
+            guide = fg.CFG(2.5) if rule == "cfg" else fg.ReCFG(2.5, table=ratio_table(TINY_NULL, TINY_SHAPE),
+                                                                interval=interval)
+            sampler = fg.Sampler(model, solvers[name](), guide, null_cond=TINY_NULL, backend="torch", progress=False)
+            step = export(sampler, d / f"{name}_{rule}_step.onnx", TINY_SHAPE)
+            cache[name, rule] = (sampler, {"step": step, "loop": step_to_loop(step, d / f"{name}_{rule}_loop.onnx")})
+        return cache[name, rule]
+
+    return get
+
+
+def ms_inputs(batch: int = 3):
+    gen = torch.Generator().manual_seed(batch)
+    return (torch.randn(batch, *TINY_SHAPE, generator=gen), torch.randint(0, TINY_NULL, (batch,), generator=gen),
+            list(range(40, 40 + batch)))
+
+
+@pytest.mark.parametrize("mode", ["step", "loop", "io_binding"])
+@pytest.mark.parametrize("rule", ["cfg", "recfg"])
+@pytest.mark.parametrize("name", MULTISTEP)
+def test_every_solver_matches_torch(ms_graphs, name, rule, mode):
+    """DPM-Solver(++) orders 2 and 3, SDE-DPM-Solver++ 2M, UniPC bh1 / bh2 orders 2 and 3, Euler on a Karras grid
+    and Euler-ancestral, with CFG and ReCFG (a lerped table; for the two stochastic plans inside a guidance
+    interval): the step graph (history fed back by OnnxSampler,
+    also through IO binding) and the loop graph (history in the Loop's state) give the torch sample. Batch 3,
+    not the traced 2: the history's batch axis is dynamic too."""
+    sampler, paths = ms_graphs(name, rule)
+    plan = sampler.solver.plan
+    meta = read_metadata(paths["loop" if mode == "loop" else "step"])
+    assert meta["history_slots"] == plan.history_slots and meta["init_scale"] == plan.init_scale
+    assert (plan.history is not None) == name.startswith(("dpm", "sde", "unipc", "heun", "plms", "edm"))
+    assert (plan.init_scale != 1) == name.startswith(("euler", "heun", "edm"))
+    if rule == "recfg" and plan.stochastic:
+        assert 0 < sum(meta["guided_steps"]) < plan.steps
+    noise, labels, seeds = ms_inputs()
+    kw = {"seeds": seeds} if plan.stochastic else {}
+    want = torch_sample(sampler, noise, labels, **kw)
+    assert float(want.abs().max()) > 0.5
+    onnx_sampler = OnnxSampler(paths["loop" if mode == "loop" else "step"], io_binding=mode == "io_binding")
+    close(onnx_sampler.sample(noise, labels, **kw), want)
+    if plan.stochastic:  # other per-step noise, another sample
+        z = torch.randn(plan.steps, *noise.shape)
+        assert float((onnx_sampler.sample(noise, labels, step_noise=z) - want).abs().max()) > 1e-2
+
+
+def test_stochastic_and_fractional_cases_are_what_they_claim():
+    solvers = _multistep_solvers()
+    assert solvers["sde-dpm++2m"]().plan.stochastic and solvers["euler-ancestral"]().plan.stochastic
+    t = solvers["euler-karras"]().plan.timesteps
+    assert bool((t != t.round()).any())  # fractional model times
+    assert solvers["unipc3-bh1"]().plan.history.write_slots.shape[1] == 2  # two writes a step
+
+
+@pytest.mark.parametrize("batch", [1, 5])
+def test_multistep_batch_sizes(ms_graphs, batch):
+    sampler, paths = ms_graphs("unipc3-bh1", "recfg")
+    noise, labels, _ = ms_inputs(batch)
+    want = torch_sample(sampler, noise, labels)
+    for mode in ("step", "loop"):
+        close(OnnxSampler(paths[mode]).sample(noise, labels), want)
+
+
+def test_multistep_step_matches_reference(ms_graphs):
+    """One step with random (non-zero) history slots against the specification, guided_step_into in float64:
+    x_next and the slots after this step's two writes (slot 0 and a ring slot; the others unchanged)."""
+    sampler, paths = ms_graphs("unipc3-bh1", "recfg")
+    plan, table, h = sampler.solver.plan, sampler.guidance.table, sampler.solver.plan.history
+    k, i = h.slots, 4
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(4, *TINY_SHAPE, generator=gen)
+    hist = torch.randn(k, 4, *TINY_SHAPE, generator=gen)
+    labels, g1 = torch.tensor([0, 5, 2, 2]), torch.tensor([2.5, 0.0, 1.0, 4.0])
+    steps, w = table.step_rows(plan.timesteps)
+    with torch.no_grad():
+        out = sampler.model(torch.cat([x, x]), torch.full((8,), float(plan.timesteps[i])),
+                            torch.cat([labels, torch.full((4,), TINY_NULL)]))
+    want_x, want_h = torch.empty(4, *TINY_SHAPE, dtype=torch.float64), hist.double()
+    reference.guided_step_into(want_x, x.double(), out.double(), g1.double(), plan.coef[i], table=table.ratios,
+                               rows=labels, table_steps=steps[i], table_w=w[i], history=want_h,
+                               hist_coef=h.weights[i], write_slots=h.write_slots[i], write_coef=h.write_coef[i])
+    got_x, got_h = OnnxSampler(paths["step"]).step(x, i, labels, scale=g1, history=hist)
+    assert float((got_x.double() - want_x).abs().max()) <= ATOL
+    assert float((got_h.double() - want_h).abs().max()) <= ATOL
+    written = set(h.write_slots[i].tolist())
+    assert len(written) == 2 and all(torch.equal(got_h[j], hist[j]) for j in range(k) if j not in written)
+    assert all(float((got_h[j] - hist[j]).abs().max()) > 1e-2 for j in written)
+
+
+def _with_initializer(path, out, match, new_value):
+    """A copy of the graph at ``path`` with the initializer equal to ``match`` replaced by ``new_value``."""
+    model = onnx.load(str(path))
+    hits = [t for t in model.graph.initializer if onnx.numpy_helper.to_array(t).shape == match.shape
+            and np.array_equal(onnx.numpy_helper.to_array(t), match)]
+    assert len(hits) == 1, f"expected one initializer equal to the plan's array, found {len(hits)}"
+    hits[0].CopyFrom(onnx.numpy_helper.from_array(new_value.astype(match.dtype), hits[0].name))
+    onnx.save(model, str(out))
+    return out
+
+
+@pytest.mark.parametrize("name", ["dpm++2", "unipc3-bh1"])
+def test_history_comparison_is_sensitive(ms_graphs, name, tmp_path):
+    """The bound can fail: with the history weights (or the writes) zeroed in the graph, the sample is > 1e-3
+    from torch's; the unmodified graph is within 1e-4."""
+    sampler, paths = ms_graphs(name, "cfg")
+    h = sampler.solver.plan.history
+    noise, labels, _ = ms_inputs()
+    want = torch_sample(sampler, noise, labels)
+    close(OnnxSampler(paths["loop"]).sample(noise, labels), want)
+    for what, array in (("weights", h.weights), ("writes", h.write_coef)):
+        a = array.float().numpy()
+        for mode in ("step", "loop"):
+            broken = _with_initializer(paths[mode], tmp_path / f"{what}_{mode}.onnx", a, np.zeros_like(a))
+            err = float((OnnxSampler(broken).sample(noise, labels) - want).abs().max())
+            assert err > 1e-3, f"{what} zeroed ({mode}): {err:.3g}"
+
+
+def test_init_scale_comparison_is_sensitive(ms_graphs, tmp_path):
+    """x_T = init_scale * noise matters: the Euler loop graph with its init_scale set to 1, and a step graph whose
+    metadata says 1, are > 1e-3 from torch's sample."""
+    sampler, paths = ms_graphs("euler-karras", "cfg")
+    scale = sampler.solver.plan.init_scale
+    assert abs(scale - 1) > 0.01
+    noise, labels, _ = ms_inputs()
+    want = torch_sample(sampler, noise, labels)
+    loop = _with_initializer(paths["loop"], tmp_path / "loop.onnx", np.array(scale, np.float32), np.array(1.0))
+    assert float((OnnxSampler(loop).sample(noise, labels) - want).abs().max()) > 1e-3
+    model = onnx.load(str(paths["step"]))
+    from fastguide.onnx.metadata import proto_metadata, set_metadata
+
+    set_metadata(model, {**proto_metadata(model), "init_scale": 1.0})
+    onnx.save(model, str(tmp_path / "step.onnx"))
+    assert float((OnnxSampler(tmp_path / "step.onnx").sample(noise, labels) - want).abs().max()) > 1e-3
+
+
+def test_multistep_graph_interface(ms_graphs):
+    """The step graph takes and returns the K history slots (batch axis dynamic); the loop graph carries them in
+    the Loop's state (no history input); the plan's history tensors are initializers."""
+    sampler, paths = ms_graphs("sde-dpm++2m", "recfg")
+    h = sampler.solver.plan.history
+    k = h.slots
+    step = ort.InferenceSession(str(paths["step"]), providers=[CPU])
+    inputs = {i.name: (i.type, i.shape) for i in step.get_inputs()}
+    outputs = {o.name: (o.type, o.shape) for o in step.get_outputs()}
+    assert inputs["history"] == outputs["history_next"] == ("tensor(float)", [k, "batch", *TINY_SHAPE])
+    assert outputs["x_next"] == inputs["x"] == inputs["z"] == ("tensor(float)", ["batch", *TINY_SHAPE])
+    loop = ort.InferenceSession(str(paths["loop"]), providers=[CPU])
+    assert {i.name for i in loop.get_inputs()} == {"noise", "labels", "g1", "z"}
+    assert [o.name for o in loop.get_outputs()] == ["sample"]
+    loop_nodes = [n for n in onnx.load(str(paths["loop"])).graph.node if n.op_type == "Loop"]
+    assert len(loop_nodes) == 1 and len(loop_nodes[0].input) == 4  # trip count, condition, x, history
+    for path in paths.values():
+        inits = _initializers(path)
+        for array in (h.weights, h.write_coef):
+            a = array.float().numpy()
+            assert any(b.shape == a.shape and np.array_equal(b, a) for b in inits), "history plan not inside"
+
+
+def test_multistep_step_inputs_are_checked(ms_graphs):
+    s = OnnxSampler(ms_graphs("dpm++2", "cfg")[1]["step"])
+    x, labels = torch.randn(2, *TINY_SHAPE), torch.tensor([1, 2])
+    with pytest.raises(ValueError, match=r"history: this solver is multistep.*\[1, B, 2, 4, 4\]"):
+        s.step(x, 0, labels)
+    with pytest.raises(ValueError, match=r"history: expected shape \[1, 2, 2, 4, 4\]"):
+        s.step(x, 0, labels, history=torch.zeros(2, 2, *TINY_SHAPE))
+    with pytest.raises(TypeError, match=r"history.*float32"):
+        s.step(x, 0, labels, history=torch.zeros(1, 2, *TINY_SHAPE, dtype=torch.float64))
+    x1, h1 = s.step(x, 0, labels, history=torch.zeros(1, 2, *TINY_SHAPE))
+    assert x1.shape == x.shape and h1.shape == (1, 2, *TINY_SHAPE)
+
+
+def test_one_step_graph_refuses_history(built):
+    with pytest.raises(ValueError, match="history: this solver is one-step"):
+        OnnxSampler(built["cfg"][1]["step"]).step(torch.randn(2, *IMAGE_SHAPE), 0, torch.tensor([1, 2]),
+                                                  history=torch.zeros(1, 2, *IMAGE_SHAPE))
+
+
+def test_files_without_history_keys_still_load(built, tmp_path):
+    """A graph written before multistep export (no history_slots / init_scale metadata) is a one-step graph from
+    the noise itself: it loads, samples and converts to a loop graph as before."""
+    from fastguide.onnx.metadata import META_PREFIX
+
+    sampler, paths = built["ddpm"]
+    model = onnx.load(str(paths["step"]))
+    kept = [p for p in model.metadata_props if p.key not in (META_PREFIX + "history_slots", META_PREFIX + "init_scale")]
+    assert len(kept) == len(model.metadata_props) - 2
+    del model.metadata_props[:]
+    model.metadata_props.extend(kept)
+    old = tmp_path / "old_step.onnx"
+    onnx.save(model, str(old))
+    assert "history_slots" not in read_metadata(old)
+    noise, labels, seeds = torch.randn(2, *IMAGE_SHAPE), torch.tensor([1, 2]), [3, 4]
+    want = torch_sample(sampler, noise, labels, seeds=seeds)
+    for path in (old, step_to_loop(old, tmp_path / "old_loop.onnx")):
+        s = OnnxSampler(path)
+        assert (s.history_slots, s.init_scale) == (0, 1.0)
+        close(s.sample(noise, labels, seeds=seeds), want)
+
+
+class _PlanOf:
+    """A solver-like object around a given plan (what the Sampler asks of a solver)."""
+
+    def __init__(self, plan):
+        self.plan = plan
+
+
+def test_export_refuses_history_it_cannot_write(tmp_path):
+    """A step that writes one slot twice (no defined value, in torch's index_copy_ either) or a slot outside the
+    K slots, and a non-positive init_scale, are refused by name before tracing."""
+    import dataclasses
+
+    plan = fg.UniPC(digits_schedule(), 4, order=2).plan
+    h = plan.history
+    model = TinyNet().eval()
+    for slots, match in ((torch.zeros_like(h.write_slots), r"step 0 writes slots \[0, 0\]"),
+                         (h.write_slots + 2, r"step 0 writes slots \[2, 3\].*distinct slots in 0..2")):
+        bad = dataclasses.replace(plan, history=dataclasses.replace(h, write_slots=slots))
+        sampler = fg.Sampler(model, _PlanOf(bad), fg.CFG(2.0), null_cond=TINY_NULL)
+        with pytest.raises(ValueError, match=rf"^solver: _PlanOf's history {match}"):
+            export(sampler, tmp_path / "bad.onnx", TINY_SHAPE)
+    sampler = fg.Sampler(model, _PlanOf(dataclasses.replace(plan, init_scale=0.0)), fg.CFG(2.0), null_cond=TINY_NULL)
+    with pytest.raises(ValueError, match=r"^solver: .*init_scale=0.0"):
+        export(sampler, tmp_path / "bad.onnx", TINY_SHAPE)
+    assert not (tmp_path / "bad.onnx").exists()
 
 
 # ---------------------------------------------------------------------- the shipped digits model

@@ -15,7 +15,7 @@ from fastguide.checks import check_model_output
 from fastguide.conditions import paired_conditions
 from fastguide.guidance import CFG, ReCFG
 from fastguide.kernels import reference
-from fastguide.onnx.metadata import FORMAT, proto_metadata, set_metadata
+from fastguide.onnx.metadata import FORMAT, HISTORY_INPUT, HISTORY_OUTPUT, proto_metadata, set_metadata
 
 MODES = ("step", "loop")
 # torch's dynamo exporter writes opset 18 natively; asking it for 17 runs onnx's version converter, which emits
@@ -40,6 +40,17 @@ class GuidedGraph(nn.Module):
         self.guided_steps = tuple(bool(g) for g in sg.guided)
         self.null_cond, self.cond_first, self.clip_range = int(null_cond), bool(cond_first), plan.clip_range
         self.mean_row = None
+        self.history_slots, self.init_scale = plan.history_slots, float(plan.init_scale)
+        if plan.history is not None:
+            # per step: the slots' weights in x_next [S, K], what the W writes hold [S, W, 2 + K], and for each slot
+            # whether this step writes it [S, K] and which write it takes [S, K] (0 where unwritten): the writes are
+            # a Gather of the W new states and a Where, without data-dependent control flow in the graph
+            h = plan.history
+            self.register_buffer("hist_w", h.weights.to(torch.float32))
+            self.register_buffer("write_coef", h.write_coef.to(torch.float32))
+            written, source = _write_masks(h.write_slots, self.history_slots)
+            self.register_buffer("written", written)
+            self.register_buffer("write_source", source)
         if sg.table is not None:
             self.register_buffer("table", sg.table.detach().to(torch.float32).contiguous())
             self.register_buffer("table_steps", sg.table_steps.to(torch.int64))
@@ -54,18 +65,30 @@ class GuidedGraph(nn.Module):
             return labels
         return torch.where((labels < 0) | (labels >= self.mean_row), torch.full_like(labels, self.mean_row), labels)
 
-    def step(self, x, i, labels, g1, z) -> torch.Tensor:
-        """x_next for step ``i`` (a 0-d int64 tensor); ``g1`` is already this step's scale."""
+    def step(self, x, i, labels, g1, z, history=None):
+        """x_next for step ``i`` (a 0-d int64 tensor); ``g1`` is already this step's scale. With ``history``
+        (a multistep plan's K slots [K, B, *shape]): (x_next, the slots after this step's writes), as
+        :func:`fastguide.kernels.reference.guided_step_into` computes them."""
         batch, x2 = x.shape[0], torch.cat([x, x])
         out = self.model(x2, self.t[i].expand(2 * batch), paired_conditions(labels, self.null_cond, self.cond_first))
         check_model_output(out, x2)
         m_cond, m_uncond = reference.split_model_output(out, batch, self.cond_first)
         with_table = self.table is not None
-        return reference.guided_step(
-            x, m_cond, m_uncond, g1, self.coef[i],
-            table=self.table if with_table else None, rows=self.rows(labels) if with_table else None,
-            table_steps=self.table_steps[i] if with_table else None,
-            table_w=self.table_w[i] if with_table else None, clip_range=self.clip_range, z=z)
+        guide = dict(table=self.table if with_table else None, rows=self.rows(labels) if with_table else None,
+                     table_steps=self.table_steps[i] if with_table else None,
+                     table_w=self.table_w[i] if with_table else None)
+        if history is None:
+            return reference.guided_step(x, m_cond, m_uncond, g1, self.coef[i], **guide, clip_range=self.clip_range,
+                                         z=z)
+        dt = reference.compute_dtype_for(x.dtype)
+        m = reference.guided_output(m_cond, m_uncond, g1, **guide, dt=dt)
+        xf = x.to(dt)
+        x_next = reference.solver_update(xf, m, self.coef[i], clip_range=self.clip_range, z=z, history=history,
+                                         hist_coef=self.hist_w[i])
+        states = reference.history_writes(xf, m, history, self.write_coef[i])  # [W, B, ...], from the old slots
+        written = self.written[i].view(-1, *([1] * x.ndim))
+        history_next = torch.where(written, states[self.write_source[i]].to(history.dtype), history)
+        return x_next.to(x.dtype), history_next
 
 
 class StepModule(nn.Module):
@@ -80,6 +103,16 @@ class StepModule(nn.Module):
         if not all(g.guided_steps):  # steps outside the guidance interval are purely conditional: g1 = 1
             g1 = torch.where(g.guided[step], g1, torch.ones_like(g1))
         return g.step(x, step, labels, g1, z)
+
+
+class HistoryStepModule(StepModule):
+    """ONNX step graph of a multistep plan: (x, step, labels, g1, history[, z]) -> (x_next, history_next)."""
+
+    def forward(self, x, step, labels, g1, history, z=None):
+        g = self.core
+        if not all(g.guided_steps):
+            g1 = torch.where(g.guided[step], g1, torch.ones_like(g1))
+        return g.step(x, step, labels, g1, z, history)
 
 
 def export(sampler, path, latent_shape=None, *, mode: str = "step", batch: int = 2, opset: int = DEFAULT_OPSET,
@@ -107,11 +140,12 @@ def export(sampler, path, latent_shape=None, *, mode: str = "step", batch: int =
     trace_batch = max(batch, 2) if dynamic_batch else batch  # torch.export specializes a batch of 1
     module, args, names, dyn = _step_module_and_inputs(graph, trace_batch, sampler.solver.plan.stochastic,
                                                        dynamic_batch)
+    outputs = ["x_next"] + ([HISTORY_OUTPUT] if graph.history_slots else [])
     device = _model_device(sampler.model)
     module, args = module.to(device), tuple(a.to(device) for a in args)  # traced where the weights are
     with torch.no_grad(), warnings.catch_warnings(), _quiet_logger("torch.onnx"):
         warnings.simplefilter("ignore")
-        program = torch.onnx.export(module, args, None, input_names=names, output_names=["x_next"], dynamo=True,
+        program = torch.onnx.export(module, args, None, input_names=names, output_names=outputs, dynamo=True,
                                     opset_version=opset, dynamic_shapes=dyn, verbose=False)
     proto = program.model_proto
     set_metadata(proto, {**_metadata(sampler, graph, opset), "inputs": names})
@@ -123,7 +157,8 @@ def export(sampler, path, latent_shape=None, *, mode: str = "step", batch: int =
 
 def step_to_loop(step_path, loop_path, *, external_data: bool = False) -> Path:
     """Turn a mode="step" graph into the mode="loop" graph (no re-tracing): noise, labels, g1 (, z [S, B, ...])
-    -> sample, the step graph as the body of an ONNX Loop whose iteration number is the step index."""
+    -> sample, the step graph as the body of an ONNX Loop whose iteration number is the step index (a multistep
+    plan's history slots carried in the Loop's state)."""
     import onnx
 
     step_path, loop_path = Path(step_path), _check_out_path(loop_path)
@@ -163,12 +198,7 @@ def _graph_for(sampler, latent_shape) -> GuidedGraph:
                          "inference graph does not have; export CFG or ReCFG, or sample it with fastguide.Sampler")
     if not isinstance(guidance, (CFG, ReCFG)):
         raise ValueError(f"guidance: only CFG and ReCFG can be exported to ONNX, got {type(guidance).__name__}")
-    if sampler.solver.plan.history is not None:
-        raise ValueError(f"solver: {type(sampler.solver).__name__} is a multistep solver, whose history states the "
-                         "ONNX graphs do not carry yet; export a one-step solver (DDIM, DDPM, FlowEuler)")
-    if sampler.solver.plan.init_scale != 1.0:
-        raise ValueError(f"solver: {type(sampler.solver).__name__} starts from {sampler.solver.plan.init_scale:g} x "
-                         "the noise, which the ONNX graphs do not take yet; export DDIM, DDPM or FlowEuler")
+    _check_plan(sampler.solver)
     null = sampler.null_cond
     if isinstance(null, torch.Tensor) or isinstance(null, bool) or not isinstance(null, (int, np.integer)):
         raise ValueError("null_cond: the ONNX graph takes int64 class labels, so null_cond must be an int label, "
@@ -180,6 +210,41 @@ def _graph_for(sampler, latent_shape) -> GuidedGraph:
     if any(p.is_floating_point() and p.dtype != torch.float32 for p in params):
         raise ValueError("model: the exported graph is float32; pass a float32 model (model.float())")
     return GuidedGraph(model, sampler.solver.plan, guidance, int(null), sampler.cond_first, latent_shape)
+
+
+def _check_plan(solver) -> None:
+    """What the graph needs of a plan: a finite init_scale > 0 (x_T = init_scale * noise) and, for the history
+    writes (a Gather and a Where per step), consistent shapes and each step's write slots in range and distinct
+    (torch's index_copy_ is not defined for a slot written twice either)."""
+    plan, name = solver.plan, type(solver).__name__
+    if not np.isfinite(float(plan.init_scale)) or not float(plan.init_scale) > 0:
+        raise ValueError(f"solver: {name}'s plan starts from init_scale={plan.init_scale!r} x the noise; expected a "
+                         "finite float > 0")
+    h = plan.history
+    if h is None:
+        return
+    k, steps = h.slots, plan.steps
+    slots = h.write_slots
+    if (tuple(h.weights.shape) != (steps, k) or slots.ndim != 2 or slots.shape[0] != steps
+            or tuple(h.write_coef.shape) != (steps, slots.shape[1], 2 + k)):
+        raise ValueError(f"solver: {name}'s history has inconsistent shapes (weights {list(h.weights.shape)}, "
+                         f"write_slots {list(slots.shape)}, write_coef {list(h.write_coef.shape)}; expected [S, K], "
+                         "[S, W], [S, W, 2 + K])")
+    for i, row in enumerate(slots.tolist()):
+        if any(not 0 <= j < k for j in row) or len(set(row)) != len(row):
+            raise ValueError(f"solver: {name}'s history step {i} writes slots {row}; each step must write distinct "
+                             f"slots in 0..{k - 1} (a slot written twice in one step has no defined value)")
+
+
+def _write_masks(write_slots: torch.Tensor, slots: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """[S, K] bool: step i writes slot k; [S, K] int64: which of its W writes (0 where it writes none)."""
+    steps = write_slots.shape[0]
+    written = torch.zeros(steps, slots, dtype=torch.bool)
+    source = torch.zeros(steps, slots, dtype=torch.int64)
+    for i, row in enumerate(write_slots.tolist()):
+        for w, k in enumerate(row):
+            written[i, k], source[i, k] = True, w
+    return written, source
 
 
 def _model_device(model) -> torch.device:
@@ -218,13 +283,19 @@ def _step_module_and_inputs(graph: GuidedGraph, batch: int, stochastic: bool, dy
     args = [torch.randn(shape, generator=gen), torch.tensor(0, dtype=torch.int64),
             torch.zeros(batch, dtype=torch.int64), torch.full((batch,), 2.0)]
     names = ["x", "step", "labels", "g1"]
+    module = StepModule(graph)
+    if graph.history_slots:
+        args.append(torch.randn((graph.history_slots, *shape), generator=gen))
+        names.append(HISTORY_INPUT)
+        module = HistoryStepModule(graph)
     if stochastic:
         args.append(torch.randn(shape, generator=gen))
         names.append("z")
     if not dynamic_batch:
-        return StepModule(graph).eval(), tuple(args), names, None
-    rows = {0: torch.export.Dim("batch", min=1)}
-    return StepModule(graph).eval(), tuple(args), names, {n: None if n == "step" else rows for n in names}
+        return module.eval(), tuple(args), names, None
+    batch_dim = torch.export.Dim("batch", min=1)
+    dyn = {n: None if n == "step" else {1 if n == HISTORY_INPUT else 0: batch_dim} for n in names}  # history: [K, B]
+    return module.eval(), tuple(args), names, dyn
 
 
 def _metadata(sampler, graph: GuidedGraph, opset: int) -> dict:
@@ -241,18 +312,23 @@ def _metadata(sampler, graph: GuidedGraph, opset: int) -> dict:
         "null_cond": graph.null_cond, "cond_first": graph.cond_first, "opset": opset,
         "table_classes": None if table is None else table.num_classes,
         "unknown_label": None if table is None else guidance.unknown_label,
+        "history_slots": graph.history_slots, "init_scale": graph.init_scale,
     }
 
 
 def _loop_model(step):
     """The loop graph around a step graph: Loop(M = S) whose body is the step graph, with the iteration number as
-    the step index, x carried, labels / g1 read from the outer scope and z gathered per step from z [S, B, ...]."""
+    the step index, x carried, labels / g1 read from the outer scope and z gathered per step from z [S, B, ...].
+    The first state is init_scale * noise; a multistep plan's K history slots [K, B, ...] are carried too, zero
+    at the start (files without the history keys are one-step graphs: K = 0, init_scale = 1)."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     meta = proto_metadata(step)
+    slots, init_scale = int(meta.get("history_slots", 0)), float(meta.get("init_scale", 1.0))
     g = step.graph
     inputs = {v.name: v for v in g.input}
+    outputs = {v.name: v for v in g.output}
     body_nodes = [helper.make_node("Identity", ["cond_in"], ["cond_out"])]
     if "z" in inputs:  # the body reads this step's slice of the outer z [S, B, ...]
         body_nodes.append(helper.make_node("Gather", ["z", "step"], ["z_step"], axis=0))
@@ -260,22 +336,41 @@ def _loop_model(step):
         node = _copy(node, onnx.NodeProto())
         node.input[:] = ["z_step" if n == "z" else n for n in node.input]
         body_nodes.append(node)
+    carried_in, carried_out = [inputs["x"]], [outputs["x_next"]]
+    if slots:
+        carried_in.append(inputs[HISTORY_INPUT])
+        carried_out.append(outputs[HISTORY_OUTPUT])
     body = helper.make_graph(
         body_nodes, "guided_step",
         [helper.make_tensor_value_info("step", TensorProto.INT64, []),
-         helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []), inputs["x"]],
-        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []), g.output[0]],
+         helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []), *carried_in],
+        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []), *carried_out],
         value_info=g.value_info)
     outer_inputs = [_renamed(inputs["x"], "noise"), inputs["labels"], inputs["g1"]]
     if "z" in inputs:
         z = _copy(inputs["z"], onnx.ValueInfoProto())
         z.type.tensor_type.shape.dim.insert(0, onnx.TensorShapeProto.Dimension(dim_value=int(meta["steps"])))
         outer_inputs.append(z)
-    trip = [numpy_helper.from_array(np.array(meta["steps"], dtype=np.int64), "loop_steps"),
-            numpy_helper.from_array(np.array(True), "loop_true")]
-    loop = helper.make_node("Loop", ["loop_steps", "loop_true", "noise"], ["sample"], body=body)
-    graph = helper.make_graph([loop], "guided_loop", outer_inputs, [_renamed(g.output[0], "sample")],
-                              initializer=list(g.initializer) + trip)
+    inits = [numpy_helper.from_array(np.array(meta["steps"], dtype=np.int64), "loop_steps"),
+             numpy_helper.from_array(np.array(True), "loop_true")]
+    nodes, first = [], "noise"
+    if init_scale != 1.0:  # x_T = init_scale * noise, in float32 as the torch sampler's x * init_scale
+        inits.append(numpy_helper.from_array(np.array(init_scale, dtype=np.float32), "loop_init_scale"))
+        nodes.append(helper.make_node("Mul", ["noise", "loop_init_scale"], ["loop_x_first"]))
+        first = "loop_x_first"
+    loop_inputs, loop_outputs = ["loop_steps", "loop_true", first], ["sample"]
+    if slots:  # zeros [K, B, C, H, W]: the batch from the noise's shape, so it stays dynamic
+        inits.append(numpy_helper.from_array(np.array([slots], dtype=np.int64), "loop_history_slots"))
+        nodes += [helper.make_node("Shape", ["noise"], ["loop_noise_shape"]),
+                  helper.make_node("Concat", ["loop_history_slots", "loop_noise_shape"], ["loop_history_shape"],
+                                   axis=0),
+                  helper.make_node("ConstantOfShape", ["loop_history_shape"], ["loop_history_first"],
+                                   value=numpy_helper.from_array(np.zeros(1, dtype=np.float32)))]
+        loop_inputs.append("loop_history_first")
+        loop_outputs.append("loop_history_last")
+    nodes.append(helper.make_node("Loop", loop_inputs, loop_outputs, body=body))
+    graph = helper.make_graph(nodes, "guided_loop", outer_inputs, [_renamed(outputs["x_next"], "sample")],
+                              initializer=list(g.initializer) + inits)
     model = helper.make_model(graph, opset_imports=step.opset_import, ir_version=step.ir_version,
                               producer_name="fastguide", functions=step.functions)
     names = [v.name for v in outer_inputs]

@@ -6,6 +6,10 @@ from pathlib import Path
 
 FORMAT = "fastguide.onnx/1"
 META_PREFIX = "fastguide."  # prefix of our metadata_props keys
+# A multistep plan's step graph takes its K history slots [K, B, C, H, W] as "history" and returns them updated as
+# "history_next" (metadata "history_slots": K; absent in files written before multistep export, meaning 0); the
+# loop graph carries them in the ONNX Loop's state, zero at the start.
+HISTORY_INPUT, HISTORY_OUTPUT = "history", "history_next"
 
 
 def set_metadata(proto, meta: dict) -> None:

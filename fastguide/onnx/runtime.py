@@ -10,7 +10,7 @@ import torch
 
 from fastguide.checks import check_scale, check_seeds
 from fastguide.noise import step_noise as seeded_step_noise
-from fastguide.onnx.metadata import read_metadata
+from fastguide.onnx.metadata import HISTORY_INPUT, HISTORY_OUTPUT, read_metadata
 
 logger = logging.getLogger("fastguide.onnx")
 
@@ -64,6 +64,9 @@ class OnnxSampler:
         self.mode, self.steps, self.output = self.meta["mode"], int(self.meta["steps"]), self.meta["output"]
         self.latent_shape = tuple(self.meta["latent_shape"])
         self.stochastic = bool(self.meta["stochastic"])
+        # graphs written before multistep export lack these keys: one-step plans starting from the noise itself
+        self.history_slots = int(self.meta.get("history_slots", 0))
+        self.init_scale = float(self.meta.get("init_scale", 1.0))
 
     @staticmethod
     def _check_providers(providers, available) -> list[str]:
@@ -85,6 +88,8 @@ class OnnxSampler:
         ``scale``: float or [B] (default: the exported rule's scale). Stochastic solvers draw their per-step
         noise as ``Sampler.sample`` does (from ``seeds``, else torch's global RNG) unless ``step_noise``
         [S, B, C, H, W] float32 is given. Returns a torch tensor for a torch input, else a numpy array.
+        The first state is ``init_scale * noise`` (the plan's, from the metadata; the loop graph does it
+        itself); a multistep plan's history slots start at zero and are carried from step to step.
         """
         x = self._float_input("noise", noise, (None, *self.latent_shape))
         batch = x.shape[0]
@@ -92,18 +97,27 @@ class OnnxSampler:
         g1 = self._g1(scale, batch)
         z = self._per_step_noise(step_noise, seeds, x.shape)
         if self.mode == "loop":
-            out = self._run_once({"noise": x, "labels": lab, "g1": g1, **({} if z is None else {"z": z})})
-        elif self.io_binding:
-            out = self._steps_io_binding(x, lab, g1, z)
+            out = self._run_once({"noise": x, "labels": lab, "g1": g1, **({} if z is None else {"z": z})})[0]
         else:
-            for i in range(self.steps):
-                x = self._run_once(self._step_feeds(x, i, lab, g1, None if z is None else z[i]))
-            out = x
+            if self.init_scale != 1.0:
+                x = x * np.float32(self.init_scale)  # float32, as the torch sampler's x * init_scale
+            hist = np.zeros((self.history_slots, *x.shape), np.float32) if self.history_slots else None
+            if self.io_binding:
+                out = self._steps_io_binding(x, lab, g1, z, hist)
+            else:
+                for i in range(self.steps):
+                    res = self._run_once(self._step_feeds(x, i, lab, g1, None if z is None else z[i], hist))
+                    x, hist = res[0], (res[1] if hist is not None else None)
+                out = x
         self._check_finite(out)
         return torch.from_numpy(out) if isinstance(noise, torch.Tensor) else out
 
-    def step(self, x, step: int, labels, *, scale=None, z=None):
-        """One guided step of a mode="step" graph: x_next from x [B, C, H, W] at step index ``step``."""
+    def step(self, x, step: int, labels, *, scale=None, z=None, history=None):
+        """One guided step of a mode="step" graph: x_next from x [B, C, H, W] at step index ``step``.
+
+        ``x`` is the sampler's state (before step 0: ``init_scale * noise``). A multistep plan's graph
+        (``history_slots`` K > 0) also takes its history slots ``history`` [K, B, C, H, W] float32 (zeros before
+        step 0) and returns ``(x_next, history_next)``."""
         if self.mode != "step":
             raise ValueError(f"step: this graph was exported with mode={self.mode!r}; use sample() or export "
                              "mode='step'")
@@ -116,32 +130,50 @@ class OnnxSampler:
         za = None if z is None else self._float_input("z", z, xa.shape)
         if za is not None and not self.stochastic:
             raise ValueError("z: this solver is deterministic; the graph has no z input")
-        out = self._run_once(self._step_feeds(xa, int(step), lab, g1, za))
-        return torch.from_numpy(out) if isinstance(x, torch.Tensor) else out
+        k = self.history_slots
+        if k and history is None:
+            dims = ", ".join(str(d) for d in self.latent_shape)
+            raise ValueError(f"history: this solver is multistep; pass its {k} history slots [{k}, B, {dims}] "
+                             "float32 (zeros before step 0)")
+        if not k and history is not None:
+            raise ValueError("history: this solver is one-step; the graph has no history input")
+        ha = None if history is None else self._float_input("history", history, (k, *xa.shape), batch_axis=1)
+        out = self._run_once(self._step_feeds(xa, int(step), lab, g1, za, ha))
+        if isinstance(x, torch.Tensor):
+            out = [torch.from_numpy(o) for o in out]
+        return out[0] if not k else (out[0], out[1])
 
     def __repr__(self):
         return (f"OnnxSampler({str(self.path)!r}, mode={self.mode!r}, steps={self.steps}, "
                 f"guidance={self.meta['guidance']}, provider={self.provider!r})")
 
     # ------------------------------------------------------------------ running
-    def _step_feeds(self, x, i: int, labels, g1, z) -> dict:
+    def _step_feeds(self, x, i: int, labels, g1, z, history=None) -> dict:
         feeds = {"x": x, "step": np.array(i, dtype=np.int64), "labels": labels, "g1": g1}
         if z is not None:
             feeds["z"] = z
+        if history is not None:
+            feeds[HISTORY_INPUT] = history
         return feeds
 
-    def _run_once(self, feeds: dict) -> np.ndarray:
+    def _outputs(self) -> list[str]:
+        """x_next (or sample), and a multistep step graph's updated history."""
+        return [self.output, HISTORY_OUTPUT] if self.history_slots and self.mode == "step" else [self.output]
+
+    def _run_once(self, feeds: dict) -> list[np.ndarray]:
         if not self.io_binding:
-            return self.session.run([self.output], feeds)[0]
+            return self.session.run(self._outputs(), feeds)
         io = self.session.io_binding()
         for name, value in feeds.items():
             io.bind_cpu_input(name, value)
-        io.bind_output(self.output, self.device_type, self.device_id)
+        for name in self._outputs():
+            io.bind_output(name, self.device_type, self.device_id)
         self.session.run_with_iobinding(io)
-        return io.copy_outputs_to_cpu()[0]
+        return io.copy_outputs_to_cpu()
 
-    def _steps_io_binding(self, x, labels, g1, z) -> np.ndarray:
-        """The step loop on the device: inputs copied once, x ping-pongs between two device buffers."""
+    def _steps_io_binding(self, x, labels, g1, z, history=None) -> np.ndarray:
+        """The step loop on the device: inputs copied once, x (and a multistep plan's history slots) ping-pong
+        between two device buffers each."""
         ort = _import_ort()
 
         def on_device(a):
@@ -152,17 +184,29 @@ class OnnxSampler:
         io.bind_ortvalue_input("g1", on_device(g1))
         step_ids = [on_device(np.array(i, dtype=np.int64)) for i in range(self.steps)]
         zs = None if z is None else [on_device(z[i]) for i in range(self.steps)]
-        cur, nxt = (ort.OrtValue.ortvalue_from_shape_and_type(list(x.shape), np.float32, self.device_type,
-                                                              self.device_id) for _ in range(2))
-        cur.update_inplace(x)  # copies; (a CPU OrtValue made from numpy would wrap, and then overwrite, the noise)
+
+        def buffers(first):
+            """Two device buffers, the first holding a copy of ``first`` (a CPU OrtValue made from numpy would
+            wrap it, and then overwrite the caller's noise)."""
+            pair = [ort.OrtValue.ortvalue_from_shape_and_type(list(first.shape), np.float32, self.device_type,
+                                                              self.device_id) for _ in range(2)]
+            pair[0].update_inplace(np.ascontiguousarray(first))
+            return pair
+
+        cur, nxt = buffers(x)
+        h_cur, h_nxt = buffers(history) if history is not None else (None, None)
         for i in range(self.steps):
             io.bind_ortvalue_input("x", cur)
             io.bind_ortvalue_input("step", step_ids[i])
             if zs is not None:
                 io.bind_ortvalue_input("z", zs[i])
             io.bind_ortvalue_output(self.output, nxt)
+            if h_cur is not None:
+                io.bind_ortvalue_input(HISTORY_INPUT, h_cur)
+                io.bind_ortvalue_output(HISTORY_OUTPUT, h_nxt)
             self.session.run_with_iobinding(io)
             cur, nxt = nxt, cur
+            h_cur, h_nxt = h_nxt, h_cur
         return cur.numpy()
 
     # ------------------------------------------------------------------ input checks
@@ -176,7 +220,7 @@ class OnnxSampler:
             return np.asarray(value)
         raise TypeError(f"{name}: expected a numpy array or torch tensor, got {type(value).__name__}")
 
-    def _float_input(self, name: str, value, shape) -> np.ndarray:
+    def _float_input(self, name: str, value, shape, batch_axis: int = 0) -> np.ndarray:
         a = self._as_array(name, value)
         if a.dtype != np.float32:
             raise TypeError(f"{name}: the ONNX graph takes float32, got {a.dtype}; cast it first "
@@ -184,7 +228,7 @@ class OnnxSampler:
         if a.ndim != len(shape) or any(want is not None and got != want for got, want in zip(a.shape, shape)):
             want = ", ".join("B" if s is None else str(s) for s in shape)
             raise ValueError(f"{name}: expected shape [{want}], got {list(a.shape)}")
-        if a.shape[0] < 1:
+        if a.shape[batch_axis] < 1:
             raise ValueError(f"{name}: expected a non-empty batch, got shape {list(a.shape)}")
         if not np.isfinite(a).all():
             raise ValueError(f"{name}: contains NaN or inf")
