@@ -18,7 +18,8 @@ from fastguide.loop import capture_cuda_graph
 MODES = ("diffusers_eager", "diffusers_compiled", "fastguide_eager", "fastguide_compiled_unfused",
          "fastguide_compiled", "fastguide_graph", "fastguide_recfg", "fastguide_interval", "floor")
 MODE_HELP = {
-    "diffusers_eager": "diffusers-style loop (cat, forward, chunk, CFG combine, DDIMScheduler.step)",
+    "diffusers_eager": "diffusers-style loop (set_timesteps; per step cat, forward, chunk, CFG combine, the "
+                       "solver's diffusers scheduler.step: DDIM, DPMSolverMultistep or UniPCMultistep)",
     "diffusers_compiled": "the same loop, network under torch.compile (reduce-overhead on CUDA)",
     "fastguide_eager": "fastguide.Sampler, not compiled",
     "fastguide_compiled_unfused": "Sampler.compile(fuse_step=False): network compiled, eager guided step",
@@ -40,22 +41,45 @@ class Row:
     images_per_s: float
     vs_floor: float | None = None  # measured images/s / floor images/s
     warmup_s: float | None = None  # the first call (compiles, captures); fastguide modes only
+    solver: str = "ddim"  # BENCH_SOLVERS: the same solver on both sides
 
 
-def diffusers_scheduler_for(schedule: fg.NoiseSchedule, steps: int):
-    """A diffusers DDIMScheduler with the same betas and settings as a fastguide schedule."""
-    from diffusers import DDIMScheduler
+BENCH_SOLVERS = ("ddim", "dpm++2m", "unipc")  # each timed with the diffusers scheduler that steps like it
 
-    sch = DDIMScheduler(num_train_timesteps=schedule.num_train_timesteps, trained_betas=schedule.betas.tolist(),
-                        clip_sample=schedule.clip_sample, clip_sample_range=schedule.clip_sample_range,
-                        set_alpha_to_one=schedule.set_alpha_to_one, steps_offset=schedule.steps_offset,
-                        prediction_type=schedule.prediction_type, timestep_spacing=schedule.timestep_spacing)
+
+def diffusers_scheduler_for(schedule: fg.NoiseSchedule, steps: int, solver: str = "ddim"):
+    """The diffusers scheduler of ``solver`` (DDIM, DPM-Solver++ 2M or UniPC bh2 order 2) with the same betas and
+    settings as a fastguide schedule, its timesteps set."""
+    import diffusers
+
+    common = dict(num_train_timesteps=schedule.num_train_timesteps, trained_betas=schedule.betas.tolist(),
+                  steps_offset=schedule.steps_offset, prediction_type=schedule.prediction_type,
+                  timestep_spacing=schedule.timestep_spacing)
+    if solver == "ddim":
+        sch = diffusers.DDIMScheduler(clip_sample=schedule.clip_sample, clip_sample_range=schedule.clip_sample_range,
+                                      set_alpha_to_one=schedule.set_alpha_to_one, **common)
+    elif solver == "dpm++2m":
+        sch = diffusers.DPMSolverMultistepScheduler(solver_order=2, algorithm_type="dpmsolver++", **common)
+    elif solver == "unipc":
+        sch = diffusers.UniPCMultistepScheduler(solver_order=2, solver_type="bh2", **common)
+    else:
+        raise ValueError(f"solver: expected one of {BENCH_SOLVERS}, got {solver!r}")
     sch.set_timesteps(steps)
     return sch
 
 
+def bench_solver(schedule: fg.NoiseSchedule, steps: int, solver: str = "ddim"):
+    """The fastguide solver for ``solver``: DDIM on the schedule as it is; the multistep ones imported from the
+    diffusers scheduler the comparison runs (so both sides take the same steps)."""
+    if solver == "ddim":
+        return fg.DDIM(schedule, steps=steps)
+    return fg.solver_from_diffusers(diffusers_scheduler_for(schedule, steps, solver), steps)
+
+
 def diffusers_style_loop(net, scheduler, noise, labels, null_label: int, scale: float):
-    """What a diffusers pipeline does per step: cat the 2B input, one forward, chunk, combine, scheduler.step."""
+    """What a diffusers pipeline does per call: set_timesteps (which also resets a multistep scheduler's state),
+    then per step: cat the 2B input, one forward, chunk, combine, scheduler.step."""
+    scheduler.set_timesteps(scheduler.num_inference_steps)
     x = noise
     null = torch.full_like(labels, null_label)
     lab2 = torch.cat([null, labels])
@@ -86,7 +110,7 @@ def bench_ratio_table(schedule, shape, classes: int, dtype, device, grid: int = 
 
 def run_end_to_end(net, schedule, shape, *, model_name: str, batches=(1, 16, 64), nfes=(10,), device="cpu",
                    dtype=torch.float32, null_label: int = 10, num_classes: int = 10, scale: float = 3.0,
-                   modes=MODES, reps: int = 5, warmup: int = 2, progress=print) -> list[Row]:
+                   modes=MODES, reps: int = 5, warmup: int = 2, progress=print, solver: str = "ddim") -> list[Row]:
     """Images/s per mode (see MODE_HELP). All modes of one (batch, NFE) point are warmed up first, then timed
     interleaved (rep 1 of every mode, rep 2 of every mode, ...) so drifting machine load hits them alike;
     medians. fastguide modes also report their first call's time (compile / capture warm-up).
@@ -108,15 +132,15 @@ def run_end_to_end(net, schedule, shape, *, model_name: str, batches=(1, 16, 64)
         dnet = torch.compile(net, mode="reduce-overhead" if cuda else None, dynamic=False)
         table = bench_ratio_table(schedule, shape, min(num_classes, batch), dtype, device)
 
-        samplers = fastguide_samplers(net, fg.DDIM(schedule, steps=nfes[0]), fg.CFG(scale), null_label, cuda)
+        samplers = fastguide_samplers(net, bench_solver(schedule, nfes[0], solver), fg.CFG(scale), null_label, cuda)
         best = samplers["fastguide_graph" if cuda else "fastguide_compiled"]  # what a user would pick there
         for nfe in nfes:
-            solver = fg.DDIM(schedule, steps=nfe)
+            plan_solver = bench_solver(schedule, nfe, solver)
             for s in samplers.values():
-                s.solver = solver
-            sch = diffusers_scheduler_for(schedule, nfe)
+                s.solver = plan_solver
+            sch = diffusers_scheduler_for(schedule, nfe, solver)
             recfg = fg.ReCFG(scale, table=table, unknown_label="mean")
-            interval = fg.CFG(scale, interval=half_interval(solver.plan.timesteps))
+            interval = fg.CFG(scale, interval=half_interval(plan_solver.plan.timesteps))
 
             def loop_of(s, guidance=None):
                 return lambda r: s.sample(noises[r % 4], labels, guidance=guidance)
@@ -136,11 +160,11 @@ def run_end_to_end(net, schedule, shape, *, model_name: str, batches=(1, 16, 64)
             fns = {m: makers[m]() for m in modes}
             first, med = time_interleaved(fns, reps, warmup, device)
             for m in fns:
-                row = Row(model_name, m, batch, nfe, med[m], batch / med[m],
+                row = Row(model_name, m, batch, nfe, med[m], batch / med[m], solver=solver,
                           vs_floor=med["floor"] / med[m] if "floor" in med else None,
                           warmup_s=first[m] if m.startswith("fastguide") else None)
                 rows.append(row)
-                progress(f"  {model_name} B={batch} NFE={nfe} {m:26s} {row.images_per_s:10.1f} img/s")
+                progress(f"  {model_name} {solver} B={batch} NFE={nfe} {m:26s} {row.images_per_s:10.1f} img/s")
     return rows
 
 
@@ -186,13 +210,13 @@ def _floor_fn(cnet, x2, t2, l2, nfe):
 
 
 def format_rows(rows: list[Row]) -> str:
-    head = (f"{'model':8s} {'mode':26s} {'B':>4s} {'NFE':>4s} {'img/s':>10s} {'ms/call':>9s} {'vs floor':>9s} "
+    head = (f"{'model':8s} {'solver':8s} {'mode':26s} {'B':>4s} {'NFE':>4s} {'img/s':>10s} {'ms/call':>9s} {'vs floor':>9s} "
             f"{'warm-up s':>9s}")
     lines = [head, "-" * len(head)]
     for r in rows:
         vs = f"{r.vs_floor:9.3f}" if r.vs_floor is not None else " " * 9
         warm = f"{r.warmup_s:9.2f}" if r.warmup_s is not None else ""
-        lines.append(f"{r.model:8s} {r.mode:26s} {r.batch:4d} {r.nfe:4d} {r.images_per_s:10.1f} "
+        lines.append(f"{r.model:8s} {r.solver:8s} {r.mode:26s} {r.batch:4d} {r.nfe:4d} {r.images_per_s:10.1f} "
                      f"{r.seconds * 1e3:9.2f} {vs} {warm}")
     return "\n".join(lines)
 

@@ -7,7 +7,7 @@ import time
 import torch
 
 import fastguide as fg
-from fastguide.bench.end_to_end import diffusers_scheduler_for, diffusers_style_loop
+from fastguide.bench.end_to_end import bench_solver, diffusers_scheduler_for, diffusers_style_loop
 from fastguide.bench.timing import sync
 
 
@@ -31,14 +31,15 @@ class StubNet(torch.nn.Module):
 
 def run_overhead(schedule, shape, *, batches=(1, 16, 64), nfe: int = 10, device="cpu", dtype=torch.float32,
                  scale: float = 3.0, reps: int = 15, warmup: int = 3, block: int = 20,
-                 modes=OVERHEAD_MODES) -> list[dict]:
+                 modes=OVERHEAD_MODES, solver_name: str = "ddim") -> list[dict]:
     """Per-step time of everything but the network (input batching, CFG combine, solver update, copies,
     and each sample() call's setup spread over its NFE steps), with the network replaced by
     :class:`StubNet`. The stub's own calls are timed too and subtracted (``overhead_us_per_step``), and
     ``vs_diffusers`` is that overhead over the diffusers-style loop's. Modes are interleaved per repetition
-    so a drifting machine load hits them alike."""
+    so a drifting machine load hits them alike. ``solver_name``: one of BENCH_SOLVERS, the same solver in both
+    loops (diffusers' scheduler and the fastguide plan imported from it)."""
     out = []
-    solver = fg.DDIM(schedule, steps=nfe)
+    solver = bench_solver(schedule, nfe, solver_name)
     for batch in batches:
         stub = StubNet(torch.randn(2 * batch, *shape, device=device, dtype=dtype)).to(device)
         noises = [torch.randn(batch, *shape, device=device, dtype=dtype) for _ in range(4)]
@@ -47,7 +48,7 @@ def run_overhead(schedule, shape, *, batches=(1, 16, 64), nfe: int = 10, device=
         t2 = torch.full((1,), 500.0, device=device).expand(2 * batch)  # the layout the loops pass
         l2 = torch.cat([labels, torch.full_like(labels, 10)])
         cstub = torch.compile(stub, dynamic=False)
-        sch = diffusers_scheduler_for(schedule, nfe)
+        sch = diffusers_scheduler_for(schedule, nfe, solver_name)
         eager = fg.Sampler(stub, solver, fg.CFG(scale), null_cond=10, progress=False)
         fused = fg.Sampler(stub, solver, fg.CFG(scale), null_cond=10, progress=False).compile(fuse_step=True)
         fns = {
@@ -75,7 +76,7 @@ def run_overhead(schedule, shape, *, batches=(1, 16, 64), nfe: int = 10, device=
         overhead = {m: per_step[m] - per_step[NETWORK_OF[m]] for m in modes}
         base = overhead.get("diffusers_eager")
         for m in modes:
-            out.append({"mode": m, "batch": batch, "nfe": nfe, "us_per_step": per_step[m],
+            out.append({"mode": m, "solver": solver_name, "batch": batch, "nfe": nfe, "us_per_step": per_step[m],
                         "network_us_per_step": per_step[NETWORK_OF[m]], "overhead_us_per_step": overhead[m],
                         "vs_diffusers": overhead[m] / base if base else None})
     return out

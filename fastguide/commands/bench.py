@@ -9,7 +9,7 @@ from datetime import date
 
 import torch
 
-from fastguide.bench.end_to_end import MODES
+from fastguide.bench.end_to_end import BENCH_SOLVERS, MODES
 from fastguide.commands import common
 
 
@@ -30,6 +30,8 @@ def add_parser(sub):
     p.add_argument("--kernel", action="store_true",
                    help="instead: one guided step, fused Triton kernel vs eager / compiled reference (GPU time, %% of "
                         "copy bandwidth, host time; on a CPU only the reference and its compiled form)")
+    p.add_argument("--solver", choices=BENCH_SOLVERS, action="append",
+                   help="solver(s), each timed against the diffusers scheduler that steps like it (default: ddim)")
     p.add_argument("--json", dest="json_path", default=None, help="also write the rows to this JSON file")
     p.set_defaults(func=run)
 
@@ -73,10 +75,11 @@ def run(args) -> int:
             dtype = torch.float16 if cuda else torch.float32
             net, shape = tiny_dit(device, dtype, full=cuda and not args.quick)
             schedule, null, classes = fg.NoiseSchedule.linear(), net.null_label, 1000
-        rows += run_end_to_end(net, schedule, shape, model_name=model, batches=batches, nfes=nfes, device=device,
-                               dtype=dtype, null_label=null, num_classes=classes, reps=reps,
-                               modes=tuple(args.mode) if args.mode else MODES,
-                               warmup=1 if args.quick else 2)
+        for solver in args.solver or ["ddim"]:
+            rows += run_end_to_end(net, schedule, shape, model_name=model, batches=batches, nfes=nfes, device=device,
+                                   dtype=dtype, null_label=null, num_classes=classes, reps=reps,
+                                   modes=tuple(args.mode) if args.mode else MODES,
+                                   warmup=1 if args.quick else 2, solver=solver)
     print(format_rows(rows))
     print("\n".join(f"  {m}: {h}" for m, h in MODE_HELP.items() if any(r.mode == m for r in rows)))
     _write_json(args.json_path, device, rows_as_dicts(rows))
@@ -88,12 +91,13 @@ def _overhead(args, device, batches, nfes, reps) -> int:
     from fastguide.bench.overhead import run_overhead
 
     rows = []
-    for nfe in nfes:
-        rows += run_overhead(fg.NoiseSchedule.linear(timestep_spacing="trailing"), (1, 8, 8), batches=batches,
-                             nfe=nfe, device=device, reps=reps, block=5 if args.quick else 20)
-    print(f"{'mode':18s} {'B':>4s} {'NFE':>4s} {'us/step':>9s} {'network':>9s} {'overhead':>9s} {'vs diffusers':>13s}")
+    for solver in args.solver or ["ddim"]:
+        for nfe in nfes:
+            rows += run_overhead(fg.NoiseSchedule.linear(timestep_spacing="trailing"), (1, 8, 8), batches=batches,
+                                 nfe=nfe, device=device, reps=reps, block=5 if args.quick else 20, solver_name=solver)
+    print(f"{'mode':18s} {'solver':8s} {'B':>4s} {'NFE':>4s} {'us/step':>9s} {'network':>9s} {'overhead':>9s} {'vs diffusers':>13s}")
     for r in rows:
-        print(f"{r['mode']:18s} {r['batch']:4d} {r['nfe']:4d} {r['us_per_step']:9.1f} {r['network_us_per_step']:9.1f} "
+        print(f"{r['mode']:18s} {r['solver']:8s} {r['batch']:4d} {r['nfe']:4d} {r['us_per_step']:9.1f} {r['network_us_per_step']:9.1f} "
               f"{r['overhead_us_per_step']:9.1f} {r['vs_diffusers']:13.2f}")
     print("overhead = us/step minus the stub network's own calls (compiled for fastguide_fused); per-call setup "
           "is spread over the NFE steps")

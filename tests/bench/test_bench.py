@@ -131,3 +131,28 @@ def test_bench_kernel_quick_times_the_reference_on_the_cpu(tmp_path):
     # bytes a step must move: x, m_cond, m_uncond read, both halves written (+ 1 or 2 table rows)
     assert floor_bytes((2, 4, 8, 8), torch.float32, "cfg") == 5 * 512 * 4
     assert floor_bytes((2, 4, 8, 8), torch.float16, "recfg", lerp=True) == 7 * 512 * 2
+
+
+@pytest.mark.parametrize("solver", ["ddim", "dpm++2m", "unipc"])
+def test_both_sides_of_a_solver_benchmark_take_the_same_steps(solver):
+    """The timed diffusers loop and the timed Sampler produce the same samples (so they do the same work)."""
+    import fastguide as fg
+    from fastguide.bench.end_to_end import bench_solver, diffusers_scheduler_for, diffusers_style_loop
+    from fastguide.demo.digits import digits_schedule, load_digits_model
+
+    net, schedule = load_digits_model(), digits_schedule()
+    noise, labels = fg.seeded_noise(range(4), (1, 8, 8)), torch.tensor([0, 3, 5, 9])
+    sch = diffusers_scheduler_for(schedule, 6, solver)
+    with torch.no_grad():
+        want = [diffusers_style_loop(net, sch, noise, labels, 10, 3.0) for _ in range(2)]  # resets its state
+        got = fg.Sampler(net, bench_solver(schedule, 6, solver), fg.CFG(3.0), null_cond=10,
+                         progress=False).sample(noise, labels)
+    assert torch.equal(want[0], want[1])
+    torch.testing.assert_close(got, want[0], rtol=1e-4, atol=1e-4)
+
+
+def test_bench_solver_option_runs_and_labels_rows(tmp_path):
+    out = tmp_path / "overhead.json"
+    assert cli.main(["bench", "--overhead", "--quick", "--batch", "2", "--solver", "unipc", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert {r["solver"] for r in rows} == {"unipc"} and len(rows) == 3
