@@ -13,6 +13,9 @@
 #   bash benchmarks/gpu_session.sh dit 64
 #   bash benchmarks/gpu_session.sh dit 1
 #   bash benchmarks/gpu_session.sh digits     # the digits UNet, batch 1/8/64
+#   bash benchmarks/gpu_session.sh dit-dpm 8  # DiT-XL/2, NFE 8, DPM-Solver++ 2M and UniPC vs diffusers' own schedulers
+# (the kernel part's table includes the multistep steps: cfg-dpm2m reads 1 history slot and writes 1, cfg-unipc3
+# reads 4 and writes 2)
 # Untimed estimate: each dit part compiles DiT-XL/2 about six times (inductor, max-autotune for the floor); if a
 # part runs into the limit, drop --nfe 4 / --nfe 16 (the goals are at NFE 8) or split the modes over two commands.
 # Back here: python benchmarks/report_sampler.py <the bench-cuda-*.json files> --write, and copy the kernel
@@ -31,7 +34,7 @@ python3 -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; pr
 case "${1:-}" in
 tests)
     FASTGUIDE_TEST_CUDA=1 python3 -m pytest -q -x tests/kernels/test_guided_step.py tests/test_sampler_compile.py \
-        tests/kernels/test_torch_step.py tests/test_sampler.py tests/test_loop.py 2>&1 | tee "$OUT/tests-cuda.log"
+        tests/kernels/test_torch_step.py tests/test_sampler.py tests/test_loop.py tests/test_multistep.py 2>&1 | tee "$OUT/tests-cuda.log"
     ;;
 kernel)
     python3 benchmarks/report_guided_step.py --write 2>&1 | tee "$OUT/kernel.log"
@@ -44,12 +47,18 @@ dit)
         --mode fastguide_recfg --mode fastguide_interval --mode floor \
         --json "$OUT/bench-cuda-dit-b$batch.json" 2>&1 | tee "$OUT/bench-dit-b$batch.log"
     ;;
+dit-dpm)
+    batch=${2:?usage: gpu_session.sh dit-dpm BATCH}
+    python3 -m fastguide.cli bench --model dit --batch "$batch" --nfe 8 --reps 7 --solver dpm++2m --solver unipc \
+        --mode diffusers_eager --mode diffusers_compiled --mode fastguide_compiled --mode fastguide_graph --mode floor \
+        --json "$OUT/bench-cuda-dit-dpm-b$batch.json" 2>&1 | tee "$OUT/bench-dit-dpm-b$batch.log"
+    ;;
 digits)
     python3 -m fastguide.cli bench --model digits --reps 7 --json "$OUT/bench-cuda-digits.json" 2>&1 \
         | tee "$OUT/bench-digits.log"
     ;;
 *)
-    echo "usage: bash benchmarks/gpu_session.sh tests|kernel|dit BATCH|digits" >&2
+    echo "usage: bash benchmarks/gpu_session.sh tests|kernel|dit BATCH|dit-dpm BATCH|digits" >&2
     exit 2
     ;;
 esac

@@ -21,11 +21,14 @@ CPU_SHAPES = [(2, 4, 8, 8), (16, 4, 32, 32)]
 DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 COEF = [0.99, -0.1, 0.0, 1.0, -0.2, 0.9, 0.05, 0.1]  # a DDIM-like step, one value per Coef column
 TABLE_W = 0.25  # the lerp weight between two table rows (ReCFG off the table's grid)
+# rule -> (K history slots read, W written): a multistep solver's step (DPM-Solver++ 2M: 1 / 1; UniPC-3: 4 / 2)
+KERNEL_RULES = {"cfg": (0, 0), "recfg": (0, 0), "cfg-dpm2m": (1, 1), "cfg-unipc3": (4, 2)}
 
 
 def make_step_inputs(shape, dtype, rule: str, device, lerp: bool = False) -> dict:
     """Random inputs of one step over a [2B] buffer (out), x = its first half; recfg adds a table [11, 8, ...]
-    read at one grid row (lerp=False) or two (lerp=True)."""
+    read at one grid row (lerp=False) or two (lerp=True); the multistep rules (KERNEL_RULES) add K history
+    slots and W writes."""
     b, latent = shape[0], shape[1:]
     d = dict(out=torch.randn((2 * b, *latent), dtype=dtype, device=device),
              model_out=torch.randn((2 * b, *latent), dtype=dtype, device=device),
@@ -37,12 +40,19 @@ def make_step_inputs(shape, dtype, rule: str, device, lerp: bool = False) -> dic
                        rows=torch.randint(0, 11, (b,), device=device),
                        table_steps=torch.tensor([3, 4 if lerp else 3], device=device),
                        table_w=torch.tensor(TABLE_W, device=device))
+    k, w = KERNEL_RULES[rule]
+    if k:
+        d["kw"].update(history=torch.randn((k, b, *latent), dtype=dtype, device=device),
+                       hist_coef=torch.linspace(-0.5, 0.5, k, device=device),
+                       write_slots=torch.arange(w, device=device), write_coef=torch.full((w, 2 + k), 0.1, device=device))
     return d
 
 
 def floor_bytes(shape, dtype, rule: str, lerp: bool = False) -> int:
-    """Bytes a step must move: read x, m_cond, m_uncond (+ table rows), write both halves of the 2B buffer."""
-    streams = 3 + 2 + (0 if rule != "recfg" else 2 if lerp else 1)
+    """Bytes a step must move: read x, m_cond, m_uncond (+ table rows, + K history slots), write both halves of
+    the 2B buffer (+ W history slots)."""
+    k, w = KERNEL_RULES[rule]
+    streams = 3 + 2 + (0 if rule != "recfg" else 2 if lerp else 1) + k + w
     return streams * math.prod(shape) * torch.empty((), dtype=dtype).element_size()
 
 
@@ -115,7 +125,7 @@ def host_time_per_call(fn, d, calls: int = 200, rounds: int = 5) -> float:
     return best
 
 
-def run_kernel_bench(device="cpu", shapes=None, dtypes=None, rules=("cfg", "recfg"), calls: int | None = None,
+def run_kernel_bench(device="cpu", shapes=None, dtypes=None, rules=tuple(KERNEL_RULES), calls: int | None = None,
                      progress=print) -> list[dict]:
     """One row per (shape, dtype, rule). CUDA: floor_us (bytes / copy bandwidth), GPU us per step of each
     implementation, triton's % of copy bandwidth and speed-ups, triton host us per call. CPU: wall us per call

@@ -33,7 +33,7 @@ def add_parser(sub):
     p.add_argument("--out", default="fastguide-demo", help="output directory")
     common.add_device_args(p)
     p.add_argument("--steps", type=int, default=10, help="sampling steps = NFE (each runs the 2B cond+null batch)")
-    p.add_argument("--solver", default="ddim", choices=sorted(solvers),
+    p.add_argument("--solver", default="unipc", choices=sorted(solvers),
                    help=solver_help)
     p.add_argument("--scales", default=DEFAULT_SCALES, help="comma-separated guidance scales g")
     p.add_argument("--per-class", type=int, default=30,

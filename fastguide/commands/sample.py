@@ -19,7 +19,7 @@ def add_parser(sub):
     p.add_argument("--rule", default="cfg", choices=sorted(RULES), help="guidance rule")
     p.add_argument("--scale", type=float, default=3.0, help="guidance scale g (1 = conditional model only)")
     p.add_argument("--steps", type=int, default=10, help="sampling steps = NFE")
-    p.add_argument("--solver", default="ddim", choices=sorted(SOLVERS),
+    p.add_argument("--solver", default="unipc", choices=sorted(SOLVERS),
                    help=SOLVER_HELP)
     p.add_argument("--interval", default=None, metavar="LO,HI",
                    help="guide only at model times t in [LO, HI] (0..999), e.g. 500,999 for the high-noise half; "
