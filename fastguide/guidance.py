@@ -158,7 +158,8 @@ class ClassifierGuidance(GuidanceRule):
 
     ``classifier(x_t, t) -> logits [B, K]``. The model runs on the B conditional rows only; with
     ``use_null_cond=True`` it runs with the null condition instead (classifier guidance of an
-    unconditional model). Needs an epsilon-prediction discrete solver. The gradient needs autograd, so the
+    unconditional model). Needs an epsilon-prediction solver on a discrete VP schedule (any of them: the plan's
+    eps scale at each model time is used, fractional times included). The gradient needs autograd, so the
     loop runs it eagerly (no compiled hot step, no CUDA graph).
     """
 
@@ -175,7 +176,8 @@ class ClassifierGuidance(GuidanceRule):
 
     def prepare(self, plan, cond: torch.Tensor, latent_shape) -> StepGuidance:
         if plan.kind != "discrete" or plan.prediction_type != "epsilon":
-            raise ValueError("guidance: ClassifierGuidance needs an epsilon-prediction DDIM/DDPM solver, got "
+            raise ValueError("guidance: ClassifierGuidance needs an epsilon-prediction solver on a discrete VP schedule "
+                             "(DDIM, DDPM, DPM-Solver, UniPC, Euler, Heun, PLMS), got "
                              f"{plan.kind} / {plan.prediction_type}")
         if cond.ndim != 1 or cond.is_floating_point():
             raise TypeError("cond: ClassifierGuidance needs integer class labels [B]")

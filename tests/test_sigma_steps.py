@@ -376,3 +376,11 @@ def test_edm_bad_options_are_named():
                      (dict(sigma_max="80"), "sigma_max")):
         with pytest.raises(ValueError, match=rf"^config: .*{key}"):
             EDM.from_diffusers(cfg, 4)
+
+
+def test_classifier_guidance_refuses_edm_plans_by_name():
+    sampler = fg.Sampler(edm_denoiser, EDM(4), fg.ClassifierGuidance(lambda x, t: x.flatten(1)[:, :NULL], 1.0),
+                         backend="torch", progress=False)
+    with pytest.raises(ValueError, match=r"^guidance: ClassifierGuidance needs an epsilon-prediction solver on a "
+                                         r"discrete VP schedule"):
+        sampler.sample(fg.seeded_noise(range(BATCH), SHAPE, torch.float64), LABELS)
