@@ -13,7 +13,8 @@ from __future__ import annotations
 import numpy as np
 
 from fastguide.checks import check_int, check_steps
-from fastguide.schedule import NoiseSchedule, config_items, config_value
+from fastguide.schedule import (NoiseSchedule, check_scheduler_keys, config_items, schedule_from_scheduler_config,
+                                sigma_schedule_of)
 from fastguide.sigma_steps import (SPACINGS, discrete_sigma_grid, second_order_plan, stage_rows, vp_init_scale,
                                    vp_sigma_model)
 from fastguide.sigmas import SIGMA_SCHEDULES
@@ -59,23 +60,12 @@ class Euler:
     def from_diffusers(cls, config, steps: int, ancestral: bool = False) -> "Euler":
         """From an EulerDiscreteScheduler (or, with ``ancestral``, EulerAncestralDiscreteScheduler) config."""
         cfg = config_items(config)
-        allowed = _EULER_KEYS if not ancestral else _ANCESTRAL_KEYS
-        inert = _EULER_INERT if not ancestral else _ANCESTRAL_INERT
-        unknown = set(cfg) - allowed - set(inert) - _SCHEDULE_KEYS
         name = "EulerAncestralDiscreteScheduler" if ancestral else "EulerDiscreteScheduler"
-        if unknown:
-            raise ValueError(f"config: unsupported {name} keys {sorted(unknown)}")
-        for key, value in inert.items():
-            if cfg.get(key, value) not in (value, None):
-                raise ValueError(f"config: {key}={cfg[key]!r} is not supported by fastguide's Euler")
-        sched_cfg = {k: v for k, v in cfg.items() if k in _SCHEDULE_KEYS}
-        sched_cfg.setdefault("timestep_spacing", "linspace")
-        schedule = NoiseSchedule.from_diffusers(sched_cfg, float32_arithmetic=True)
-        kinds = [k for k in ("karras", "exponential", "beta") if config_value(cfg, f"use_{k}_sigmas", bool, False)]
-        if len(kinds) > 1:
-            raise ValueError(f"config: only one of use_karras_sigmas / use_exponential_sigmas / use_beta_sigmas, "
-                             f"got {kinds}")
-        return cls(schedule, steps, ancestral=ancestral, sigma_schedule=kinds[0] if kinds else "training",
+        check_scheduler_keys(cfg, name, "Euler", _ANCESTRAL_KEYS if ancestral else _EULER_KEYS,
+                             _ANCESTRAL_INERT if ancestral else _EULER_INERT)
+        schedule = schedule_from_scheduler_config(cfg, "linspace")
+        sigma_schedule = sigma_schedule_of(cfg)
+        return cls(schedule, steps, ancestral=ancestral, sigma_schedule=sigma_schedule,
                    spacing=schedule.timestep_spacing, steps_offset=schedule.steps_offset,
                    final_sigmas_type=cfg.get("final_sigmas_type", "zero"), prediction_type=schedule.prediction_type,
                    sigma_min=cfg.get("sigma_min"), sigma_max=cfg.get("sigma_max"))
@@ -85,8 +75,6 @@ class Euler:
         return f"{kind}(steps={self.steps}, sigma_schedule={self.sigma_schedule!r})"
 
 
-_SCHEDULE_KEYS = {"num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "prediction_type",
-                  "timestep_spacing", "steps_offset"}
 _EULER_KEYS = {"use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "sigma_min", "sigma_max",
                "final_sigmas_type"}
 _EULER_INERT = {"interpolation_type": "linear", "timestep_type": "discrete", "rescale_betas_zero_snr": False}

@@ -11,7 +11,8 @@ from __future__ import annotations
 import numpy as np
 
 from fastguide.checks import check_int, check_steps
-from fastguide.schedule import NoiseSchedule, config_items, config_value
+from fastguide.schedule import (NoiseSchedule, check_scheduler_keys, config_items, config_value,
+                                schedule_from_scheduler_config, sigma_schedule_of)
 from fastguide.sigma_steps import (SPACINGS, discrete_sigma_grid, second_order_plan, stage_rows, vp_init_scale,
                                    vp_sigma_model)
 from fastguide.sigmas import SIGMA_SCHEDULES
@@ -46,18 +47,11 @@ class Heun:
     def from_diffusers(cls, config, steps: int) -> "Heun":
         """From a HeunDiscreteScheduler config."""
         cfg = config_items(config)
-        unknown = set(cfg) - _HEUN_KEYS - _SCHEDULE_KEYS
-        if unknown:
-            raise ValueError(f"config: unsupported HeunDiscreteScheduler keys {sorted(unknown)}")
-        sched_cfg = {k: v for k, v in cfg.items() if k in _SCHEDULE_KEYS}
-        sched_cfg.setdefault("timestep_spacing", "linspace")
-        schedule = NoiseSchedule.from_diffusers(sched_cfg, float32_arithmetic=True)
-        kinds = [k for k in ("karras", "exponential", "beta") if config_value(cfg, f"use_{k}_sigmas", bool, False)]
-        if len(kinds) > 1:
-            raise ValueError(f"config: only one of use_karras_sigmas / use_exponential_sigmas / use_beta_sigmas, "
-                             f"got {kinds}")
+        check_scheduler_keys(cfg, "HeunDiscreteScheduler", "Heun", _HEUN_KEYS)
+        schedule = schedule_from_scheduler_config(cfg, "linspace")
+        sigma_schedule = sigma_schedule_of(cfg)
         clip = config_value(cfg, "clip_sample", bool, False)
-        return cls(schedule, steps, sigma_schedule=kinds[0] if kinds else "training",
+        return cls(schedule, steps, sigma_schedule=sigma_schedule,
                    spacing=schedule.timestep_spacing, steps_offset=schedule.steps_offset,
                    prediction_type=schedule.prediction_type,
                    clip_sample_range=float(cfg.get("clip_sample_range", 1.0)) if clip else None)
@@ -66,6 +60,4 @@ class Heun:
         return f"Heun(steps={self.steps}, sigma_schedule={self.sigma_schedule!r}, evaluations={self.plan.steps})"
 
 
-_SCHEDULE_KEYS = {"num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "prediction_type",
-                  "timestep_spacing", "steps_offset"}
 _HEUN_KEYS = {"use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "clip_sample", "clip_sample_range"}

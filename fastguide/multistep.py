@@ -17,7 +17,8 @@ import torch
 
 from fastguide.checks import check_int, check_steps
 from fastguide.kernels.reference import NUM_COEF
-from fastguide.schedule import NoiseSchedule, config_items, config_value
+from fastguide.schedule import (NoiseSchedule, check_scheduler_keys, config_items, config_value,
+                                schedule_from_scheduler_config, sigma_schedule_of)
 from fastguide.sigmas import SIGMA_SCHEDULES, sigma_grid, sigma_to_t, training_sigmas, vp_alpha_sigma
 from fastguide.solvers import History, Plan, coef_row
 
@@ -78,28 +79,18 @@ class DPMSolver:
         """From a DPMSolverMultistepScheduler config (``scheduler.config``); options it cannot step exactly are
         refused by name. The schedule is rounded as diffusers rounds it (float32)."""
         cfg = config_items(config)
-        unknown = set(cfg) - _DPM_KEYS - set(_DPM_INERT) - _SCHEDULE_KEYS
-        if unknown:
-            raise ValueError(f"config: unsupported DPMSolverMultistepScheduler keys {sorted(unknown)}")
-        for key, inert in _DPM_INERT.items():
-            if cfg.get(key, inert) not in (inert, None):
-                raise ValueError(f"config: {key}={cfg[key]!r} is not supported by fastguide's DPMSolver")
-        sched_cfg = {k: v for k, v in cfg.items() if k in _SCHEDULE_KEYS}
-        sched_cfg.setdefault("timestep_spacing", "linspace")  # DPMSolverMultistepScheduler's default
-        schedule = NoiseSchedule.from_diffusers(sched_cfg, float32_arithmetic=True)
-        kinds = [k for k in ("karras", "exponential", "beta") if config_value(cfg, f"use_{k}_sigmas", bool, False)]
-        if len(kinds) > 1:
-            raise ValueError(f"config: only one of use_karras_sigmas / use_exponential_sigmas / use_beta_sigmas, "
-                             f"got {kinds}")
+        check_scheduler_keys(cfg, "DPMSolverMultistepScheduler", "DPMSolver", _DPM_KEYS, _DPM_INERT)
+        schedule = schedule_from_scheduler_config(cfg, "linspace")
+        sigma_schedule = sigma_schedule_of(cfg)
         return cls(schedule, steps, order=config_value(cfg, "solver_order", int, 2),
                    algorithm_type=cfg.get("algorithm_type", "dpmsolver++"),
                    solver_type=cfg.get("solver_type", "midpoint"),
                    lower_order_final=config_value(cfg, "lower_order_final", bool, True),
                    euler_at_final=config_value(cfg, "euler_at_final", bool, False),
                    final_sigmas_type=cfg.get("final_sigmas_type", "zero"),
-                   sigma_schedule=kinds[0] if kinds else "training", spacing=schedule.timestep_spacing,
+                   sigma_schedule=sigma_schedule, spacing=schedule.timestep_spacing,
                    steps_offset=schedule.steps_offset, prediction_type=schedule.prediction_type,
-                   round_timesteps=bool(kinds == ["karras"] and cfg.get("beta_schedule") != "squaredcos_cap_v2"),
+                   round_timesteps=bool(sigma_schedule == "karras" and cfg.get("beta_schedule") != "squaredcos_cap_v2"),
                    lambda_min_clipped=_lambda_min_clipped(cfg.get("lambda_min_clipped")))
 
     def __repr__(self):
@@ -108,8 +99,6 @@ class DPMSolver:
                 f"solver_type={o.solver_type!r}, sigma_schedule={self.sigma_schedule!r})")
 
 
-_SCHEDULE_KEYS = {"num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "prediction_type",
-                  "timestep_spacing", "steps_offset"}
 _DPM_KEYS = {"solver_order", "algorithm_type", "solver_type", "lower_order_final", "euler_at_final",
              "use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "final_sigmas_type",
              "lambda_min_clipped", "dynamic_thresholding_ratio", "sample_max_value", "flow_shift", "time_shift_type"}
@@ -353,25 +342,15 @@ class UniPC:
     def from_diffusers(cls, config, steps: int) -> "UniPC":
         """From a UniPCMultistepScheduler config; options it cannot step exactly are refused by name."""
         cfg = config_items(config)
-        unknown = set(cfg) - _UNIPC_KEYS - set(_UNIPC_INERT) - _SCHEDULE_KEYS
-        if unknown:
-            raise ValueError(f"config: unsupported UniPCMultistepScheduler keys {sorted(unknown)}")
-        for key, inert in _UNIPC_INERT.items():
-            if cfg.get(key, inert) not in (inert, None):
-                raise ValueError(f"config: {key}={cfg[key]!r} is not supported by fastguide's UniPC")
-        sched_cfg = {k: v for k, v in cfg.items() if k in _SCHEDULE_KEYS}
-        sched_cfg.setdefault("timestep_spacing", "linspace")  # UniPCMultistepScheduler's default
-        schedule = NoiseSchedule.from_diffusers(sched_cfg, float32_arithmetic=True)
-        kinds = [k for k in ("karras", "exponential", "beta") if config_value(cfg, f"use_{k}_sigmas", bool, False)]
-        if len(kinds) > 1:
-            raise ValueError(f"config: only one of use_karras_sigmas / use_exponential_sigmas / use_beta_sigmas, "
-                             f"got {kinds}")
+        check_scheduler_keys(cfg, "UniPCMultistepScheduler", "UniPC", _UNIPC_KEYS, _UNIPC_INERT)
+        schedule = schedule_from_scheduler_config(cfg, "linspace")
+        sigma_schedule = sigma_schedule_of(cfg)
         return cls(schedule, steps, order=config_value(cfg, "solver_order", int, 2),
                    solver_type=cfg.get("solver_type", "bh2"), predict_x0=config_value(cfg, "predict_x0", bool, True),
                    lower_order_final=config_value(cfg, "lower_order_final", bool, True),
                    disable_corrector=tuple(cfg.get("disable_corrector") or ()),
                    final_sigmas_type=cfg.get("final_sigmas_type", "zero"),
-                   sigma_schedule=kinds[0] if kinds else "training", spacing=schedule.timestep_spacing,
+                   sigma_schedule=sigma_schedule, spacing=schedule.timestep_spacing,
                    steps_offset=schedule.steps_offset, prediction_type=schedule.prediction_type,
                    sigma_min=cfg.get("sigma_min"), sigma_max=cfg.get("sigma_max"))
 

@@ -14,7 +14,8 @@ import torch
 
 from fastguide.checks import check_int, check_steps
 from fastguide.kernels.reference import NUM_COEF
-from fastguide.schedule import NoiseSchedule, config_items, config_value
+from fastguide.schedule import (NoiseSchedule, check_scheduler_keys, config_items, config_value,
+                                schedule_from_scheduler_config)
 from fastguide.solvers import History, Plan, coef_row
 
 SPACINGS = ("linspace", "leading", "trailing")
@@ -104,15 +105,11 @@ class PLMS:
     def from_diffusers(cls, config, steps: int) -> "PLMS":
         """From a PNDMScheduler config with ``skip_prk_steps=True``."""
         cfg = config_items(config)
-        unknown = set(cfg) - {"skip_prk_steps", "set_alpha_to_one"} - _SCHEDULE_KEYS
-        if unknown:
-            raise ValueError(f"config: unsupported PNDMScheduler keys {sorted(unknown)}")
+        check_scheduler_keys(cfg, "PNDMScheduler", "PLMS", {"skip_prk_steps", "set_alpha_to_one"})
         if not config_value(cfg, "skip_prk_steps", bool, False):
             raise ValueError("config: skip_prk_steps=False (PNDM's Runge-Kutta warm-up) is not supported; fastguide "
                              "steps PLMS, the skip_prk_steps=True configuration Stable Diffusion ships")
-        sched_cfg = {k: v for k, v in cfg.items() if k in _SCHEDULE_KEYS}
-        sched_cfg.setdefault("timestep_spacing", "leading")
-        schedule = NoiseSchedule.from_diffusers(sched_cfg, float32_arithmetic=True)
+        schedule = schedule_from_scheduler_config(cfg, "leading")
         return cls(schedule, steps, spacing=schedule.timestep_spacing, steps_offset=schedule.steps_offset,
                    set_alpha_to_one=config_value(cfg, "set_alpha_to_one", bool, False),
                    prediction_type=schedule.prediction_type)
@@ -121,8 +118,6 @@ class PLMS:
         return f"PLMS(steps={self.steps}, evaluations={self.plan.steps})"
 
 
-_SCHEDULE_KEYS = {"num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "prediction_type",
-                  "timestep_spacing", "steps_offset"}
 
 
 def _transfer(a_t: torch.Tensor, a_p: torch.Tensor) -> tuple[float, float]:

@@ -228,6 +228,40 @@ def config_value(cfg: dict, key: str, kind: type, default):
     return kind(value)
 
 
+# The keys of a diffusers scheduler config that describe its noise schedule (the rest are the solver's options).
+SCHEDULE_CONFIG_KEYS = {"num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas",
+                        "prediction_type", "timestep_spacing", "steps_offset"}
+
+
+def schedule_from_scheduler_config(cfg: dict, default_spacing: str) -> "NoiseSchedule":
+    """The NoiseSchedule of a sigma-space or multistep scheduler's config (its schedule keys; the scheduler's own
+    default spacing when the config has none), rounded as diffusers rounds it (float32)."""
+    sched_cfg = {k: v for k, v in cfg.items() if k in SCHEDULE_CONFIG_KEYS}
+    sched_cfg.setdefault("timestep_spacing", default_spacing)
+    return NoiseSchedule.from_diffusers(sched_cfg, float32_arithmetic=True)
+
+
+def check_scheduler_keys(cfg: dict, scheduler: str, solver: str, options: set, inert: dict | None = None) -> None:
+    """Refuse, by name, the keys of a ``scheduler`` config that ``solver`` does not take (``options`` and the
+    schedule keys are taken; ``inert`` keys only at their default value or None)."""
+    inert = inert or {}
+    unknown = set(cfg) - set(options) - set(inert) - SCHEDULE_CONFIG_KEYS
+    if unknown:
+        raise ValueError(f"config: unsupported {scheduler} keys {sorted(unknown)}")
+    for key, default in inert.items():
+        if cfg.get(key, default) not in (default, None):
+            raise ValueError(f"config: {key}={cfg[key]!r} is not supported by fastguide's {solver}")
+
+
+def sigma_schedule_of(cfg: dict) -> str:
+    """"training", or the one of use_karras_sigmas / use_exponential_sigmas / use_beta_sigmas a config sets."""
+    kinds = [k for k in ("karras", "exponential", "beta") if config_value(cfg, f"use_{k}_sigmas", bool, False)]
+    if len(kinds) > 1:
+        raise ValueError(f"config: only one of use_karras_sigmas / use_exponential_sigmas / use_beta_sigmas, "
+                         f"got {kinds}")
+    return kinds[0] if kinds else "training"
+
+
 def _check_num_train(n: int) -> None:
     if not isinstance(n, (int, np.integer)) or n < 2:
         raise ValueError(f"num_train_timesteps: expected an int >= 2, got {n!r}")
