@@ -83,7 +83,7 @@ class EDM:
         init = float(sig[0]) if init_noise_sigma is None else float(init_noise_sigma)
         init = math.sqrt(init * init + churn[0] ** 2)
         self.sigmas = np.append(sig, last)
-        self.plan = second_order_plan(rows, times, "sample" if prediction_type == "denoiser" else prediction_type,
+        self.plan = second_order_plan(rows, model, times, "sample" if prediction_type == "denoiser" else prediction_type,
                                       None, init * model.state_scale(float(sig_hat[0])), kind="edm", with_history=heun)
 
     def _model_time(self, sigma: float) -> float:

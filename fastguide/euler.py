@@ -53,8 +53,9 @@ class Euler:
         t, sig = discrete_sigma_grid(schedule, steps, sigma_schedule, spacing,
                                      check_int(steps_offset, "steps_offset", 0), final_sigmas_type, sigma_min, sigma_max)
         target, up = ancestral_split(sig) if ancestral else (sig[1:].astype(np.float64), np.zeros(steps))
-        rows = stage_rows(sig[:-1].astype(np.float64), target, up, vp_sigma_model(pred), heun=False)
-        self.plan = second_order_plan(rows, t, pred, schedule, vp_init_scale(sig, spacing), with_history=False)
+        model = vp_sigma_model(pred)
+        rows = stage_rows(sig[:-1].astype(np.float64), target, up, model, heun=False)
+        self.plan = second_order_plan(rows, model, t, pred, schedule, vp_init_scale(sig, spacing), with_history=False)
 
     @classmethod
     def from_diffusers(cls, config, steps: int, ancestral: bool = False) -> "Euler":

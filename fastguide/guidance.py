@@ -154,13 +154,14 @@ class ReCFG(CFG):
 
 
 class ClassifierGuidance(GuidanceRule):
-    """``eps = eps_c - scale * sqrt(1 - abar_t) * grad_x log p(y | x_t)`` (Dhariwal & Nichol 2021).
+    """``m = m_c - scale * k_t * grad log p(y | x_t)`` (Dhariwal & Nichol 2021), the gradient taken with respect to
+    what the model reads and ``k_t`` the plan's ``score_scale``: sqrt(1 - abar_t) for a VP eps model (their
+    rule), and the equivalent for v / sample prediction and sigma-space and EDM plans (the same added score).
 
-    ``classifier(x_t, t) -> logits [B, K]``. The model runs on the B conditional rows only; with
-    ``use_null_cond=True`` it runs with the null condition instead (classifier guidance of an
-    unconditional model). Needs an epsilon-prediction solver on a discrete VP schedule (any of them: the plan's
-    eps scale at each model time is used, fractional times included). The gradient needs autograd, so the
-    loop runs it eagerly (no compiled hot step, no CUDA graph).
+    ``classifier(x_t, t) -> logits [B, K]`` reads what the model reads. The model runs on the B conditional rows
+    only; with ``use_null_cond=True`` it runs with the null condition instead (classifier guidance of an
+    unconditional model). Every diffusion solver takes it; flow-matching plans (no score scale at sigma = 1) do
+    not. The gradient needs autograd, so the loop runs it eagerly (no compiled hot step, no CUDA graph).
     """
 
     traceable = False
@@ -175,16 +176,16 @@ class ClassifierGuidance(GuidanceRule):
         return self.use_null_cond
 
     def prepare(self, plan, cond: torch.Tensor, latent_shape) -> StepGuidance:
-        if plan.kind != "discrete" or plan.prediction_type != "epsilon":
-            raise ValueError("guidance: ClassifierGuidance needs an epsilon-prediction solver on a discrete VP schedule "
-                             "(DDIM, DDPM, DPM-Solver, UniPC, Euler, Heun, PLMS), got "
-                             f"{plan.kind} / {plan.prediction_type}")
+        if not bool(torch.isfinite(plan.score_scale).all()):
+            raise ValueError(f"guidance: ClassifierGuidance needs a diffusion solver's plan (a finite score scale at "
+                             f"every step); this {plan.kind} / {plan.prediction_type} plan has none at some step (flow "
+                             "matching, or v / sample prediction at zero terminal SNR)")
         if cond.ndim != 1 or cond.is_floating_point():
             raise TypeError("cond: ClassifierGuidance needs integer class labels [B]")
         return StepGuidance(torch.ones(plan.steps, cond.shape[0], dtype=torch.float64), (False,) * plan.steps)
 
     def wrap_model(self, model, plan, null_cond):
-        return ClassifierGuidedModel(model, self.classifier, self.scale, plan.timesteps, plan.eps_scale,
+        return ClassifierGuidedModel(model, self.classifier, self.scale, plan.timesteps, plan.score_scale,
                                      null_cond if self.use_null_cond else None)
 
     def __repr__(self):
@@ -192,38 +193,39 @@ class ClassifierGuidance(GuidanceRule):
 
 
 class ClassifierGuidedModel:
-    """``model`` with the classifier's gradient folded into its epsilon output; ``model_times`` / ``eps_scales``
-    [S]: the plan's model times and sqrt(1 - abar) at each (so fractional times of sigma-space plans get the
-    plan's own scale); ``null_cond``: run the model with the null condition, the classifier with the labels."""
+    """``model`` with the classifier's gradient folded into its output; ``model_times`` / ``score_scales`` [S]:
+    the plan's model times and its score scale at each (so fractional times of sigma-space plans get the plan's
+    own); ``null_cond``: run the model with the null condition, the classifier with the labels."""
 
-    def __init__(self, model, classifier, scale, model_times: torch.Tensor, eps_scales: torch.Tensor, null_cond=None):
+    def __init__(self, model, classifier, scale, model_times: torch.Tensor, score_scales: torch.Tensor,
+                 null_cond=None):
         self.model, self.classifier, self.scale, self.null_cond = model, classifier, scale, null_cond
-        self.model_times, self.eps_scales = model_times.double(), eps_scales.double()
+        self.model_times, self.score_scales = model_times.double(), score_scales.double()
 
-    def eps_scale(self, t: torch.Tensor) -> torch.Tensor:
-        """sqrt(1 - abar) [B] float64 at each row's model time (one of the plan's)."""
+    def score_scale(self, t: torch.Tensor) -> torch.Tensor:
+        """k [B] float64 at each row's model time (one of the plan's)."""
         hit = t.detach().double().cpu()[:, None] == self.model_times[None, :]
         if not bool(hit.any(1).all()):
             raise ValueError(f"t: ClassifierGuidance got a model time outside its plan: {t.tolist()}")
-        return self.eps_scales[hit.double().argmax(1)]
+        return self.score_scales[hit.double().argmax(1)]
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        eps = self.model(x, t, cond if self.null_cond is None else null_batch(self.null_cond, cond))
-        check_model_output(eps, x)
+        m = self.model(x, t, cond if self.null_cond is None else null_batch(self.null_cond, cond))
+        check_model_output(m, x)
         # The classifier runs in float32; the update in the step's compute dtype, so a float64 run stays float64
-        # (and scale 0 leaves eps untouched).
-        cdt = compute_dtype_for(eps.dtype)
+        # (and scale 0 leaves the output untouched).
+        cdt = compute_dtype_for(m.dtype)
         bcast = (-1, *([1] * (x.ndim - 1)))
-        eps_scale = self.eps_scale(t).to(x.device).view(bcast)
+        k = self.score_scale(t).to(x.device).view(bcast)
         if isinstance(self.scale, torch.Tensor):
-            factor = self.scale.to(x.device, cdt).view(bcast) * eps_scale.to(cdt)
+            factor = self.scale.to(x.device, cdt).view(bcast) * k.to(cdt)
         else:
-            factor = (self.scale * eps_scale).to(cdt)
+            factor = (self.scale * k).to(cdt)
         with torch.enable_grad():
             xg = x.detach().float().requires_grad_(True)
             logp = torch.log_softmax(self.classifier(xg, t).float(), dim=-1)
             (grad,) = torch.autograd.grad(logp.gather(1, cond.view(-1, 1).long()).sum(), xg)
-        return (eps.to(cdt) - factor * grad.to(cdt)).to(eps.dtype)
+        return (m.to(cdt) - factor * grad.to(cdt)).to(m.dtype)
 
 
 def check_guidance(guidance, null_cond) -> GuidanceRule:

@@ -38,9 +38,10 @@ class Heun:
             raise ValueError(f"clip_sample_range: expected a positive number or None, got {clip_sample_range!r}")
         self.schedule, self.steps, self.sigma_schedule = schedule, steps, sigma_schedule
         t, sig = discrete_sigma_grid(schedule, steps, sigma_schedule, spacing, check_int(steps_offset, "steps_offset", 0), "zero")
-        rows = stage_rows(sig[:-1], sig[1:], np.zeros(steps), vp_sigma_model(pred))
+        model = vp_sigma_model(pred)
+        rows = stage_rows(sig[:-1], sig[1:], np.zeros(steps), model)
         times = np.concatenate([t[:1], np.repeat(t[1:], 2)])
-        self.plan = second_order_plan(rows, times, pred, schedule, vp_init_scale(sig, spacing),
+        self.plan = second_order_plan(rows, model, times, pred, schedule, vp_init_scale(sig, spacing),
                                       None if clip_sample_range is None else float(clip_sample_range))
 
     @classmethod

@@ -20,7 +20,7 @@ from fastguide.kernels.reference import NUM_COEF
 from fastguide.schedule import (NoiseSchedule, check_scheduler_keys, config_items, config_value,
                                 schedule_from_scheduler_config, sigma_schedule_of)
 from fastguide.sigmas import SIGMA_SCHEDULES, sigma_grid, sigma_to_t, training_sigmas, vp_alpha_sigma
-from fastguide.solvers import History, Plan, coef_row
+from fastguide.solvers import History, Plan, coef_row, vp_score_scale
 
 ALGORITHMS = ("dpmsolver++", "dpmsolver", "sde-dpmsolver++", "sde-dpmsolver")
 SOLVER_TYPES = ("midpoint", "heun")
@@ -70,9 +70,9 @@ class DPMSolver:
                              final_sigmas_type, sigma_schedule == "karras" if round_timesteps is None else round_timesteps,
                              lambda_min_clipped)
         coef, history = dpm_coefficients(sigmas, pred, opts, schedule.float32_arithmetic)
-        eps_scale = [vp_alpha_sigma(float(s))[1] for s in sigmas[:-1]]
+        score_scale = [vp_score_scale(1 / (1 + float(s) ** 2), pred) for s in sigmas[:-1]]
         self.plan = Plan(torch.from_numpy(t.astype(np.float64)), torch.tensor(coef, dtype=torch.float64),
-                         torch.tensor(eps_scale, dtype=torch.float64), None, pred, "discrete", schedule, history)
+                         torch.tensor(score_scale, dtype=torch.float64), None, pred, "discrete", schedule, history)
 
     @classmethod
     def from_diffusers(cls, config, steps: int) -> "DPMSolver":
@@ -334,9 +334,9 @@ class UniPC:
                              final_sigmas_type, sigma_schedule == "karras", final_from_grid=True,
                              sigma_min=sigma_min, sigma_max=sigma_max)
         coef, history = unipc_coefficients(sigmas, pred, opts, schedule.float32_arithmetic)
-        eps_scale = [vp_alpha_sigma(float(s))[1] for s in sigmas[:-1]]
+        score_scale = [vp_score_scale(1 / (1 + float(s) ** 2), pred) for s in sigmas[:-1]]
         self.plan = Plan(torch.from_numpy(t.astype(np.float64)), torch.tensor(coef, dtype=torch.float64),
-                         torch.tensor(eps_scale, dtype=torch.float64), None, pred, "discrete", schedule, history)
+                         torch.tensor(score_scale, dtype=torch.float64), None, pred, "discrete", schedule, history)
 
     @classmethod
     def from_diffusers(cls, config, steps: int) -> "UniPC":

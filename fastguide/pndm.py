@@ -16,7 +16,7 @@ from fastguide.checks import check_int, check_steps
 from fastguide.kernels.reference import NUM_COEF
 from fastguide.schedule import (NoiseSchedule, check_scheduler_keys, config_items, config_value,
                                 schedule_from_scheduler_config)
-from fastguide.solvers import History, Plan, coef_row
+from fastguide.solvers import History, Plan, coef_row, vp_score_scale
 
 SPACINGS = ("linspace", "leading", "trailing")
 ADAMS_BASHFORTH = {1: (1.0,), 2: (3 / 2, -1 / 2), 3: (23 / 12, -16 / 12, 5 / 12),
@@ -97,8 +97,8 @@ class PLMS:
                           torch.tensor(writes, dtype=torch.float64))
         coef_t = torch.tensor(coef, dtype=torch.float64).reshape(-1, NUM_COEF)
         abar64 = schedule.alphas_cumprod
-        eps_scale = torch.tensor([float((1 - abar64[int(t)]).sqrt()) for t in train], dtype=torch.float64)
-        self.plan = Plan(torch.tensor(times, dtype=torch.float64), coef_t, eps_scale, None, pred, "discrete", schedule,
+        score_scale = torch.tensor([vp_score_scale(float(abar64[int(t)]), pred) for t in train], dtype=torch.float64)
+        self.plan = Plan(torch.tensor(times, dtype=torch.float64), coef_t, score_scale, None, pred, "discrete", schedule,
                          history)
 
     @classmethod

@@ -88,10 +88,12 @@ def _x0_row(model: SigmaModel, sigma: float, cx_ve: float, c0: float, s: float) 
     return coef_row(A=cx + c0 * px, B=c0 * pm, S=s, PX=px, PM=pm, C0=c0, CX=cx, CM=0.0)
 
 
-def second_order_plan(rows: SecondOrderRows, model_times, prediction_type: str, schedule, init_scale: float,
-                      clip_range: float | None = None, kind: str = "discrete", with_history: bool = True) -> Plan:
+def second_order_plan(rows: SecondOrderRows, model: SigmaModel, model_times, prediction_type: str, schedule,
+                      init_scale: float, clip_range: float | None = None, kind: str = "discrete",
+                      with_history: bool = True) -> Plan:
     """The Plan of ``rows``: with ``with_history`` (Heun) one slot and one write per evaluation; without (Euler)
-    none. ``kind`` "discrete" plans carry the VP eps scale sigma / sqrt(1 + sigma^2); others NaN."""
+    none. Its score scale at each evaluation is -sigma^2 state_scale / b (x0 = a x_ve + b m gains sigma^2 times
+    the gradient in x_ve, which is state_scale times the gradient in what the model reads)."""
     coef = np.asarray(rows.coef, dtype=np.float64).reshape(-1, NUM_COEF)
     if not np.isfinite(coef).all():
         raise ValueError("sigmas: the plan has non-finite coefficients (a sigma of 0 before the last step?)")
@@ -100,9 +102,9 @@ def second_order_plan(rows: SecondOrderRows, model_times, prediction_type: str, 
     if with_history:
         history = History(torch.tensor(rows.weights, dtype=torch.float64), torch.zeros(e, 1, dtype=torch.int64),
                           torch.tensor(rows.writes, dtype=torch.float64))
-    eps_scale = torch.tensor([s / math.sqrt(s * s + 1) if kind == "discrete" else math.nan for s in rows.eval_sigmas],
-                             dtype=torch.float64)
-    return Plan(torch.as_tensor(np.asarray(model_times, dtype=np.float64)), torch.from_numpy(coef), eps_scale,
+    score_scale = torch.tensor([-s * s * model.state_scale(s) / model.to_x0(s)[1] for s in rows.eval_sigmas],
+                               dtype=torch.float64)
+    return Plan(torch.as_tensor(np.asarray(model_times, dtype=np.float64)), torch.from_numpy(coef), score_scale,
                 clip_range, prediction_type, kind, schedule, history, init_scale=init_scale)
 
 

@@ -24,7 +24,9 @@ class Plan:
 
     timesteps: torch.Tensor  # [S] model time input: training index (discrete) or flow time sigma in [0, 1]
     coef: torch.Tensor  # [S, NUM_COEF]: one column per Coef name
-    eps_scale: torch.Tensor  # [S] sqrt(1 - abar_t): score = -eps / eps_scale (NaN for flow plans)
+    # [S] k: classifier guidance adds -scale * k * grad log p(y | input) to the model output m (the gradient with
+    # respect to what the model reads); sqrt(1 - abar_t) for a VP eps model (NaN where undefined: flow plans)
+    score_scale: torch.Tensor
     clip_range: float | None
     prediction_type: str
     kind: str  # "discrete" | "flow"
@@ -67,6 +69,19 @@ def coef_row(**values: float) -> list[float]:
     for name, value in values.items():
         row[Coef[name]] = value
     return row
+
+
+def vp_score_scale(abar: float, prediction_type: str) -> float:
+    """k of a VP model's output at abar (Plan.score_scale): the score gains grad log p when x0 = Px x + Pm m gains
+    (1 - abar) / sqrt(abar) grad, so m gains that over Pm: eps sqrt(1 - abar) (Dhariwal & Nichol 2021), v
+    sqrt((1 - abar) / abar), sample -(1 - abar) / sqrt(abar) (inf at zero terminal SNR)."""
+    if prediction_type == "epsilon":
+        return math.sqrt(1.0 - abar)
+    if prediction_type not in ("v_prediction", "sample"):
+        prediction_to_x0_eps(abar, prediction_type)  # raises, naming the argument
+    if abar <= 0:
+        return math.inf
+    return math.sqrt((1.0 - abar) / abar) if prediction_type == "v_prediction" else -(1.0 - abar) / math.sqrt(abar)
 
 
 def prediction_to_x0_eps(abar: float, prediction_type: str, roots: tuple[float, float] | None = None
@@ -212,7 +227,8 @@ class DDIM:
         coef = np.array(rows, dtype=np.float64).reshape(len(ts), NUM_COEF)
         _check_finite_plan(coef, "DDIM")
         self.plan = Plan(torch.from_numpy(ts.astype(np.float64)), torch.from_numpy(coef),
-                         torch.from_numpy(np.sqrt(1 - abar[ts])), _resolve_clip(schedule, clip_sample, clip_sample_range),
+                         torch.tensor([vp_score_scale(float(abar[t]), pred) for t in ts], dtype=torch.float64),
+                         _resolve_clip(schedule, clip_sample, clip_sample_range),
                          pred, "discrete", schedule)
 
     def __repr__(self):
@@ -243,7 +259,8 @@ class DDPM:
         coef = np.array(rows, dtype=np.float64).reshape(len(ts), NUM_COEF)
         _check_finite_plan(coef, "DDPM")
         self.plan = Plan(torch.from_numpy(ts.astype(np.float64)), torch.from_numpy(coef),
-                         torch.from_numpy(np.sqrt(1 - abar[ts])), _resolve_clip(schedule, clip_sample, clip_sample_range),
+                         torch.tensor([vp_score_scale(float(abar[t]), pred) for t in ts], dtype=torch.float64),
+                         _resolve_clip(schedule, clip_sample, clip_sample_range),
                          pred, "discrete", schedule)
 
     def __repr__(self):

@@ -322,10 +322,10 @@ def test_missing_null_cond_for_cfg(tanh_kit):
             fg.Sampler(tanh_kit.model, fg.DDIM(SCHEDULE, steps=4), guidance)
 
 
-def test_classifier_guidance_needs_an_epsilon_discrete_solver(tanh_kit):
+def test_classifier_guidance_needs_a_diffusion_solver(tanh_kit):
     clf = fg.ClassifierGuidance(lambda x, t: x.flatten(1)[:, :3], scale=1.0)
     s = fg.Sampler(tanh_kit.model, fg.FlowEuler(4), clf, progress=False)
-    with pytest.raises(ValueError, match="guidance: ClassifierGuidance needs an epsilon-prediction"):
+    with pytest.raises(ValueError, match="guidance: ClassifierGuidance needs a diffusion solver's plan"):
         s.sample(tanh_kit.noise(), tanh_kit.LABELS)
     with pytest.raises(TypeError, match="classifier: expected a callable"):
         fg.ClassifierGuidance("not callable")
@@ -365,3 +365,41 @@ def test_recfg_needs_integer_labels(tanh_kit):
     with pytest.raises(TypeError, match="cond: ReCFG needs integer condition ids"):
         tanh_kit.sampler(fg.ReCFG(2.0, table=torch.ones(4, 4, *tanh_kit.SHAPE)),
                          null_cond=torch.zeros(5)).sample(tanh_kit.noise(), torch.zeros(2, 5))
+
+
+@pytest.mark.parametrize("prediction_type", ["v_prediction", "sample"])
+@pytest.mark.parametrize("solver", ["ddim", "dpm++2m", "heun"])
+def test_classifier_guidance_of_a_v_or_x0_model_is_that_of_its_eps_model(prediction_type, solver, tanh_kit):
+    """The same network written as eps, v and x0 prediction (exact conversions) samples the same under
+    classifier guidance: the added score is the same whatever the model predicts (Dhariwal & Nichol's eps rule
+    is the reference)."""
+    schedule = fg.NoiseSchedule.linear()
+    abar = schedule.alphas_cumprod
+
+    def eps_model(x, t, c):
+        return torch.tanh(x * 0.7 + (t / 1000).view(-1, 1, 1, 1).to(x.dtype))
+
+    def other(x, t, c):  # t may be fractional (Heun): abar interpolated, as a continuous-time model would
+        lo = t.floor().long().clamp(max=len(abar) - 2)
+        w = (t - lo).view(-1, 1, 1, 1)
+        a = (abar[lo].view(-1, 1, 1, 1) * (1 - w) + abar[lo + 1].view(-1, 1, 1, 1) * w).to(x.dtype)
+        eps = eps_model(x, t, c)
+        x0 = (x - (1 - a).sqrt() * eps) / a.sqrt()
+        return a.sqrt() * eps - (1 - a).sqrt() * x0 if prediction_type == "v_prediction" else x0
+
+    def make(pred):
+        if solver == "ddim":
+            return fg.DDIM(schedule, steps=6, prediction_type=pred)
+        if solver == "dpm++2m":
+            return fg.DPMSolver(schedule, 6, prediction_type=pred)
+        return fg.Heun(schedule, 4, prediction_type=pred, spacing="leading")
+
+    weight = torch.randn(3, int(np.prod(tanh_kit.SHAPE)), dtype=torch.float64)
+    clf = fg.ClassifierGuidance(lambda x, t: x.flatten(1).double() @ weight.T, scale=3.0)
+    noise = tanh_kit.noise()
+    want = fg.Sampler(eps_model, make("epsilon"), clf, backend="torch", progress=False).sample(noise, tanh_kit.LABELS)
+    got = fg.Sampler(other, make(prediction_type), clf, backend="torch", progress=False).sample(noise, tanh_kit.LABELS)
+    plain = fg.Sampler(other, make(prediction_type), fg.NoGuidance(), backend="torch", progress=False).sample(
+        noise, tanh_kit.LABELS)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)  # the classifier runs in float32
+    assert (got - plain).abs().max() > 1e-2  # the guidance really acts

@@ -378,9 +378,25 @@ def test_edm_bad_options_are_named():
             EDM.from_diffusers(cfg, 4)
 
 
-def test_classifier_guidance_refuses_edm_plans_by_name():
-    sampler = fg.Sampler(edm_denoiser, EDM(4), fg.ClassifierGuidance(lambda x, t: x.flatten(1)[:, :NULL], 1.0),
-                         backend="torch", progress=False)
-    with pytest.raises(ValueError, match=r"^guidance: ClassifierGuidance needs an epsilon-prediction solver on a "
-                                         r"discrete VP schedule"):
-        sampler.sample(fg.seeded_noise(range(BATCH), SHAPE, torch.float64), LABELS)
+def test_classifier_guidance_of_an_edm_denoiser_equals_algorithm_2_with_the_guided_denoiser():
+    """Classifier guidance adds grad log p(y | x) to the score, so a denoiser becomes D + sigma^2 grad (Algorithm 2
+    written out with that denoiser is the reference)."""
+    weight = torch.randn(NULL, int(np.prod(SHAPE)), dtype=torch.float64)
+
+    def classifier(x, t):
+        return x.flatten(1).to(weight.dtype) @ weight.T * 0.3
+
+    def guided_denoiser(x, sigma):
+        xg = x.clone().requires_grad_(True)
+        logp = torch.log_softmax(classifier(xg, sigma), -1).gather(1, LABELS.view(-1, 1)).sum()
+        (grad,) = torch.autograd.grad(logp, xg)
+        return edm_denoiser(x, sigma.expand(BATCH), LABELS) + 2.0 * sigma**2 * grad
+
+    noise = fg.seeded_noise(range(BATCH), SHAPE, torch.float64)
+    want = edm_algorithm_2(guided_denoiser, noise, 5, None, sigma_max=10.0)
+    got = fg.Sampler(edm_denoiser, EDM(5, sigma_max=10.0), fg.ClassifierGuidance(classifier, 2.0), backend="torch",
+                     progress=False).sample(noise, LABELS)
+    plain = fg.Sampler(edm_denoiser, EDM(5, sigma_max=10.0), fg.NoGuidance(), backend="torch",
+                       progress=False).sample(noise, LABELS)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)  # the classifier runs in float32
+    assert (got - plain).abs().max() > 1e-2
