@@ -26,6 +26,13 @@ def real(value, name: str) -> float:
         raise ValueError(f"{name}: {value} is too large") from None
 
 
+def check_choices(*choices) -> None:
+    """Each (name, value, allowed): value must be one of allowed (a ValueError naming it otherwise)."""
+    for name, value, allowed in choices:
+        if value not in allowed:
+            raise ValueError(f"{name}: expected one of {allowed}, got {value!r}")
+
+
 def check_steps(steps, num_train_timesteps: int | None = None) -> None:
     if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)):
         raise TypeError(f"steps: expected an int, got {type(steps).__name__}")

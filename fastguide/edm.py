@@ -19,7 +19,7 @@ import math
 
 import numpy as np
 
-from fastguide.checks import check_steps
+from fastguide.checks import check_choices, check_steps
 from fastguide.schedule import config_items, config_value
 from fastguide.sigma_steps import SigmaModel, second_order_plan, stage_rows
 from fastguide.sigmas import sigma_grid
@@ -61,11 +61,9 @@ class EDM:
                 raise ValueError(f"{name}: expected a non-negative finite number, got {value!r}")
         if not isinstance(heun, bool):
             raise TypeError(f"heun: expected True or False, got {heun!r}")
-        for name, value, allowed in (("prediction_type", prediction_type, EDM_PREDICTIONS),
-                                     ("sigma_schedule", sigma_schedule, EDM_SCHEDULES),
-                                     ("final_sigmas_type", final_sigmas_type, ("zero", "sigma_min"))):
-            if value not in allowed:
-                raise ValueError(f"{name}: expected one of {allowed}, got {value!r}")
+        check_choices(("prediction_type", prediction_type, EDM_PREDICTIONS),
+                      ("sigma_schedule", sigma_schedule, EDM_SCHEDULES),
+                      ("final_sigmas_type", final_sigmas_type, ("zero", "sigma_min")))
         if heun and final_sigmas_type != "zero":
             raise ValueError("final_sigmas_type: Heun ends at sigma 0 (its last interval is an Euler step)")
         if heun and steps < 2:

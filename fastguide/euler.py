@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from fastguide.checks import check_int, check_steps
+from fastguide.checks import check_choices, check_int, check_steps
 from fastguide.schedule import (NoiseSchedule, check_scheduler_keys, config_items, schedule_from_scheduler_config,
                                 sigma_schedule_of)
 from fastguide.sigma_steps import (SPACINGS, discrete_sigma_grid, second_order_plan, stage_rows, vp_init_scale,
@@ -39,10 +39,8 @@ class Euler:
         check_steps(steps, schedule.num_train_timesteps)
         if not isinstance(ancestral, bool):
             raise TypeError(f"ancestral: expected True or False, got {ancestral!r}")
-        for name, value, allowed in (("sigma_schedule", sigma_schedule, SIGMA_SCHEDULES), ("spacing", spacing, SPACINGS),
-                                     ("final_sigmas_type", final_sigmas_type, FINAL_SIGMAS)):
-            if value not in allowed:
-                raise ValueError(f"{name}: expected one of {allowed}, got {value!r}")
+        check_choices(("sigma_schedule", sigma_schedule, SIGMA_SCHEDULES), ("spacing", spacing, SPACINGS),
+                      ("final_sigmas_type", final_sigmas_type, FINAL_SIGMAS))
         if ancestral and (sigma_schedule != "training" or final_sigmas_type != "zero"):
             raise ValueError("sigma_schedule: Euler-ancestral steps the training grid down to sigma 0 (as diffusers' "
                              "EulerAncestralDiscreteScheduler does)")

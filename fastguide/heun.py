@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from fastguide.checks import check_int, check_steps
+from fastguide.checks import check_choices, check_int, check_steps
 from fastguide.schedule import (NoiseSchedule, check_scheduler_keys, config_items, config_value,
                                 schedule_from_scheduler_config, sigma_schedule_of)
 from fastguide.sigma_steps import (SPACINGS, discrete_sigma_grid, second_order_plan, stage_rows, vp_init_scale,
@@ -28,9 +28,7 @@ class Heun:
         if not isinstance(schedule, NoiseSchedule):
             raise TypeError(f"schedule: expected a fastguide.NoiseSchedule, got {type(schedule).__name__}")
         check_steps(steps, schedule.num_train_timesteps)
-        for name, value, allowed in (("sigma_schedule", sigma_schedule, SIGMA_SCHEDULES), ("spacing", spacing, SPACINGS)):
-            if value not in allowed:
-                raise ValueError(f"{name}: expected one of {allowed}, got {value!r}")
+        check_choices(("sigma_schedule", sigma_schedule, SIGMA_SCHEDULES), ("spacing", spacing, SPACINGS))
         pred = schedule.prediction_type if prediction_type is None else prediction_type
         if pred not in ("epsilon", "sample", "v_prediction"):
             raise ValueError(f"prediction_type: expected epsilon, sample or v_prediction, got {pred!r}")

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from fastguide.checks import check_int, check_steps
+from fastguide.checks import check_choices, check_int, check_steps
 from fastguide.kernels.reference import NUM_COEF
 from fastguide.schedule import (NoiseSchedule, check_scheduler_keys, config_items, config_value,
                                 schedule_from_scheduler_config, sigma_schedule_of)
@@ -59,9 +59,7 @@ class DPMSolver:
         check_steps(steps, schedule.num_train_timesteps)
         opts = _check_options(order, algorithm_type, solver_type, lower_order_final, euler_at_final,
                               final_sigmas_type, steps)
-        for name, value, allowed in (("sigma_schedule", sigma_schedule, SIGMA_SCHEDULES), ("spacing", spacing, SPACINGS)):
-            if value not in allowed:
-                raise ValueError(f"{name}: expected one of {allowed}, got {value!r}")
+        check_choices(("sigma_schedule", sigma_schedule, SIGMA_SCHEDULES), ("spacing", spacing, SPACINGS))
         pred = schedule.prediction_type if prediction_type is None else prediction_type
         if pred not in ("epsilon", "sample", "v_prediction"):
             raise ValueError(f"prediction_type: expected epsilon, sample or v_prediction, got {pred!r}")
@@ -121,10 +119,8 @@ def _check_options(order, algorithm_type, solver_type, lower_order_final, euler_
         raise ValueError(f"order: expected 1, 2 or 3, got {order!r}")
     if order > steps:
         raise ValueError(f"order: {order} needs at least {order} steps, got {steps}")
-    for name, value, allowed in (("algorithm_type", algorithm_type, ALGORITHMS), ("solver_type", solver_type,
-                                 SOLVER_TYPES), ("final_sigmas_type", final_sigmas_type, FINAL_SIGMAS)):
-        if value not in allowed:
-            raise ValueError(f"{name}: expected one of {allowed}, got {value!r}")
+    check_choices(("algorithm_type", algorithm_type, ALGORITHMS), ("solver_type", solver_type, SOLVER_TYPES),
+                  ("final_sigmas_type", final_sigmas_type, FINAL_SIGMAS))
     for name, value in (("lower_order_final", lower_order_final), ("euler_at_final", euler_at_final)):
         if not isinstance(value, bool):
             raise TypeError(f"{name}: expected True or False, got {value!r}")
@@ -323,9 +319,7 @@ class UniPC:
         check_steps(steps, schedule.num_train_timesteps)
         opts = _check_unipc_options(order, solver_type, predict_x0, lower_order_final, disable_corrector,
                                     final_sigmas_type, steps)
-        for name, value, allowed in (("sigma_schedule", sigma_schedule, SIGMA_SCHEDULES), ("spacing", spacing, SPACINGS)):
-            if value not in allowed:
-                raise ValueError(f"{name}: expected one of {allowed}, got {value!r}")
+        check_choices(("sigma_schedule", sigma_schedule, SIGMA_SCHEDULES), ("spacing", spacing, SPACINGS))
         pred = schedule.prediction_type if prediction_type is None else prediction_type
         if pred not in ("epsilon", "sample", "v_prediction"):
             raise ValueError(f"prediction_type: expected epsilon, sample or v_prediction, got {pred!r}")
@@ -374,10 +368,7 @@ def _check_unipc_options(order, solver_type, predict_x0, lower_order_final, disa
         raise ValueError(f"order: expected 1, 2 or 3, got {order!r}")
     if order > steps:
         raise ValueError(f"order: {order} needs at least {order} steps, got {steps}")
-    for name, value, allowed in (("solver_type", solver_type, UNIPC_TYPES),
-                                 ("final_sigmas_type", final_sigmas_type, FINAL_SIGMAS)):
-        if value not in allowed:
-            raise ValueError(f"{name}: expected one of {allowed}, got {value!r}")
+    check_choices(("solver_type", solver_type, UNIPC_TYPES), ("final_sigmas_type", final_sigmas_type, FINAL_SIGMAS))
     for name, value in (("predict_x0", predict_x0), ("lower_order_final", lower_order_final)):
         if not isinstance(value, bool):
             raise TypeError(f"{name}: expected True or False, got {value!r}")
