@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from fastguide.checks import check_choices, check_int, check_steps
+from fastguide.checks import check_choices, check_int
 from fastguide.schedule import (NoiseSchedule, check_scheduler_keys, config_items, schedule_from_scheduler_config,
                                 sigma_schedule_of)
 from fastguide.sigma_steps import (SPACINGS, discrete_sigma_grid, second_order_plan, stage_rows, vp_init_scale,
                                    vp_sigma_model)
 from fastguide.sigmas import SIGMA_SCHEDULES
+from fastguide.solvers import check_schedule, vp_prediction
 
 FINAL_SIGMAS = ("zero", "sigma_min")
 
@@ -34,9 +35,7 @@ class Euler:
     def __init__(self, schedule: NoiseSchedule, steps: int, ancestral: bool = False, sigma_schedule: str = "training",
                  spacing: str = "linspace", steps_offset: int = 0, final_sigmas_type: str = "zero",
                  prediction_type: str | None = None, sigma_min=None, sigma_max=None):
-        if not isinstance(schedule, NoiseSchedule):
-            raise TypeError(f"schedule: expected a fastguide.NoiseSchedule, got {type(schedule).__name__}")
-        check_steps(steps, schedule.num_train_timesteps)
+        check_schedule(schedule, steps)
         if not isinstance(ancestral, bool):
             raise TypeError(f"ancestral: expected True or False, got {ancestral!r}")
         check_choices(("sigma_schedule", sigma_schedule, SIGMA_SCHEDULES), ("spacing", spacing, SPACINGS),
@@ -44,9 +43,7 @@ class Euler:
         if ancestral and (sigma_schedule != "training" or final_sigmas_type != "zero"):
             raise ValueError("sigma_schedule: Euler-ancestral steps the training grid down to sigma 0 (as diffusers' "
                              "EulerAncestralDiscreteScheduler does)")
-        pred = schedule.prediction_type if prediction_type is None else prediction_type
-        if pred not in ("epsilon", "sample", "v_prediction"):
-            raise ValueError(f"prediction_type: expected epsilon, sample or v_prediction, got {pred!r}")
+        pred = vp_prediction(schedule, prediction_type)
         self.schedule, self.steps, self.ancestral, self.sigma_schedule = schedule, steps, ancestral, sigma_schedule
         t, sig = discrete_sigma_grid(schedule, steps, sigma_schedule, spacing,
                                      check_int(steps_offset, "steps_offset", 0), final_sigmas_type, sigma_min, sigma_max)

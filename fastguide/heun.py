@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from fastguide.checks import check_choices, check_int, check_steps
+from fastguide.checks import check_choices, check_int
 from fastguide.schedule import (NoiseSchedule, check_scheduler_keys, config_items, config_value,
                                 schedule_from_scheduler_config, sigma_schedule_of)
 from fastguide.sigma_steps import (SPACINGS, discrete_sigma_grid, second_order_plan, stage_rows, vp_init_scale,
                                    vp_sigma_model)
 from fastguide.sigmas import SIGMA_SCHEDULES
+from fastguide.solvers import check_schedule, vp_prediction
 
 
 class Heun:
@@ -25,13 +26,9 @@ class Heun:
 
     def __init__(self, schedule: NoiseSchedule, steps: int, sigma_schedule: str = "training", spacing: str = "linspace",
                  steps_offset: int = 0, prediction_type: str | None = None, clip_sample_range: float | None = None):
-        if not isinstance(schedule, NoiseSchedule):
-            raise TypeError(f"schedule: expected a fastguide.NoiseSchedule, got {type(schedule).__name__}")
-        check_steps(steps, schedule.num_train_timesteps)
+        check_schedule(schedule, steps)
         check_choices(("sigma_schedule", sigma_schedule, SIGMA_SCHEDULES), ("spacing", spacing, SPACINGS))
-        pred = schedule.prediction_type if prediction_type is None else prediction_type
-        if pred not in ("epsilon", "sample", "v_prediction"):
-            raise ValueError(f"prediction_type: expected epsilon, sample or v_prediction, got {pred!r}")
+        pred = vp_prediction(schedule, prediction_type)
         if clip_sample_range is not None and not (isinstance(clip_sample_range, (int, float)) and clip_sample_range > 0):
             raise ValueError(f"clip_sample_range: expected a positive number or None, got {clip_sample_range!r}")
         self.schedule, self.steps, self.sigma_schedule = schedule, steps, sigma_schedule

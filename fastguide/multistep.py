@@ -15,12 +15,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from fastguide.checks import check_choices, check_int, check_steps
+from fastguide.checks import check_choices, check_int
 from fastguide.kernels.reference import NUM_COEF
 from fastguide.schedule import (NoiseSchedule, check_scheduler_keys, config_items, config_value,
                                 schedule_from_scheduler_config, sigma_schedule_of)
 from fastguide.sigmas import SIGMA_SCHEDULES, sigma_grid, sigma_to_t, training_sigmas, vp_alpha_sigma
-from fastguide.solvers import History, Plan, coef_row, vp_score_scale
+from fastguide.solvers import History, Plan, check_schedule, coef_row, vp_prediction, vp_score_scale
 
 ALGORITHMS = ("dpmsolver++", "dpmsolver", "sde-dpmsolver++", "sde-dpmsolver")
 SOLVER_TYPES = ("midpoint", "heun")
@@ -38,6 +38,13 @@ class DPMOptions:
     final_sigmas_type: str
 
 
+
+def multistep_plan(t: np.ndarray, sigmas: np.ndarray, coef, history: History, prediction_type: str, schedule) -> Plan:
+    """The Plan of a VP multistep solver: model times ``t`` [S], rows ``coef`` over ``sigmas`` [S + 1]."""
+    score_scale = [vp_score_scale(1 / (1 + float(s) ** 2), prediction_type) for s in sigmas[:-1]]
+    return Plan(torch.from_numpy(t.astype(np.float64)), torch.tensor(coef, dtype=torch.float64),
+                torch.tensor(score_scale, dtype=torch.float64), None, prediction_type, "discrete", schedule, history)
+
 class DPMSolver:
     """DPM-Solver(++) multistep, orders 1-3, ODE or SDE, on a discrete VP schedule.
 
@@ -54,23 +61,17 @@ class DPMSolver:
                  final_sigmas_type: str = "zero", sigma_schedule: str = "training", spacing: str = "linspace",
                  steps_offset: int = 0, prediction_type: str | None = None, round_timesteps: bool | None = None,
                  lambda_min_clipped: float = -math.inf):
-        if not isinstance(schedule, NoiseSchedule):
-            raise TypeError(f"schedule: expected a fastguide.NoiseSchedule, got {type(schedule).__name__}")
-        check_steps(steps, schedule.num_train_timesteps)
+        check_schedule(schedule, steps)
         opts = _check_options(order, algorithm_type, solver_type, lower_order_final, euler_at_final,
                               final_sigmas_type, steps)
         check_choices(("sigma_schedule", sigma_schedule, SIGMA_SCHEDULES), ("spacing", spacing, SPACINGS))
-        pred = schedule.prediction_type if prediction_type is None else prediction_type
-        if pred not in ("epsilon", "sample", "v_prediction"):
-            raise ValueError(f"prediction_type: expected epsilon, sample or v_prediction, got {pred!r}")
+        pred = vp_prediction(schedule, prediction_type)
         self.schedule, self.steps, self.options, self.sigma_schedule = schedule, steps, opts, sigma_schedule
         t, sigmas = dpm_grid(schedule, steps, sigma_schedule, spacing, check_int(steps_offset, "steps_offset", 0),
                              final_sigmas_type, sigma_schedule == "karras" if round_timesteps is None else round_timesteps,
                              lambda_min_clipped)
         coef, history = dpm_coefficients(sigmas, pred, opts, schedule.float32_arithmetic)
-        score_scale = [vp_score_scale(1 / (1 + float(s) ** 2), pred) for s in sigmas[:-1]]
-        self.plan = Plan(torch.from_numpy(t.astype(np.float64)), torch.tensor(coef, dtype=torch.float64),
-                         torch.tensor(score_scale, dtype=torch.float64), None, pred, "discrete", schedule, history)
+        self.plan = multistep_plan(t, sigmas, coef, history, pred, schedule)
 
     @classmethod
     def from_diffusers(cls, config, steps: int) -> "DPMSolver":
@@ -314,23 +315,17 @@ class UniPC:
                  predict_x0: bool = True, lower_order_final: bool = True, disable_corrector=(),
                  final_sigmas_type: str = "zero", sigma_schedule: str = "training", spacing: str = "linspace",
                  steps_offset: int = 0, prediction_type: str | None = None, sigma_min=None, sigma_max=None):
-        if not isinstance(schedule, NoiseSchedule):
-            raise TypeError(f"schedule: expected a fastguide.NoiseSchedule, got {type(schedule).__name__}")
-        check_steps(steps, schedule.num_train_timesteps)
+        check_schedule(schedule, steps)
         opts = _check_unipc_options(order, solver_type, predict_x0, lower_order_final, disable_corrector,
                                     final_sigmas_type, steps)
         check_choices(("sigma_schedule", sigma_schedule, SIGMA_SCHEDULES), ("spacing", spacing, SPACINGS))
-        pred = schedule.prediction_type if prediction_type is None else prediction_type
-        if pred not in ("epsilon", "sample", "v_prediction"):
-            raise ValueError(f"prediction_type: expected epsilon, sample or v_prediction, got {pred!r}")
+        pred = vp_prediction(schedule, prediction_type)
         self.schedule, self.steps, self.options, self.sigma_schedule = schedule, steps, opts, sigma_schedule
         t, sigmas = dpm_grid(schedule, steps, sigma_schedule, spacing, check_int(steps_offset, "steps_offset", 0),
                              final_sigmas_type, sigma_schedule == "karras", final_from_grid=True,
                              sigma_min=sigma_min, sigma_max=sigma_max)
         coef, history = unipc_coefficients(sigmas, pred, opts, schedule.float32_arithmetic)
-        score_scale = [vp_score_scale(1 / (1 + float(s) ** 2), pred) for s in sigmas[:-1]]
-        self.plan = Plan(torch.from_numpy(t.astype(np.float64)), torch.tensor(coef, dtype=torch.float64),
-                         torch.tensor(score_scale, dtype=torch.float64), None, pred, "discrete", schedule, history)
+        self.plan = multistep_plan(t, sigmas, coef, history, pred, schedule)
 
     @classmethod
     def from_diffusers(cls, config, steps: int) -> "UniPC":

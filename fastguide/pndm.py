@@ -12,11 +12,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from fastguide.checks import check_int, check_steps
+from fastguide.checks import check_int
 from fastguide.kernels.reference import NUM_COEF
 from fastguide.schedule import (NoiseSchedule, check_scheduler_keys, config_items, config_value,
                                 schedule_from_scheduler_config)
-from fastguide.solvers import History, Plan, coef_row, vp_score_scale
+from fastguide.solvers import History, Plan, check_schedule, coef_row, vp_score_scale
 
 SPACINGS = ("linspace", "leading", "trailing")
 ADAMS_BASHFORTH = {1: (1.0,), 2: (3 / 2, -1 / 2), 3: (23 / 12, -16 / 12, 5 / 12),
@@ -29,9 +29,7 @@ class PLMS:
 
     def __init__(self, schedule: NoiseSchedule, steps: int, spacing: str = "leading", steps_offset: int = 0,
                  set_alpha_to_one: bool = False, prediction_type: str | None = None):
-        if not isinstance(schedule, NoiseSchedule):
-            raise TypeError(f"schedule: expected a fastguide.NoiseSchedule, got {type(schedule).__name__}")
-        check_steps(steps, schedule.num_train_timesteps)
+        check_schedule(schedule, steps)
         if steps < 2:
             raise ValueError(f"steps: PLMS needs at least 2 intervals, got {steps}")
         if spacing not in SPACINGS:

@@ -195,9 +195,20 @@ def _check_prediction_type(pred) -> str:
     return pred
 
 
-def _check_schedule(schedule) -> None:
+def check_schedule(schedule, steps: int | None = None) -> None:
+    """A NoiseSchedule (TypeError naming it otherwise) and, with ``steps``, a step count it can take."""
     if not isinstance(schedule, NoiseSchedule):
         raise TypeError(f"schedule: expected a fastguide.NoiseSchedule, got {type(schedule).__name__}")
+    if steps is not None:
+        check_steps(steps, schedule.num_train_timesteps)
+
+
+def vp_prediction(schedule: NoiseSchedule, prediction_type: str | None) -> str:
+    """``prediction_type``, or the schedule's when None: one of epsilon, sample, v_prediction."""
+    pred = schedule.prediction_type if prediction_type is None else prediction_type
+    if pred not in ("epsilon", "sample", "v_prediction"):
+        raise ValueError(f"prediction_type: expected epsilon, sample or v_prediction, got {pred!r}")
+    return pred
 
 
 class DDIM:
@@ -210,7 +221,7 @@ class DDIM:
     def __init__(self, schedule: NoiseSchedule, steps: int, spacing: str | None = None, eta: float = 0.0,
                  clip_sample: bool | None = None, clip_sample_range: float | None = None,
                  prediction_type: str | None = None, steps_offset: int | None = None):
-        _check_schedule(schedule)
+        check_schedule(schedule)
         check_steps(steps, schedule.num_train_timesteps)
         if not isinstance(eta, (int, float)) or isinstance(eta, bool) or not math.isfinite(eta) or eta < 0:
             raise ValueError(f"eta: expected a finite float >= 0, got {eta!r}")
@@ -242,7 +253,7 @@ class DDPM:
                  variance_type: str | None = None, clip_sample: bool | None = None,
                  clip_sample_range: float | None = None, prediction_type: str | None = None,
                  steps_offset: int | None = None):
-        _check_schedule(schedule)
+        check_schedule(schedule)
         steps = schedule.num_train_timesteps if steps is None else steps
         check_steps(steps, schedule.num_train_timesteps)
         vt = schedule.variance_type if variance_type is None else variance_type
