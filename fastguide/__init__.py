@@ -2,7 +2,7 @@
 from fastguide.diffusers_schedulers import solver_from_diffusers
 from fastguide.edm import EDM
 from fastguide.euler import Euler
-from fastguide.guidance import CFG, ClassifierGuidance, NoGuidance, ReCFG
+from fastguide.guidance import APG, CFG, CFGZeroStar, ClassifierGuidance, GuideNetwork, NoGuidance, ReCFG
 from fastguide.heun import Heun
 from fastguide.multistep import DPMSolver, UniPC
 from fastguide.pndm import PLMS
@@ -14,6 +14,6 @@ from fastguide.table import RatioTable
 from fastguide.table_build import RatioSums, accumulate_ratio_sums
 
 __version__ = "0.1.0"
-__all__ = ["CFG", "ClassifierGuidance", "DDIM", "DDPM", "DPMSolver", "EDM", "Euler", "FlowEuler", "Heun", "NoGuidance",
+__all__ = ["APG", "CFG", "CFGZeroStar", "ClassifierGuidance", "DDIM", "DDPM", "DPMSolver", "EDM", "Euler", "FlowEuler", "GuideNetwork", "Heun", "NoGuidance",
            "NoiseSchedule", "PLMS", "Plan", "RatioSums", "RatioTable", "ReCFG", "Sampler", "UniPC", "__version__",
            "accumulate_ratio_sums", "seeded_noise", "solver_from_diffusers", "step_noise"]

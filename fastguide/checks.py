@@ -33,6 +33,23 @@ def check_choices(*choices) -> None:
             raise ValueError(f"{name}: expected one of {allowed}, got {value!r}")
 
 
+def check_in_range(value, name: str, low=None, high=None, *, open_low: bool = False, open_high: bool = False) -> float:
+    """A finite real number in [low, high] (``open_*``: the bound itself excluded); returned as a float."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise TypeError(f"{name}: expected a real number, got {type(value).__name__}")
+    v = real(value, name)
+    below = low is not None and (v <= low if open_low else v < low)
+    above = high is not None and (v >= high if open_high else v > high)
+    if not math.isfinite(v) or below or above:
+        lo = "" if low is None else ("(" if open_low else "[") + f"{low:g}"
+        hi = "" if high is None else f"{high:g}" + (")" if open_high else "]")
+        where = f"in {lo}, {hi}" if low is not None and high is not None else (f">= {low:g}" if high is None else f"<= {high:g}")
+        if low is not None and high is None and open_low:
+            where = f"> {low:g}"
+        raise ValueError(f"{name}: expected a finite value {where}, got {value!r}")
+    return v
+
+
 def check_steps(steps, num_train_timesteps: int | None = None) -> None:
     if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)):
         raise TypeError(f"steps: expected an int, got {type(steps).__name__}")

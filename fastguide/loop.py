@@ -120,6 +120,8 @@ class StepConstants(NamedTuple):
     cond_first: bool
     clip_range: float | None
     check_finite: bool
+    rule_params: torch.Tensor | None = None  # [NUM_RULE_PARAMS] a rule with per-sample reductions
+    rule_state: torch.Tensor | None = None  # [B, *shape] its state across steps (APG's running average)
 
 
 @dataclass(frozen=True, eq=False)
@@ -147,6 +149,11 @@ class LoopBuffers:
     guided: tuple  # [S] bool: the step runs the null half
     batch: int
     cond_first: bool
+    model_free: tuple = ()  # [S] bool: the step runs no network (m = 0), or () when none does
+    zeros: torch.Tensor | None = None  # [B, *shape] zeros: the "model output" of a model-free step
+    rule_params: torch.Tensor | None = None  # [NUM_RULE_PARAMS] in the compute dtype
+    rule_params_source: torch.Tensor | None = None  # the host params rule_params holds
+    rule_state: torch.Tensor | None = None  # [B, *shape] (zeroed every call)
     plan: PlanTensors | None = None
     views: StepViews | None = None
     g1_source: torch.Tensor | None = None  # the host g1 that g1 holds (a refill skips an unchanged one)
@@ -155,18 +162,28 @@ class LoopBuffers:
     model_checked: bool = False  # the model's output was checked eagerly once (before a compiled step runs it)
 
 
-def buffer_key(x: torch.Tensor, cond: torch.Tensor, plan: PlanTensors, guided) -> tuple:
-    """The static key of a call: calls with equal keys share buffers (and a captured graph)."""
+def buffer_key(x: torch.Tensor, cond: torch.Tensor, plan: PlanTensors, guidance) -> tuple:
+    """The static key of a call: calls with equal keys share buffers (and a captured graph). ``guidance``: the
+    call's StepGuidance."""
     table = None if plan.table is None else (tuple(plan.table.shape), plan.table.dtype)
-    return (tuple(x.shape), x.dtype, x.device, tuple(cond.shape), cond.dtype, tuple(guided), plan.plan.steps,
-            plan.plan.stochastic, plan.plan.history_slots, table)
+    rule = (guidance.rule_params is not None, guidance.rule_state, guidance.model_free)
+    return (tuple(x.shape), x.dtype, x.device, tuple(cond.shape), cond.dtype, tuple(guidance.guided), plan.plan.steps,
+            plan.plan.stochastic, plan.plan.history_slots, table, rule)
+
+
+def pair_labels(cond: torch.Tensor, null_cond, cond_first: bool) -> torch.Tensor:
+    """[cond | null] (or [null | cond]); without a null condition (a conditional guide network reads the
+    conditions on both halves) the second half repeats cond."""
+    return paired_conditions(cond, cond if null_cond is None else null_cond, cond_first)
 
 
 def allocate(x: torch.Tensor, cond: torch.Tensor, guidance, steps: int, stochastic: bool, null_cond,
              cond_first: bool, history_slots: int = 0) -> LoopBuffers:
     batch, dev = x.shape[0], x.device
     run_uncond = any(guidance.guided)
-    labels = paired_conditions(cond, null_cond, cond_first) if run_uncond else cond.clone()
+    labels = pair_labels(cond, null_cond, cond_first) if run_uncond else cond.clone()
+    cdt = compute_dtype_for(x.dtype)
+    rule = guidance.rule_params
     return LoopBuffers(
         x2=torch.empty((2 * batch if run_uncond else batch, *x.shape[1:]), dtype=x.dtype, device=dev),
         labels=labels, cond=labels[:batch] if (cond_first or not run_uncond) else labels[batch:],
@@ -175,7 +192,10 @@ def allocate(x: torch.Tensor, cond: torch.Tensor, guidance, steps: int, stochast
         z=torch.empty((steps, *x.shape), dtype=x.dtype, device=dev) if stochastic else None,
         history=torch.zeros((history_slots, *x.shape), dtype=x.dtype, device=dev) if history_slots else None,
         out_sums=torch.zeros(steps, dtype=torch.float32, device=dev), guided=tuple(guidance.guided), batch=batch,
-        cond_first=cond_first, null_source=null_cond)
+        cond_first=cond_first, null_source=null_cond, model_free=tuple(guidance.model_free or ()),
+        zeros=torch.zeros(x.shape, dtype=x.dtype, device=dev) if guidance.model_free else None,
+        rule_params=None if rule is None else torch.empty(rule.shape, dtype=cdt, device=dev),
+        rule_state=torch.zeros(x.shape, dtype=x.dtype, device=dev) if guidance.rule_state else None)
 
 
 def bind_plan(b: LoopBuffers, plan: PlanTensors) -> None:
@@ -204,7 +224,7 @@ def refill(b: LoopBuffers, x: torch.Tensor, cond: torch.Tensor, plan: PlanTensor
     if b.plan is not plan:
         bind_plan(b, plan)
     if b.null_source is not null_cond or isinstance(null_cond, torch.Tensor):
-        b.labels.copy_(paired_conditions(cond, null_cond, b.cond_first) if b.x2.shape[0] != b.batch else cond)
+        b.labels.copy_(pair_labels(cond, null_cond, b.cond_first) if b.x2.shape[0] != b.batch else cond)
         b.null_source = null_cond
     else:
         b.cond.copy_(cond)
@@ -213,6 +233,11 @@ def refill(b: LoopBuffers, x: torch.Tensor, cond: torch.Tensor, plan: PlanTensor
         b.g1_source = guidance.g1
     if b.rows is not None:
         b.rows.copy_(guidance.rows)
+    if b.rule_params is not None and b.rule_params_source is not guidance.rule_params:
+        b.rule_params.copy_(guidance.rule_params)
+        b.rule_params_source = guidance.rule_params
+    if b.rule_state is not None:
+        b.rule_state.zero_()
     if z is not None:
         b.z.copy_(z)
     if b.history is not None:
@@ -236,6 +261,8 @@ def guided_update(out, step: StepInputs, const: StepConstants, step_fn) -> None:
     """x_next from the model output ``out``, written into every B-row block of x2 (a device-tensor step)."""
     history = {} if const.history is None else dict(history=const.history, hist_coef=step.hist_coef,
                                                      write_slots=step.write_slots, write_coef=step.write_coef)
+    if const.rule_params is not None:
+        history.update(rule_params=const.rule_params, rule_state=const.rule_state)
     step_fn(const.x2, const.x2[:const.batch], out, step.g1, step.coef, cond_first=const.cond_first, table=const.table,
             rows=const.rows, table_steps=step.table_steps, table_w=step.table_w, clip_range=const.clip_range,
             z=step.z, **history)
@@ -276,13 +303,16 @@ def run_loop(b: LoopBuffers, config: LoopConfig, callback=None, progress: bool =
     collect their sums in a list stacked once at the end; ``sums_into_buffer`` leaves them in b.out_sums
     instead (a captured loop's replays read them there)."""
     const = StepConstants(b.x2, b.plan.table, b.rows, b.history, b.batch, b.cond_first, config.clip_range,
-                          config.check_finite)
+                          config.check_finite, b.rule_params, b.rule_state)
     steps = range(len(b.views.steps))
     if progress:
         steps = tqdm(steps, desc="sampling", leave=False)
     if config.hot is not None:
         for i in steps:
-            config.hot(config.model, config.step.fn, b.views.steps[i], const)
+            if b.model_free and b.model_free[i]:  # no network: the update with m = 0, outside the compiled step
+                guided_update(b.zeros, b.views.steps[i], const, config.step.fn)
+            else:
+                config.hot(config.model, config.step.fn, b.views.steps[i], const)
             if callback is not None:
                 callback(i, float(b.plan.plan.timesteps[i]), b.views.x_cur)
         return b.out_sums
@@ -307,16 +337,23 @@ def _eager_loop(b: LoopBuffers, config: LoopConfig, const: StepConstants, steps,
         table_w = plan.table_w_host or [None] * n
         weights, slots, writes = plan.history_host or ([None] * n,) * 3
         history = {}
+        if const.rule_params is not None:
+            history = dict(rule_params=const.rule_params, rule_state=const.rule_state)
     sums = []
     for i in steps:
         step = views.steps[i]
-        out = model(step.inp, step.t, step.labels)
-        check_model_output(out, step.inp, i)
-        if check_finite:
-            sums.append(out.sum(dtype=torch.float32))
+        if b.model_free and b.model_free[i]:
+            out = b.zeros  # CFG-Zero*'s zero-init: m = 0 without running the network
+            if check_finite:
+                sums.append(b.out_sums[i])  # zero: never written
+        else:
+            out = model(step.inp, step.t, step.labels)
+            check_model_output(out, step.inp, i)
+            if check_finite:
+                sums.append(out.sum(dtype=torch.float32))
         if host:
             if const.history is not None:
-                history = dict(history=const.history, hist_coef=weights[i], write_slots=slots[i], write_coef=writes[i])
+                history.update(history=const.history, hist_coef=weights[i], write_slots=slots[i], write_coef=writes[i])
             fn(const.x2, views.x_cur, out, step.g1, plan.coef_host[i], cond_first=const.cond_first,
                table=const.table, rows=const.rows, table_steps=table_steps[i], table_w=table_w[i],
                clip_range=const.clip_range, z=step.z, blocks=views.x_blocks, **history)
@@ -332,7 +369,8 @@ def check_model_once(b: LoopBuffers, model) -> None:
     wrong shape or a tuple is a clear error instead of a failure deep inside the compiler."""
     if b.model_checked:
         return
-    first = {guided: i for i, guided in reversed(list(enumerate(b.guided)))}
+    runs = [(i, guided) for i, guided in enumerate(b.guided) if not (b.model_free and b.model_free[i])]
+    first = {guided: i for i, guided in reversed(runs)}
     with torch.no_grad():
         for i in sorted(first.values()):
             step = b.views.steps[i]

@@ -20,7 +20,8 @@ class Sampler:
     """Guided sampling with any solver plan and guidance rule.
 
     model(x [N, C, H, W], t [N] float, cond [N] long | [N, ...]) -> [N, C, H, W]
-    ``guidance``: CFG, ReCFG, ClassifierGuidance, ... (None: the conditional model alone, B rows a step).
+    ``guidance``: CFG, ReCFG, CFGZeroStar, APG, ClassifierGuidance, ... (None: the conditional model alone, B rows a
+    step).
     ``null_cond``: the unconditional label (int) or embedding (tensor of one condition's shape).
     ``num_classes``: integer labels must lie in [0, num_classes) (or be ``null_cond``); None takes the model's
     own ``num_classes`` attribute when it has one (the digits model and the class-conditional adapters do).
@@ -129,14 +130,14 @@ class Sampler:
         sg = rule.prepare(plan, cond, x.shape[1:])  # only ReCFG reads label values (on the host, itself)
         z = loop.draw_step_noise(plan, x, seeds)
         pt = self._plan_tensors(plan, sg, x.device, x.dtype)
-        config = self._loop_config(rule, plan, x.device)
+        config = self._loop_config(rule, plan, x.device, x.shape[0])
         use_graph = self.cuda_graph and x.device.type == "cuda" and callback is None and rule.traceable
         if self.cuda_graph and not use_graph:
             warnings.warn("cuda_graph=True: running eagerly over static buffers (needs CUDA tensors, no callback, "
                           "a rule without autograd)", stacklevel=2)
         allocate = functools.partial(loop.allocate, x, cond, sg, plan.steps, plan.stochastic, self.null_cond,
                                      self.cond_first, plan.history_slots)
-        with self.buffers.claim(loop.buffer_key(x, cond, pt, sg.guided), allocate) as b:
+        with self.buffers.claim(loop.buffer_key(x, cond, pt, sg), allocate) as b:
             loop.refill(b, x, cond, pt, sg, z, self.null_cond)
             if config.hot is not None:
                 loop.check_model_once(b, config.model)
@@ -149,12 +150,13 @@ class Sampler:
             return b.x2[:b.batch].clone()
 
     # ------------------------------------------------------------------ what a call runs
-    def _loop_config(self, rule, plan, device: torch.device) -> loop.LoopConfig:
+    def _loop_config(self, rule, plan, device: torch.device, batch: int) -> loop.LoopConfig:
         step = step_impl(self.backend, device, self.compiled and self._fuse_step)
         fused = step.fused and rule.traceable
         model = self.model if (not self.compiled or step.fused) else self._compiled_fn("model", device)
         hot = self._compiled_fn("hot", device) if fused else None
-        return loop.LoopConfig(rule.wrap_model(model, plan, self.null_cond), step, hot, plan.clip_range,
+        wrapped = rule.wrap_model(model, plan, self.null_cond, cond_first=self.cond_first, batch=batch)
+        return loop.LoopConfig(wrapped, step, hot, plan.clip_range,
                                self.check_finite)
 
     def compile_options(self, device: torch.device) -> dict:

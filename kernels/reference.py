@@ -39,6 +39,23 @@ class Coef(IntEnum):
 NUM_COEF = len(Coef)
 
 
+class RuleParam(IntEnum):
+    """The per-call parameters of the guidance rules that need per-sample reductions (the columns of
+    ``rule_params``), named once for every implementation. All zero except ETA = 1 is plain CFG."""
+
+    ZERO_STAR = 0  # 1: CFG-Zero*'s per-sample alpha = <m_c, u> / (|u|^2 + eps) scales u; 0: alpha = 1
+    ETA = 1  # APG: the weight of the guidance direction's part parallel to m_cond (1 keeps it: CFG)
+    NORM_THRESHOLD = 2  # APG: the guidance direction's norm is capped at this (0: no cap)
+    MOMENTUM = 3  # APG: the running average's weight of its previous value (the rule state carries it)
+    RESCALE = 4  # guidance_rescale phi: mix of m and m * std(m_cond) / std(m) (0: off)
+
+
+NUM_RULE_PARAMS = len(RuleParam)
+assert [p.name for p in RuleParam] == ["ZERO_STAR", "ETA", "NORM_THRESHOLD", "MOMENTUM", "RESCALE"]  # unbind order
+ZERO_STAR_EPS = 1e-8  # added to |u|^2 (diffusers' cfg_zero_star_scale)
+NORMALIZE_EPS = 1e-12  # |m_cond| floor of the projection (torch.nn.functional.normalize's)
+
+
 def compute_dtype_for(dtype: torch.dtype) -> torch.dtype:
     """Math runs in float64 for float64 inputs and in float32 otherwise (fp16/bf16 are upcast)."""
     return torch.float64 if dtype == torch.float64 else torch.float32
@@ -49,20 +66,71 @@ def _bcast(v: torch.Tensor, ndim: int) -> torch.Tensor:
 
 
 def guided_output(m_cond: torch.Tensor, m_uncond: torch.Tensor | None, g1: torch.Tensor, *, table=None, rows=None,
-                  table_steps=None, table_w=None, dt: torch.dtype) -> torch.Tensor:
-    """m = g1 m_cond + (1 - g1) R m_uncond in ``dt`` (m_cond alone without an unconditional half)."""
+                  table_steps=None, table_w=None, rule_params=None, rule_state=None, dt: torch.dtype) -> torch.Tensor:
+    """m = g1 m_cond + (1 - g1) R m_uncond in ``dt`` (m_cond alone without an unconditional half).
+
+    With ``rule_params`` [NUM_RULE_PARAMS] the rules that need per-sample reductions (:func:`reduced_guidance`)
+    combine m_cond and R m_uncond instead; their rule state (APG's running average, [B, *shape]) is updated in
+    place."""
     m = m_cond.to(dt)
     if m_uncond is None:
         return m
     g1b = _bcast(g1.to(dt), m.ndim)
-    g0 = 1 - g1b
+    u, r = m_uncond.to(dt), None
     if table is not None:
         flat = table.flatten(0, 1)  # [K*T, *shape]; tensor indices keep this traceable without host syncs
         r0 = flat[rows * table.shape[1] + table_steps[0]].to(dt)
         r1 = flat[rows * table.shape[1] + table_steps[1]].to(dt)
         r = r0 + table_w.to(dt) * (r1 - r0)  # exactly r0 on grid points (w = 0, i1 = i0)
-        g0 = g0 * r
-    return g1b * m + g0 * m_uncond.to(dt)
+    if rule_params is not None:
+        prev = None if rule_state is None else rule_state.to(dt)
+        m, state = reduced_guidance(m, u if r is None else r * u, g1.to(dt), rule_params.to(dt), prev)
+        if rule_state is not None:
+            rule_state.copy_(state)
+        return m
+    g0 = 1 - g1b
+    return g1b * m + (g0 if r is None else g0 * r) * u
+
+
+def _row_sum(t: torch.Tensor) -> torch.Tensor:
+    return t.flatten(1).sum(1)
+
+
+def reduced_guidance(c: torch.Tensor, u: torch.Tensor, g1: torch.Tensor, params: torch.Tensor,
+                     prev: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(m, the next rule state) of the rules with per-sample reductions, one formula for all of them:
+
+        alpha = <c, u> / (|u|^2 + 1e-8)  (CFG-Zero*, ZERO_STAR = 1)  else 1
+        D     = c - alpha u + beta prev                 (APG's running average with momentum beta; the next state)
+        s     = min(1, threshold / |D|)  (threshold > 0)  else 1
+        m     = alpha u + g1 s (D - (1 - eta) <D, c> / max(|c|, 1e-12)^2 c)
+        m     = m ((1 - phi) + phi std(c) / std(m))    (guidance_rescale phi > 0; unbiased std over each sample)
+
+    ``c``, ``u``: the conditional and (ratio-scaled) unconditional outputs [B, *shape]; norms, dot products and
+    stds are per sample. A row with g1 == 1 is unguided: m = c and its state is kept (as a sample alone with
+    scale 1 would run). With eta = 1 and no threshold, momentum or rescale this is CFG."""
+    zero_star, eta, threshold, beta, phi = params.unbind()  # the RuleParam order
+    nd = c.ndim
+    alpha_raw = _row_sum(c * u) / (_row_sum(u * u) + ZERO_STAR_EPS)
+    alpha = _bcast(torch.where(zero_star != 0, alpha_raw, torch.ones_like(alpha_raw)), nd)
+    base = c - alpha * u
+    d = base if prev is None else base + beta * prev
+    d_norm = _row_sum(d * d).sqrt()
+    s = torch.where(threshold > 0, torch.clamp(threshold / d_norm, max=1.0), torch.ones_like(d_norm))
+    c_norm = _row_sum(c * c).sqrt().clamp(min=NORMALIZE_EPS)
+    proj = (1 - eta) * _row_sum(d * c) / (c_norm * c_norm)
+    g1b = _bcast(g1, nd)
+    m = alpha * u + g1b * _bcast(s, nd) * (d - _bcast(proj, nd) * c)
+    dims = list(range(1, nd))
+    factor = (1 - phi) + phi * c.std(dim=dims) / m.std(dim=dims)
+    m = torch.where(phi > 0, m * _bcast(factor, nd), m)
+    m = torch.where(g1b == 1, c, m)
+    if prev is None:
+        return m, d
+    # The kept state as a combination of base and prev (the same values as torch.where(g1 == 1, prev, d)):
+    # inductor (torch 2.13) fails to compile a where that reads the mutated state again beside a reduction.
+    guided = (g1b != 1).to(c.dtype)
+    return m, guided * base + (beta * guided + (1 - guided)) * prev
 
 
 def solver_update(xf: torch.Tensor, m: torch.Tensor, coef: torch.Tensor, *, clip_range=None, z=None, history=None,
@@ -161,14 +229,19 @@ def guided_step_into(
     hist_coef: torch.Tensor | None = None,
     write_slots: torch.Tensor | None = None,
     write_coef: torch.Tensor | None = None,
+    rule_params: torch.Tensor | None = None,
+    rule_state: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The sampler-facing step: read the model's [2B] (or [B]) output in place, write x_next into every
     B-row block of ``out`` ([B] or [2B], the model's next input buffer; ``x`` may alias ``out[:B]``). A multistep
-    solver also writes this step's new states (``write_coef`` [W, 2 + K]) into ``history`` at ``write_slots`` [W]."""
+    solver also writes this step's new states (``write_coef`` [W, 2 + K]) into ``history`` at ``write_slots`` [W].
+    ``rule_params`` [NUM_RULE_PARAMS] (the columns of :class:`RuleParam`): a rule with per-sample reductions
+    (:func:`reduced_guidance`; its state ``rule_state`` [B, *shape], APG's running average, updated in place)."""
     batch = x.shape[0]
     dt = compute_dtype_for(x.dtype)
     m_cond, m_uncond = split_model_output(model_out, batch, cond_first)
-    m = guided_output(m_cond, m_uncond, g1, table=table, rows=rows, table_steps=table_steps, table_w=table_w, dt=dt)
+    m = guided_output(m_cond, m_uncond, g1, table=table, rows=rows, table_steps=table_steps, table_w=table_w,
+                      rule_params=rule_params, rule_state=rule_state, dt=dt)
     xf = x.to(dt)
     x_next = solver_update(xf, m, coef, clip_range=clip_range, z=z, history=history, hist_coef=hist_coef)
     if write_coef is not None:

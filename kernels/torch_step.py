@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from fastguide.kernels.reference import compute_dtype_for, copy_into_blocks, split_model_output
+from fastguide.kernels.reference import compute_dtype_for, copy_into_blocks, reduced_guidance, split_model_output
 
 
 def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -22,11 +22,13 @@ def guided_step_into_host(out: torch.Tensor, x: torch.Tensor, model_out: torch.T
                           rows: torch.Tensor | None = None, table_steps=None, table_w: float | None = None,
                           clip_range: float | None = None, z: torch.Tensor | None = None,
                           history: torch.Tensor | None = None, hist_coef=None, write_slots=None, write_coef=None,
+                          rule_params: torch.Tensor | None = None, rule_state: torch.Tensor | None = None,
                           blocks: torch.Tensor | None = None) -> torch.Tensor:
     """Same contract as the reference, except ``coef`` is a sequence of NUM_COEF Python floats (the columns of
     ``Coef``), ``table_steps`` a pair of Python ints (i0, i1), ``table_w`` a Python float, ``hist_coef`` K floats,
     ``write_slots`` W ints and ``write_coef`` W rows of 2 + K floats. Zero weights are skipped (a history slot
-    not yet written is never read). ``blocks``: ``out`` viewed as [k, B, ...] (optional; a loop makes it once
+    not yet written is never read). ``rule_params`` / ``rule_state`` are device tensors as in the reference (a rule
+    with per-sample reductions runs the reference's :func:`reduced_guidance`). ``blocks``: ``out`` viewed as [k, B, ...] (optional; a loop makes it once
     instead of every step)."""
     A, B, S, Px, Pm, C0, Cx, Cm = coef
     batch = x.shape[0]
@@ -42,7 +44,13 @@ def guided_step_into_host(out: torch.Tensor, x: torch.Tensor, model_out: torch.T
             if i1 != i0:
                 ratio = torch.lerp(ratio, _as(table[:, i1].index_select(0, rows), dt), table_w)
             m_u = ratio.mul_(m_u)  # R * m_u; R == 1 leaves m_u bit-identical, so a unit table is exactly CFG
-        m = torch.lerp(m_u, m, g1b)  # m_u + g1 (m_c - m_u) = g1 m_c + (1 - g1) R m_u
+        if rule_params is not None:
+            prev = None if rule_state is None else _as(rule_state, dt)
+            m, state = reduced_guidance(m, m_u, _as(g1, dt), _as(rule_params, dt), prev)
+            if rule_state is not None:
+                rule_state.copy_(state)
+        else:
+            m = torch.lerp(m_u, m, g1b)  # m_u + g1 (m_c - m_u) = g1 m_c + (1 - g1) R m_u
     xf = _as(x, dt)
     if clip_range is None:
         y = torch.mul(m, B).add_(xf, alpha=A)

@@ -11,7 +11,8 @@ import numpy as np
 import torch
 
 RULE_LABELS = {"cfg": "CFG", "recfg-paper": "ReCFG (paper: E[eps_c]/E[eps_u])",
-               "recfg-ls": "ReCFG (least squares: E[eps_c eps_u]/E[eps_u^2])"}
+               "recfg-ls": "ReCFG (least squares: E[eps_c eps_u]/E[eps_u^2])",
+               "cfg-zero-star": "CFG-Zero* (per-sample alpha)", "apg": "APG (adaptive projected guidance)"}
 METRIC_LABELS = {"accuracy": "classifier accuracy", "expectation_shift": "expectation shift (L2, pixels)",
                  "frechet_distance": "Frechet distance (classifier features)",
                  "variance_ratio": "pixel-variance ratio (gen / real)"}
@@ -26,6 +27,41 @@ def add_device_args(p) -> None:
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where to sample")
     p.add_argument("--backend", default="auto", choices=("auto", "torch", "triton"),
                    help="guided-step implementation (auto: the fused Triton kernel on CUDA, torch otherwise)")
+
+
+def add_rule_args(p) -> None:
+    """The guidance rules' parameters beyond --rule / --scale (fastguide.demo.digits.RuleOptions)."""
+    from fastguide.guidance import SCHEDULES
+
+    p.add_argument("--rescale", type=float, default=0.0, metavar="PHI",
+                   help="guidance_rescale phi in [0, 1] (Lin et al. 2023), any rule; 0 = off")
+    p.add_argument("--schedule", default=None, choices=SCHEDULES,
+                   help="shape the guidance strength g - 1 over the steps (mean kept; linear / cosine increase "
+                        "from g = 1, the -decreasing ones end there)")
+    p.add_argument("--zero-init-steps", type=int, default=None, metavar="K",
+                   help="cfg-zero-star: the first K steps output zero and run no network (default: 1 for flow / v / "
+                        "sample models, 0 for epsilon models such as the digits one, where zero eps blows up)")
+    p.add_argument("--eta", type=float, default=None, help="apg: weight of the parallel part (default 1)")
+    p.add_argument("--norm-threshold", type=float, default=None,
+                   help="apg: cap on the guidance direction's norm, 0 = none (default 15)")
+    p.add_argument("--momentum", type=float, default=None, help="apg: momentum in (-1, 1) (default 0)")
+
+
+def rule_options(args, rules):
+    """The RuleOptions of the parsed --rescale ... --momentum (each one taken by some rule in ``rules``), with errors
+    that name the flag."""
+    from fastguide.checks import check_in_range
+    from fastguide.demo.digits import RuleOptions
+
+    options = RuleOptions(rescale=check_in_range(args.rescale, "--rescale", 0.0, 1.0), schedule=args.schedule,
+                          zero_init_steps=at_least(args.zero_init_steps, "--zero-init-steps", 0),
+                          eta=None if args.eta is None else check_in_range(args.eta, "--eta", 0.0),
+                          norm_threshold=None if args.norm_threshold is None else check_in_range(
+                              args.norm_threshold, "--norm-threshold", 0.0),
+                          momentum=None if args.momentum is None else check_in_range(
+                              args.momentum, "--momentum", -1.0, 1.0, open_low=True, open_high=True))
+    options.check_for(rules, lambda field: "--" + field.replace("_", "-"))
+    return options
 
 
 def check_scale(g: float, name: str = "--scale") -> float:

@@ -17,7 +17,7 @@ VERIFY_BATCH = 3
 
 
 def add_parser(sub):
-    from fastguide.demo.digits import RULES
+    from fastguide.demo.digits import EXPORTABLE_RULES
     from fastguide.onnx import DEFAULT_OPSET, MODES
 
     p = sub.add_parser("export-onnx", help="export the digits sampler (step or loop) to ONNX",
@@ -25,7 +25,7 @@ def add_parser(sub):
     p.add_argument("--out", required=True, help="output .onnx file")
     p.add_argument("--mode", default="step", choices=MODES,
                    help="step: one guided step (x, step, labels, g1 -> x_next); loop: the whole fixed-NFE loop")
-    p.add_argument("--rule", default="cfg", choices=sorted(RULES), help="guidance rule")
+    p.add_argument("--rule", default="cfg", choices=EXPORTABLE_RULES, help="guidance rule (CFG or ReCFG)")
     p.add_argument("--scale", type=float, default=3.0, help="default guidance scale stored with the graph")
     p.add_argument("--steps", type=int, default=10, help="DDIM steps = NFE")
     p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset (>= 18)")

@@ -11,12 +11,12 @@ from fastguide.commands import common
 
 
 def add_parser(sub):
-    from fastguide.demo.digits import RULES, SOLVER_HELP, SOLVERS
+    from fastguide.demo.digits import RULE_HELP, RULES, SOLVER_HELP, SOLVERS
 
     p = sub.add_parser("sample", help="sample digits from the embedded model into a PNG grid",
                        description=__doc__, formatter_class=common.HelpFormatter)
     p.add_argument("--labels", default="0,1,2,3,4,5,6,7,8,9", help="comma-separated digits 0..9 (one row each)")
-    p.add_argument("--rule", default="cfg", choices=sorted(RULES), help="guidance rule")
+    p.add_argument("--rule", default="cfg", choices=sorted(RULES), help=RULE_HELP)
     p.add_argument("--scale", type=float, default=3.0, help="guidance scale g (1 = conditional model only)")
     p.add_argument("--steps", type=int, default=10, help="sampling steps = NFE")
     p.add_argument("--solver", default="unipc", choices=sorted(SOLVERS),
@@ -24,6 +24,7 @@ def add_parser(sub):
     p.add_argument("--interval", default=None, metavar="LO,HI",
                    help="guide only at model times t in [LO, HI] (0..999), e.g. 500,999 for the high-noise half; "
                         "other steps run the conditional rows alone (less work)")
+    common.add_rule_args(p)
     p.add_argument("--seed", type=int, default=0, help="seed of the first sample in each row")
     p.add_argument("--per-label", type=int, default=8, help="samples per label (columns)")
     p.add_argument("--out", default="grid.png", help="output PNG file")
@@ -45,6 +46,7 @@ def run(args) -> int:
     if args.seed < 0:
         raise ValueError(f"--seed: expected >= 0, got {args.seed}")
     interval = _parse_interval(args.interval)
+    options = common.rule_options(args, [args.rule])
     out = common.check_out_file(args.out)
     device = common.resolve_device(args.device)
     model, _, tables = common.load_assets(args.assets, device)
@@ -52,14 +54,17 @@ def run(args) -> int:
     label_t = torch.tensor(labels).repeat_interleave(n)
     seeds = [args.seed + j for _ in labels for j in range(n)]
     x = digits.sample_digits(model, label_t, seeds, rule=args.rule, scale=scale, steps=args.steps, tables=tables,
-                             device=device, backend=args.backend, interval=interval, solver=args.solver)
+                             device=device, backend=args.backend, interval=interval, solver=args.solver,
+                             options=options)
     canvas = common.mosaic(x, len(labels), n).repeat(8, 0).repeat(8, 1)  # 8x nearest upscale: visible pixels
     try:
         imsave(out, canvas, cmap="gray_r", vmin=-1, vmax=1)
     except OSError as e:
         raise ValueError(f"--out: cannot write {out} ({e.strerror or e})") from None
     guided = "" if interval is None else f" guided at t in [{interval[0]:g}, {interval[1]:g}]"
-    print(f"wrote {out}: labels {labels} (rows) x {n} seeds from {args.seed}, {args.rule} g={scale:g}{guided}, "
+    extra = "".join(f", {k}={v:g}" if isinstance(v, float) else f", {k}={v}" for k, v in vars(options).items()
+                    if v is not None and not (k == "rescale" and v == 0))
+    print(f"wrote {out}: labels {labels} (rows) x {n} seeds from {args.seed}, {args.rule} g={scale:g}{extra}{guided}, "
           f"{args.steps} steps of {args.solver}")
     return 0
 

@@ -7,6 +7,7 @@ betas 1e-4..0.02) and is sampled with trailing timestep spacing so that a low-NF
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -116,7 +117,40 @@ def table_source(device="cpu") -> dict:
 
 
 # ---------------------------------------------------------------------- sampling the embedded model
-RULES = {"cfg": None, "recfg-paper": "paper", "recfg-ls": "least_squares"}  # rule -> table estimator
+# rule -> the ratio-table estimator it needs (None: no table)
+RULES = {"cfg": None, "recfg-paper": "paper", "recfg-ls": "least_squares", "cfg-zero-star": None, "apg": None}
+DEMO_RULES = ("cfg", "recfg-paper", "recfg-ls")  # what `fastguide demo` compares unless told otherwise
+EXPORTABLE_RULES = ("cfg", "recfg-paper", "recfg-ls")  # the rules an ONNX graph can hold
+RULE_HELP = ("cfg, recfg-paper / recfg-ls (ReCFG with the shipped ratio tables), cfg-zero-star (CFG-Zero*: "
+             "per-sample alpha, --zero-init-steps), apg (adaptive projected guidance: --eta, --norm-threshold, "
+             "--momentum); --rescale and --schedule apply to every rule")
+
+
+@dataclass(frozen=True)
+class RuleOptions:
+    """The guidance rules' parameters beyond the scale (fastguide.guidance): ``rescale`` (every rule),
+    ``schedule`` (a name in fastguide.guidance.SCHEDULES, every rule), ``zero_init_steps`` (cfg-zero-star),
+    ``eta``, ``norm_threshold``, ``momentum`` (apg). None: the rule's default."""
+
+    rescale: float = 0.0
+    schedule: str | None = None
+    zero_init_steps: int | None = None
+    eta: float | None = None
+    norm_threshold: float | None = None
+    momentum: float | None = None
+
+    OWNERS = {"zero_init_steps": ("cfg-zero-star",), "eta": ("apg",), "norm_threshold": ("apg",), "momentum": ("apg",)}
+
+    def check_for(self, rules, name_of=lambda field: field) -> None:
+        """Raise if an option is set that none of ``rules`` takes (``name_of`` spells it, e.g. as a CLI flag)."""
+        for field, owners in self.OWNERS.items():
+            if getattr(self, field) is not None and not set(owners) & set(rules):
+                raise ValueError(f"{name_of(field)}: applies to rule {' / '.join(owners)} only, not "
+                                 f"{' / '.join(map(repr, rules))}")
+
+    def only_for(self, rule: str) -> "RuleOptions":
+        """These options without the ones ``rule`` does not take (a study's options shared by several rules)."""
+        return replace(self, **{f: None for f, owners in self.OWNERS.items() if rule not in owners})
 
 
 def check_labels(labels) -> torch.Tensor:
@@ -129,18 +163,26 @@ def check_labels(labels) -> torch.Tensor:
     return labels.long()
 
 
-def make_guidance(rule: str, scale, tables: dict | None = None, interval=None):
-    """The guidance object for a rule name: "cfg", "recfg-paper" or "recfg-ls" (tables from load_digits_tables());
-    ``interval`` (lo, hi): guide only at model times in [lo, hi]."""
-    from fastguide.guidance import CFG, ReCFG
+def make_guidance(rule: str, scale, tables: dict | None = None, interval=None, options: RuleOptions | None = None):
+    """The guidance object for a rule name (``RULES``; ReCFG's tables from load_digits_tables()); ``interval``
+    (lo, hi): guide only at model times in [lo, hi]; ``options``: the rule's other parameters."""
+    from fastguide.guidance import APG, CFG, CFGZeroStar, ReCFG
 
     if rule not in RULES:
         raise ValueError(f"rule: expected one of {sorted(RULES)}, got {rule!r}")
-    if RULES[rule] is None:
-        return CFG(scale, interval=interval)
+    options = RuleOptions() if options is None else options
+    options.check_for([rule])
+    common = dict(rescale=options.rescale, schedule=options.schedule)
+    given = {k: v for k, v in vars(options).items() if v is not None and k not in common}
+    if rule == "cfg":
+        return CFG(scale, interval=interval, **common)
+    if rule == "cfg-zero-star":
+        return CFGZeroStar(scale, interval=interval, **common, **given)
+    if rule == "apg":
+        return APG(scale, interval=interval, **common, **given)
     if tables is None or RULES[rule] not in tables:
         raise ValueError(f"rule: {rule!r} needs the {RULES[rule]!r} ratio table")
-    return ReCFG(scale, table=tables[RULES[rule]], interval=interval)
+    return ReCFG(scale, table=tables[RULES[rule]], interval=interval, **common)
 
 
 # solver name -> its construction for the digits schedule (``steps`` model evaluations each)
@@ -173,24 +215,26 @@ def make_solver(name: str, steps: int):
 @torch.no_grad()
 def sample_digits(model, labels, seeds, *, rule: str = "cfg", scale=3.0, steps: int = 10, tables: dict | None = None,
                   device="cpu", backend: str = "auto", progress: bool = False, interval=None,
-                  solver: str = "ddim") -> torch.Tensor:
+                  solver: str = "ddim", options: RuleOptions | None = None) -> torch.Tensor:
     """[N, 1, 8, 8] samples of the digits model for ``labels`` [N]; sample i starts from noise seeded by seeds[i].
 
     ``solver`` (``SOLVERS``: DDIM with eta 0 and trailing spacing, DPM-Solver++ 2M / 3M, UniPC, Euler,
     Euler-ancestral, Heun, PLMS) with ``steps`` model evaluations of the 2N batch (Heun: 2k - 1 <= steps); ``scale`` is a float or a per-sample [N] tensor; ``interval`` (lo, hi) guides
-    only the steps at model times in [lo, hi] (the others run the N conditional rows alone).
+    only the steps at model times in [lo, hi] (the others run the N conditional rows alone); ``options``: the
+    rule's other parameters (:class:`RuleOptions`).
     """
     from fastguide.noise import seeded_noise
     from fastguide.sampler import Sampler
 
     labels = check_labels(labels)
     solver = make_solver(solver, steps)
-    sampler = Sampler(model, solver, make_guidance(rule, scale, tables, interval), null_cond=NULL_LABEL, backend=backend,
-                      progress=progress)
+    sampler = Sampler(model, solver, make_guidance(rule, scale, tables, interval, options), null_cond=NULL_LABEL,
+                      backend=backend, progress=progress)
     seeds = list(seeds)
     noise = seeded_noise(seeds, IMAGE_SHAPE, device=device)
     return sampler.sample(noise, labels.to(device), seeds=seeds if solver.plan.stochastic else None).cpu()
 
 
 __all__ = ["digits_schedule", "load_digits_model", "load_digits_classifier", "load_digits_tables",
-           "load_training_facts", "sample_digits", "make_guidance", "make_solver", "RULES", "SOLVERS", "SOLVER_HELP", "TABLE_TIMESTEPS", "NULL_LABEL", "NUM_CLASSES", "IMAGE_SHAPE"]
+           "load_training_facts", "sample_digits", "make_guidance", "make_solver", "RULES", "DEMO_RULES", "EXPORTABLE_RULES",
+           "RULE_HELP", "RuleOptions", "SOLVERS", "SOLVER_HELP", "TABLE_TIMESTEPS", "NULL_LABEL", "NUM_CLASSES", "IMAGE_SHAPE"]

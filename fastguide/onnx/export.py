@@ -32,7 +32,7 @@ class GuidedGraph(nn.Module):
         self.latent_shape = tuple(latent_shape)
         self.model = model  # a plain callable is kept as an attribute; torch.export lifts its tensors as constants
         unit = copy.copy(guidance)
-        unit.scale = 1.0  # g1 is a graph input; prepare() is called only for the guided steps and table rows
+        unit.scale = 2.0  # g1 is a graph input; prepare() gives the interval's guided steps (any scale != 1) and rows
         sg = unit.prepare(plan, torch.zeros(1, dtype=torch.int64), latent_shape)
         self.register_buffer("t", plan.timesteps.to(torch.float32))  # the Sampler feeds float32 model time too
         self.register_buffer("coef", plan.coef.to(torch.float32))
@@ -196,8 +196,14 @@ def _graph_for(sampler, latent_shape) -> GuidedGraph:
         raise ValueError(f"guidance: {type(guidance).__name__} cannot be exported to ONNX: each step needs autograd "
                          "(the gradient of the classifier's log-probability with respect to x_t), which an ONNX "
                          "inference graph does not have; export CFG or ReCFG, or sample it with fastguide.Sampler")
-    if not isinstance(guidance, (CFG, ReCFG)):
+    if type(guidance) not in (CFG, ReCFG):
         raise ValueError(f"guidance: only CFG and ReCFG can be exported to ONNX, got {type(guidance).__name__}")
+    options = [name for name, on in (("rescale", guidance.rescale != 0), ("schedule", guidance.schedule is not None),
+                                     ("guide", guidance.guide is not None)) if on]
+    if options:
+        raise ValueError(f"guidance: {type(guidance).__name__} with {', '.join(options)} cannot be exported to ONNX "
+                         "(the exported graph takes one scale per sample and runs one network with CFG / ReCFG's "
+                         "element-wise rule); sample it with fastguide.Sampler")
     _check_plan(sampler.solver)
     null = sampler.null_cond
     if isinstance(null, torch.Tensor) or isinstance(null, bool) or not isinstance(null, (int, np.integer)):
