@@ -41,6 +41,7 @@ SM_REGISTERS, SM_MAX_THREADS = 65536, 2048  # sm_80 and sm_90: full occupancy ne
 
 # ---------------------------------------------------------------------------- static (SASS) figures
 HISTORY_VARIANTS = ((1, 1), (4, 2))  # (K slots read, W written): DPM-Solver++ 2M, UniPC-3 (the most the kernel runs)
+PROOF_NBP = 64  # the rule variants' partials per row (gs.MAX_PARTIALS: the most a step program sums)
 
 
 def static_variants() -> list[dict]:
@@ -61,15 +62,50 @@ def static_variants() -> list[dict]:
                                  hist_k=k, hist_w=w))
             variants.append(dict(rule="recfg", dtype=dtype, table_dtype=dtype, z_dtype=dtype, clip=True, out_rows=2,
                                  hist_k=k, hist_w=w))
+    return variants + rule_variants()
+
+
+def rule_variants() -> list[dict]:
+    """The rules with per-sample reductions (``rule_params``): the REDUCE step kernel, lightest (CFG-style, no
+    state, no clip, no z, out [B]) and heaviest (ReCFG lerp, the APG state, clip, z, out [2B], and that with the
+    UniPC-3 history), and the moment pre-pass (rule_moments_kernel) without and with table and state, every dtype,
+    plus the mixed-width forms (16-bit latents, float32 table / noise)."""
+    variants = []
+    for dtype in TRITON_DTYPE:
+        step = dict(kernel="step", reduce=True, nbp=PROOF_NBP)
+        variants.append(dict(step, rule="cfg", dtype=dtype, table_dtype=dtype, z_dtype=None, clip=False, out_rows=1,
+                             state=False))
+        variants.append(dict(step, rule="cfg", dtype=dtype, table_dtype=dtype, z_dtype=None, clip=False, out_rows=1,
+                             state=True))
+        variants.append(dict(step, rule="recfg", dtype=dtype, table_dtype=dtype, z_dtype=dtype, clip=True, out_rows=2,
+                             state=True))
+        variants.append(dict(step, rule="recfg", dtype=dtype, table_dtype=dtype, z_dtype=dtype, clip=True, out_rows=2,
+                             state=True, hist_k=4, hist_w=2))
+        for rule, state in (("cfg", False), ("cfg", True), ("recfg", False), ("recfg", True)):
+            variants.append(dict(kernel="moments", rule=rule, dtype=dtype, table_dtype=dtype, state=state,
+                                 nbp=PROOF_NBP))
+    for dtype in (torch.float16, torch.bfloat16):
+        variants.append(dict(kernel="step", reduce=True, nbp=PROOF_NBP, rule="recfg", dtype=dtype,
+                             table_dtype=torch.float32, z_dtype=torch.float32, clip=True, out_rows=2, state=True))
+        variants.append(dict(kernel="moments", rule="recfg", dtype=dtype, table_dtype=torch.float32, state=True,
+                             nbp=PROOF_NBP))
     return variants
 
 
 def variant_name(v: dict) -> str:
-    parts = [v["rule"], TRITON_DTYPE[v["dtype"]]]
+    """rule/dtype/... for the step kernel (``reduce-`` before the rule for REDUCE steps, ``state`` with a rule
+    state); ``moments-<rule>/dtype/...`` for the pre-pass."""
+    moments = v.get("kernel") == "moments"
+    prefix = "moments-" if moments else "reduce-" if v.get("reduce") else ""
+    parts = [prefix + v["rule"], TRITON_DTYPE[v["dtype"]]]
     if v["rule"] == "recfg" and v["table_dtype"] != v["dtype"]:
         parts.append(f"table-{TRITON_DTYPE[v['table_dtype']]}")
+    if moments:
+        return "/".join(parts + (["state"] if v["state"] else []))
     parts += ["clip" if v["clip"] else "noclip", f"z-{TRITON_DTYPE[v['z_dtype']]}" if v["z_dtype"] else "noz",
               f"out{v['out_rows']}B"]
+    if v.get("state"):
+        parts.append("state")
     if v.get("hist_k"):
         parts.append(f"hist-K{v['hist_k']}W{v['hist_w']}")
     return "/".join(parts)
@@ -79,6 +115,9 @@ def streamed_operands(v: dict) -> tuple[list[torch.dtype], list[torch.dtype]]:
     """(dtypes of the streamed inputs read per element, dtypes of the outputs written per element).
     The second ReCFG table row is read only on lerp steps (it is predicated off on grid steps). A multistep step
     also reads its K history slots and writes W of them."""
+    if v.get("kernel") == "moments":  # m_cond, m_uncond (+ table rows) (+ the rule state); writes only scalars
+        reads = [v["dtype"], v["dtype"]] + [v["table_dtype"]] * (2 if v["rule"] == "recfg" else 0)
+        return reads + [v["dtype"]] * v["state"], []
     reads = [v["dtype"], v["dtype"]]  # x, m_cond
     if v["rule"] != "cond":
         reads.append(v["dtype"])  # m_uncond
@@ -87,10 +126,31 @@ def streamed_operands(v: dict) -> tuple[list[torch.dtype], list[torch.dtype]]:
     if v["z_dtype"] is not None:
         reads.append(v["z_dtype"])
     reads += [v["dtype"]] * v.get("hist_k", 0)  # the history slots
-    return reads, [v["dtype"]] * (v["out_rows"] + v.get("hist_w", 0))
+    reads += [v["dtype"]] * bool(v.get("state"))  # the rule state (read and written in place)
+    return reads, [v["dtype"]] * (v["out_rows"] + v.get("hist_w", 0) + bool(v.get("state")))
+
+
+def num_moments(v: dict) -> int:
+    return gs.NUM_MOMENTS_STATE if v.get("state") else gs.NUM_MOMENTS_STATELESS
+
+
+def _moments_signature(v: dict) -> tuple[dict, dict]:
+    ptr = "*" + TRITON_DTYPE[v["dtype"]]
+    recfg = v["rule"] == "recfg"
+    sig = {"ws_ptr": "*fp32", "m_cond_ptr": ptr, "m_uncond_ptr": ptr, "state_ptr": ptr,
+           "table_ptr": "*" + TRITON_DTYPE[v["table_dtype"]] if recfg else ptr,
+           "rows_ptr": "*i64" if recfg else "*fp32", "steps_ptr": "*i64" if recfg else "*fp32", "w_ptr": "*fp32",
+           "n_per_row": "i32", "blocks_per_partial": "i32", "table_k": "i32", "table_t": "i32"}
+    block, _ = gs.launch_config(v["dtype"])
+    constexprs = dict(HAS_TABLE=recfg, HAS_STATE=v["state"], NUM_M=num_moments(v), NBP=v["nbp"], BLOCK=block,
+                      VEC=16 // torch.empty((), dtype=v["dtype"]).element_size())
+    sig.update({k: "constexpr" for k in constexprs})
+    return sig, constexprs
 
 
 def _signature(v: dict) -> tuple[dict, dict]:
+    if v.get("kernel") == "moments":
+        return _moments_signature(v)
     ptr = "*" + TRITON_DTYPE[v["dtype"]]
     table = "*" + TRITON_DTYPE[v["table_dtype"]] if v["rule"] == "recfg" else ptr
     sig = {"out_ptr": ptr, "out2_ptr": ptr, "x_ptr": ptr, "m_cond_ptr": ptr, "m_uncond_ptr": ptr,
@@ -100,11 +160,13 @@ def _signature(v: dict) -> tuple[dict, dict]:
            "z_ptr": "*" + TRITON_DTYPE[v["z_dtype"]] if v["z_dtype"] else ptr,
            "hist_ptr": ptr, "hist_coef_ptr": "*fp32", "write_slots_ptr": "*i64" if v.get("hist_w") else "*fp32",
            "write_coef_ptr": "*fp32",
-           "n_per_row": "i32", "table_k": "i32", "table_t": "i32", "clip_range": "fp32"}
+           "n_per_row": "i32", "table_k": "i32", "table_t": "i32", "clip_range": "fp32",
+           "ws_ptr": "*fp32", "rule_params_ptr": "*fp32", "state_ptr": ptr, "n_partials": "i32"}
     block, _ = gs.launch_config(v["dtype"])
     constexprs = dict(HAS_UNCOND=v["rule"] != "cond", HAS_TABLE=v["rule"] == "recfg", CLIP=v["clip"],
                       HAS_Z=v["z_dtype"] is not None, TWO_OUT=v["out_rows"] == 2, BLOCK=block,
-                      HIST_K=v.get("hist_k", 0), HIST_W=v.get("hist_w", 0))
+                      HIST_K=v.get("hist_k", 0), HIST_W=v.get("hist_w", 0), REDUCE=bool(v.get("reduce")),
+                      HAS_STATE=bool(v.get("state")), NUM_M=num_moments(v), NBP=v.get("nbp", 1))
     sig.update({k: "constexpr" for k in constexprs})
     return sig, constexprs
 
@@ -117,10 +179,11 @@ def compile_cubin(v: dict, arch: int) -> bytes:
     from triton.backends.compiler import GPUTarget
 
     sig, constexprs = _signature(v)
-    names = gs.guided_step_kernel.arg_names
+    kernel = gs.rule_moments_kernel if v.get("kernel") == "moments" else gs.guided_step_kernel
+    names = kernel.arg_names
     aligned = [n for n in sig if n.endswith("_ptr")] + ["n_per_row"]
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
-    src = triton.compiler.ASTSource(fn=gs.guided_step_kernel, signature=sig, constexprs=constexprs, attrs=attrs)
+    src = triton.compiler.ASTSource(fn=kernel, signature=sig, constexprs=constexprs, attrs=attrs)
     _, num_warps = gs.launch_config(v["dtype"])
     compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
     return compiled.asm["cubin"]
@@ -149,10 +212,17 @@ def sass_stats(cubin: bytes) -> dict:
             sum(counts["STL"].values()), **usage}
 
 
+def _heaviest(v: dict) -> bool:
+    """The forms older arches get: out [2B] steps (clip, z) and the pre-pass with table and state."""
+    if v.get("kernel") == "moments":
+        return v["rule"] == "recfg" and v["state"]
+    return v["out_rows"] == 2
+
+
 def static_report(arches=ARCHES) -> list[dict]:
     """sm_90 gets every variant; older arches the heaviest form of each rule and dtype (fewer disassemblies)."""
     jobs = [(v, arch, compile_cubin(v, arch)) for arch in arches for v in static_variants()
-            if arch == arches[0] or v["out_rows"] == 2]
+            if arch == arches[0] or _heaviest(v)]
     with ThreadPoolExecutor(8) as pool:  # cuobjdump mostly waits; overlap the calls
         stats = list(pool.map(sass_stats, [cubin for _, _, cubin in jobs]))
     rows = []
@@ -161,20 +231,22 @@ def static_report(arches=ARCHES) -> list[dict]:
         block, num_warps = gs.launch_config(v["dtype"])
         rows.append(dict(variant=variant_name(v), arch=arch, block=block, num_warps=num_warps,
                          elems_per_thread=block // (32 * num_warps), hist_k=v.get("hist_k", 0),
-                         hist_w=v.get("hist_w", 0),
+                         hist_w=v.get("hist_w", 0), kernel=v.get("kernel", "step"), reduce=bool(v.get("reduce")),
+                         state=bool(v.get("state")), num_moments=num_moments(v) if v.get("nbp") else 0,
                          read_bytes=[torch.empty((), dtype=d).element_size() for d in reads],
                          write_bytes=[torch.empty((), dtype=d).element_size() for d in writes], **st))
     return rows
 
 
 def static_markdown(rows: list[dict]) -> str:
-    lines = ["| variant | sm | bytes/elem read+write (floor) | LDG.128 / STG.128 per thread | other LDG (scalars) "
-             "| REG | LOCAL |", "|---|---|---|---|---|---|---|"]
+    lines = ["| variant | sm | bytes/elem read+write (floor) | LDG.128 / STG.128 per thread | other LDG / STG "
+             "(scalars) | REG | LOCAL |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         floor = f"{sum(r['read_bytes'])}+{sum(r['write_bytes'])}"
         other = sum(n for w, n in r["loads"].items() if int(w) != 128)
+        other_st = sum(n for w, n in r["stores"].items() if int(w) != 128)
         lines.append(f"| {r['variant']} | {r['arch']} | {floor} | {r['loads'].get(128, 0)} / "
-                     f"{r['stores'].get(128, 0)} | {other} | {r['reg']} | {r['local']} |")
+                     f"{r['stores'].get(128, 0)} | {other} / {other_st} | {r['reg']} | {r['local']} |")
     return "\n".join(lines)
 
 
@@ -224,7 +296,13 @@ STATIC_NOTE = (
     "accesses per thread, and K + W (2 + K) more scalar loads, the history weights and write coefficients, plus W "
     "slot indices when K > 1); "
     "these need up to 64 registers (50% occupancy, 1024 threads per SM with 4-10 loads in flight each). "
-    "Launch: BLOCK = 8 warps x 32 threads x (16 bytes / element size) elements, grid (blocks per row, B).")
+    "reduce-*: the step of a rule with per-sample reductions (rule_params; state: APG's running average, one more "
+    "128-bit read and write), which loads its row's NUM_M moment partials (5, 9 with a state) and 4-5 rule parameters "
+    "as scalars; moments-*: its pre-pass, one 128-bit load per 16 bytes of m_cond, m_uncond (+ table rows, + state) "
+    "per loop iteration (ptxas may unroll the loop: a whole multiple of that) and NUM_M scalar stores; both <= 64 "
+    "registers. "
+    "Launch: BLOCK = 8 warps x 32 threads x (16 bytes / element size) elements, grid (blocks per row, B); the "
+    "pre-pass grid (partials per row <= 64, B).")
 
 
 def versions() -> str:

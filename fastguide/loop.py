@@ -338,7 +338,7 @@ def _eager_loop(b: LoopBuffers, config: LoopConfig, const: StepConstants, steps,
         weights, slots, writes = plan.history_host or ([None] * n,) * 3
         history = {}
         if const.rule_params is not None:
-            history = dict(rule_params=const.rule_params, rule_state=const.rule_state)
+            history = dict(rule_params=b.rule_params_source.tolist(), rule_state=const.rule_state)
     sums = []
     for i in steps:
         step = views.steps[i]

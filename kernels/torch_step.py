@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from fastguide.kernels.reference import compute_dtype_for, copy_into_blocks, reduced_guidance, split_model_output
+from fastguide.kernels.reference import (NORMALIZE_EPS, ZERO_STAR_EPS, compute_dtype_for, copy_into_blocks,
+                                         split_model_output)
 
 
 def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -27,8 +28,8 @@ def guided_step_into_host(out: torch.Tensor, x: torch.Tensor, model_out: torch.T
     """Same contract as the reference, except ``coef`` is a sequence of NUM_COEF Python floats (the columns of
     ``Coef``), ``table_steps`` a pair of Python ints (i0, i1), ``table_w`` a Python float, ``hist_coef`` K floats,
     ``write_slots`` W ints and ``write_coef`` W rows of 2 + K floats. Zero weights are skipped (a history slot
-    not yet written is never read). ``rule_params`` / ``rule_state`` are device tensors as in the reference (a rule
-    with per-sample reductions runs the reference's :func:`reduced_guidance`). ``blocks``: ``out`` viewed as [k, B, ...] (optional; a loop makes it once
+    not yet written is never read). ``rule_params``: NUM_RULE_PARAMS floats (the columns of ``RuleParam``; what a
+    rule does not use is skipped), ``rule_state`` a tensor as in the reference. ``blocks``: ``out`` viewed as [k, B, ...] (optional; a loop makes it once
     instead of every step)."""
     A, B, S, Px, Pm, C0, Cx, Cm = coef
     batch = x.shape[0]
@@ -45,10 +46,7 @@ def guided_step_into_host(out: torch.Tensor, x: torch.Tensor, model_out: torch.T
                 ratio = torch.lerp(ratio, _as(table[:, i1].index_select(0, rows), dt), table_w)
             m_u = ratio.mul_(m_u)  # R * m_u; R == 1 leaves m_u bit-identical, so a unit table is exactly CFG
         if rule_params is not None:
-            prev = None if rule_state is None else _as(rule_state, dt)
-            m, state = reduced_guidance(m, m_u, _as(g1, dt), _as(rule_params, dt), prev)
-            if rule_state is not None:
-                rule_state.copy_(state)
+            m = _reduced_guidance_host(m, m_u, _as(g1, dt), rule_params, rule_state)
         else:
             m = torch.lerp(m_u, m, g1b)  # m_u + g1 (m_c - m_u) = g1 m_c + (1 - g1) R m_u
     xf = _as(x, dt)
@@ -75,3 +73,35 @@ def _add_history(y: torch.Tensor, history: torch.Tensor, weights, dt: torch.dtyp
         if w != 0:
             y.add_(_as(history[j], dt), alpha=w)
     return y
+
+
+def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-sample <a, b> [B, 1, ...] (broadcasts against a)."""
+    return torch.linalg.vecdot(a.flatten(1), b.flatten(1)).view(-1, *([1] * (a.ndim - 1)))
+
+
+def _reduced_guidance_host(c: torch.Tensor, u: torch.Tensor, g1: torch.Tensor, params, state) -> torch.Tensor:
+    """:func:`fastguide.kernels.reference.reduced_guidance` with the parameters as host floats, so the parts a rule
+    does not use cost nothing (CFG-Zero*: alpha only; APG without a cap: no norm; no rescale: no std)."""
+    zero_star, eta, threshold, beta, phi = params
+    g1b = g1.view(-1, *([1] * (c.ndim - 1)))
+    alpha = _dot(c, u).div_(_dot(u, u).add_(ZERO_STAR_EPS)) if zero_star else None
+    au = u if alpha is None else alpha * u
+    base = c - au
+    d = base if state is None or beta == 0 else torch.add(base, _as(state, c.dtype), alpha=beta)
+    gs = g1b
+    if threshold > 0:
+        gs = g1b * torch.clamp(threshold / _dot(d, d).sqrt_(), max=1.0)
+    direction = d
+    if eta != 1:
+        c2 = _dot(c, c).sqrt_().clamp_(min=NORMALIZE_EPS).square_()
+        direction = d - _dot(d, c).div_(c2).mul_(1 - eta) * c
+    m = torch.addcmul(au, gs, direction)
+    if phi > 0:
+        dims = list(range(1, c.ndim))
+        factor = (c.std(dim=dims, keepdim=True) / m.std(dim=dims, keepdim=True)).mul_(phi).add_(1 - phi)
+        m.mul_(factor)
+    unguided = g1b == 1
+    if state is not None:
+        state.copy_(torch.where(unguided, state, d))
+    return torch.where(unguided, c, m)

@@ -72,7 +72,7 @@ def test_each_step_equals_diffusers_guider(name):
         x = torch.randn(batch, *shape, dtype=torch.float64)
         out = torch.full((batch, *shape), float("nan"), dtype=torch.float64)
         coef = [0.9, 0.1] + [0.0] * (reference.NUM_COEF - 2)
-        guided_step_into_host(out, x, torch.cat([c, u]), g1, coef, rule_params=params, rule_state=host_state)
+        guided_step_into_host(out, x, torch.cat([c, u]), g1, coef, rule_params=params.tolist(), rule_state=host_state)
         torch.testing.assert_close(out, 0.9 * x + 0.1 * got, rtol=1e-12, atol=1e-12)
     if state is not None:
         assert rel_err(state, guider.momentum_buffer.running_average) <= 1e-12
@@ -370,3 +370,24 @@ def test_onnx_export_refuses_rules_it_cannot_express(tmp_path):
         sampler = fg.Sampler(model, fg.DDIM(schedule, 4), rule, null_cond=NULL)
         with pytest.raises(ValueError, match=match):
             export(sampler, tmp_path / "x.onnx", latent_shape=SHAPE)
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_triton_backend_runs_every_rule_like_the_reference(compiled):
+    """The fused kernels (under the interpreter on CPU) through the Sampler: float32 samples against the float64
+    sampler with the reference step, for each reduction rule (APG with momentum, ReCFG with rescale included)."""
+    schedule = fg.NoiseSchedule.linear()
+    model = gaussian_eps(schedule.alphas_cumprod)
+    solver = fg.DPMSolver(schedule, 4)
+    noise, labels = torch.randn(3, *SHAPE, dtype=torch.float64), torch.tensor([0, 2, 4])
+    ratios = 1 + 0.1 * torch.rand(NULL + 2, 4, *SHAPE)  # float32: what the kernel reads
+    rules = [fg.CFG(3.0, rescale=0.7), fg.CFGZeroStar(torch.tensor([3.0, 1.0, 5.0])),
+             fg.APG(4.0, eta=0.2, norm_threshold=1.0, momentum=-0.5, rescale=0.3),
+             fg.ReCFG(3.0, ratios, rescale=0.5)]
+    fast = fg.Sampler(model, solver, rules[0], null_cond=NULL, backend="triton", progress=False)
+    if compiled:
+        fast.compile()
+    for rule in rules:
+        want = fg.Sampler(model, solver, rule, null_cond=NULL, backend="torch", progress=False).sample(noise, labels)
+        got = fast.sample(noise.float(), labels, guidance=rule)
+        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)

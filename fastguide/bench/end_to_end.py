@@ -76,18 +76,24 @@ def bench_solver(schedule: fg.NoiseSchedule, steps: int, solver: str = "ddim"):
     return fg.solver_from_diffusers(diffusers_scheduler_for(schedule, steps, solver), steps)
 
 
-def diffusers_style_loop(net, scheduler, noise, labels, null_label: int, scale: float):
+def diffusers_style_loop(net, scheduler, noise, labels, null_label: int, scale: float, guider=None):
     """What a diffusers pipeline does per call: set_timesteps (which also resets a multistep scheduler's state),
-    then per step: cat the 2B input, one forward, chunk, combine, scheduler.step."""
+    then per step: cat the 2B input, one forward, chunk, combine (by hand, or with ``guider``: a diffusers guider
+    made fresh for the call, its step state set as a modular pipeline sets it), scheduler.step."""
     scheduler.set_timesteps(scheduler.num_inference_steps)
     x = noise
     null = torch.full_like(labels, null_label)
     lab2 = torch.cat([null, labels])
-    for t in scheduler.timesteps:
+    steps = len(scheduler.timesteps)
+    for i, t in enumerate(scheduler.timesteps):
         x_in = torch.cat([x, x])
         out = net(x_in, t.to(x.device).float().expand(x_in.shape[0]), lab2)
         e_u, e_c = out.chunk(2)
-        eps = e_u + scale * (e_c - e_u)
+        if guider is None:
+            eps = e_u + scale * (e_c - e_u)
+        else:
+            guider.set_state(i, steps, t)
+            eps = guider.forward(e_c, e_u).pred
         x = scheduler.step(eps, t, x).prev_sample
     return x
 

@@ -10,6 +10,7 @@ from datetime import date
 import torch
 
 from fastguide.bench.end_to_end import BENCH_SOLVERS, MODES
+from fastguide.bench.overhead import BENCH_RULES
 from fastguide.commands import common
 
 
@@ -32,6 +33,8 @@ def add_parser(sub):
                         "copy bandwidth, host time; on a CPU only the reference and its compiled form)")
     p.add_argument("--solver", choices=BENCH_SOLVERS, action="append",
                    help="solver(s), each timed against the diffusers scheduler that steps like it (default: ddim)")
+    p.add_argument("--rule", choices=BENCH_RULES, action="append",
+                   help="--overhead: guidance rule(s), each against the diffusers guider for it (default: cfg)")
     p.add_argument("--json", dest="json_path", default=None, help="also write the rows to this JSON file")
     p.set_defaults(func=run)
 
@@ -48,6 +51,8 @@ def run(args) -> int:
     for name, vals in (("--batch", batches), ("--nfe", nfes)):
         if any(v < 1 for v in vals):
             raise ValueError(f"{name}: expected values >= 1, got {vals}")
+    if args.rule and not args.overhead:
+        raise ValueError("--rule: picks the --overhead run's guidance rules")
     if args.mode and (args.overhead or args.kernel):
         raise ValueError("--mode: picks end-to-end modes; --overhead and --kernel time their own fixed sets")
     if args.overhead and args.kernel:
@@ -91,14 +96,17 @@ def _overhead(args, device, batches, nfes, reps) -> int:
     from fastguide.bench.overhead import run_overhead
 
     rows = []
-    for solver in args.solver or ["ddim"]:
-        for nfe in nfes:
-            rows += run_overhead(fg.NoiseSchedule.linear(timestep_spacing="trailing"), (1, 8, 8), batches=batches,
-                                 nfe=nfe, device=device, reps=reps, block=5 if args.quick else 20, solver_name=solver)
-    print(f"{'mode':18s} {'solver':8s} {'B':>4s} {'NFE':>4s} {'us/step':>9s} {'network':>9s} {'overhead':>9s} {'vs diffusers':>13s}")
+    for rule in args.rule or ["cfg"]:
+        for solver in args.solver or ["ddim"]:
+            for nfe in nfes:
+                rows += run_overhead(fg.NoiseSchedule.linear(timestep_spacing="trailing"), (1, 8, 8), batches=batches,
+                                     nfe=nfe, device=device, reps=reps, block=5 if args.quick else 20,
+                                     solver_name=solver, rule_name=rule)
+    print(f"{'mode':18s} {'rule':14s} {'solver':8s} {'B':>4s} {'NFE':>4s} {'us/step':>9s} {'network':>9s} "
+          f"{'overhead':>9s} {'vs diffusers':>13s}")
     for r in rows:
-        print(f"{r['mode']:18s} {r['solver']:8s} {r['batch']:4d} {r['nfe']:4d} {r['us_per_step']:9.1f} {r['network_us_per_step']:9.1f} "
-              f"{r['overhead_us_per_step']:9.1f} {r['vs_diffusers']:13.2f}")
+        print(f"{r['mode']:18s} {r['rule']:14s} {r['solver']:8s} {r['batch']:4d} {r['nfe']:4d} {r['us_per_step']:9.1f} "
+              f"{r['network_us_per_step']:9.1f} {r['overhead_us_per_step']:9.1f} {r['vs_diffusers']:13.2f}")
     print("overhead = us/step minus the stub network's own calls (compiled for fastguide_fused); per-call setup "
           "is spread over the NFE steps")
     _write_json(args.json_path, device, rows)

@@ -31,6 +31,8 @@ def add_parser(sub):
                    help="start again even though --out holds a training run (its checkpoint is replaced)")
     p.add_argument("--steps", type=int, default=d.steps, help="UNet optimisation steps")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="UNet batch size")
+    p.add_argument("--channels", type=int, default=d.channels,
+                   help="UNet width (a smaller, shorter-trained one makes an AutoGuidance guide network)")
     p.add_argument("--seed", type=int, default=d.seed, help="seed of weights, batches and noise")
     p.add_argument("--stop-after", type=int, default=None,
                    help="stop this run (with a checkpoint) after this many UNet steps; continue with --resume")
@@ -80,11 +82,12 @@ def run(args) -> int:
     for option, value, low in (("--threads", args.threads, 1), ("--stop-after", args.stop_after, 1),
                                ("--classifier-epochs", args.classifier_epochs, 1), ("--steps", args.steps, 1),
                                ("--table-samples-per-class", args.table_samples_per_class, 1),
-                               ("--batch-size", args.batch_size, 1), ("--seed", args.seed, 0)):
+                               ("--batch-size", args.batch_size, 1), ("--seed", args.seed, 0),
+                               ("--channels", args.channels, 1)):
         common.at_least(value, option, low)
     if args.resume and args.overwrite:
         raise ValueError("--overwrite: contradicts --resume (continue the run, or start it again: not both)")
-    cfg = DiffusionConfig(steps=args.steps, batch_size=args.batch_size, seed=args.seed).check()
+    cfg = DiffusionConfig(steps=args.steps, batch_size=args.batch_size, seed=args.seed, channels=args.channels).check()
     out = common.prepare_out_dir(args.out)
     checkpoint = out / CHECKPOINT_FILE
     if checkpoint.exists() and not (args.resume or args.overwrite):

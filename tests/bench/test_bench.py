@@ -127,12 +127,15 @@ def test_bench_kernel_quick_times_the_reference_on_the_cpu(tmp_path):
     assert cli.main(["bench", "--kernel", "--quick", "--json", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
     assert [(r["shape"], r["rule"]) for r in rows] == [([2, 4, 8, 8], rule) for rule in
-                                                        ("cfg", "recfg", "cfg-dpm2m", "cfg-unipc3")]
+                                                        ("cfg", "recfg", "cfg-dpm2m", "cfg-unipc3", "cfg-rescale",
+                                                         "cfg-zero-star", "apg")]
     assert all(r["eager_us"] > 0 and r["compiled_us"] > 0 and "triton_us" not in r for r in rows)
     # bytes a step must move: x, m_cond, m_uncond read, both halves written (+ 1 or 2 table rows)
     assert floor_bytes((2, 4, 8, 8), torch.float32, "cfg") == 5 * 512 * 4
     assert floor_bytes((2, 4, 8, 8), torch.float16, "recfg", lerp=True) == 7 * 512 * 2
     assert floor_bytes((2, 4, 8, 8), torch.float32, "cfg-unipc3") == (5 + 4 + 2) * 512 * 4  # + K reads, W writes
+    assert floor_bytes((2, 4, 8, 8), torch.float32, "cfg-rescale") == 5 * 512 * 4  # the moments are not in the floor
+    assert floor_bytes((2, 4, 8, 8), torch.float32, "apg") == (5 + 2) * 512 * 4  # + the state's read and write
 
 
 @pytest.mark.parametrize("solver", ["ddim", "dpm++2m", "unipc"])

@@ -13,6 +13,12 @@ the cuobjdump that ships in triton's nvidia backend, and check, for every dtype 
   loads are exactly the step's history weights (K + W (2 + K) float32, W slot indices when K > 1), and registers stay
   <= 64 (50% occupancy: 1024 threads per SM, each with 4 to 10 128-bit loads in flight, far more bytes in
   flight than the memory system needs to stream at full bandwidth).
+- rules with per-sample reductions (``rule_params``): the moment pre-pass (``rule_moments_kernel``) reads c, u
+  (+ the table rows, + the rule state) with 128-bit loads (a whole number of copies of its loop body: ptxas may
+  unroll it) and writes only its NUM_M float32 partials per program; the REDUCE step streams as the variant without
+  the rule plus the state's 128-bit read and write, and loads exactly NUM_M partials and the rule parameters it
+  uses (4, and MOMENTUM with a state) more scalars. Registers <= 64 (50% occupancy, as the history variants),
+  with the UniPC-3 history as well; no local memory.
 """
 from __future__ import annotations
 
@@ -28,6 +34,7 @@ REPO = Path(__file__).resolve().parents[2]
 REPORT = REPO / "benchmarks" / "report_guided_step.py"
 MAX_SCALAR_LOADS = 11  # g1, label row, two step rows, the lerp weight, at most six coefficients
 FULL_OCCUPANCY_REGS, MIXED_WIDTH_REGS, HISTORY_REGS = 32, 48, 64
+RULE_REGS = 64  # REDUCE steps (with or without history) and the moment pre-pass
 
 
 def _nvidia_tools_present() -> bool:
@@ -56,10 +63,21 @@ def test_every_rule_and_dtype_is_covered_on_both_arches(figures):
         for rule in ("cond", "cfg", "recfg"):
             for dtype in ("fp32", "fp16", "bf16"):
                 assert (arch, rule, dtype) in seen
-    hist = {(r["arch"], r["variant"].split("/")[1], r["hist_k"], r["hist_w"]) for r in figures}
+    hist = {(r["arch"], r["variant"].split("/")[1], r["hist_k"], r["hist_w"]) for r in figures
+            if r["kernel"] == "step" and not r["reduce"]}
     for arch in (90, 80):
         for dtype in ("fp32", "fp16", "bf16"):
             assert {(arch, dtype, 1, 1), (arch, dtype, 4, 2)} <= hist
+    # the rules with per-sample reductions: the heaviest REDUCE step (with and without history) and pre-pass on both
+    # arches, the lighter ones on sm_90
+    names = {(r["arch"], r["variant"]) for r in figures}
+    for dtype in ("fp32", "fp16", "bf16"):
+        heaviest = f"reduce-recfg/{dtype}/clip/z-{dtype}/out2B/state"
+        for arch in (90, 80):
+            assert {(arch, heaviest), (arch, heaviest + "/hist-K4W2"), (arch, f"moments-recfg/{dtype}/state")} <= names
+        for light in (f"reduce-cfg/{dtype}/noclip/noz/out1B", f"reduce-cfg/{dtype}/noclip/noz/out1B/state",
+                      f"moments-cfg/{dtype}", f"moments-cfg/{dtype}/state", f"moments-recfg/{dtype}"):
+            assert (90, light) in names
 
 
 def _history_scalars(r) -> int:
@@ -74,20 +92,40 @@ def _vectors(byte_sizes, elems_per_thread):
     return sum(elems_per_thread * b // 16 for b in byte_sizes)
 
 
+def _rule_scalars(r) -> int:
+    """A REDUCE step's extra scalars: its row's NUM_M moment partials (one load each: NBP <= 256 threads) and the
+    rule parameters it reads (ZERO_STAR, ETA, NORM_THRESHOLD, RESCALE; MOMENTUM only with a state)."""
+    return r["num_moments"] + 4 + r["state"] if r["reduce"] else 0
+
+
+def _without_rule(r, figures):
+    """The same step without the rule (no REDUCE, no state)."""
+    name = r["variant"].removeprefix("reduce-").replace("/state", "")
+    return next(b for b in figures if b["arch"] == r["arch"] and b["variant"] == name)
+
+
+def _steps(figures):
+    return [r for r in figures if r["kernel"] == "step"]
+
+
 def test_streamed_operands_use_128_bit_accesses_at_the_floor(figures):
-    for r in figures:
+    for r in _steps(figures):
         loads = {int(w): n for w, n in r["loads"].items()}
         stores = {int(w): n for w, n in r["stores"].items()}
         e = r["elems_per_thread"]
         assert loads.get(128, 0) == _vectors(r["read_bytes"], e), r
         assert stores == {128: _vectors(r["write_bytes"], e)}, r
         scalar = sum(n for w, n in loads.items() if w != 128)
-        assert scalar <= MAX_SCALAR_LOADS + _history_scalars(r), r
+        assert scalar <= MAX_SCALAR_LOADS + _history_scalars(r) + _rule_scalars(r), r
         if r["hist_k"]:  # the history adds exactly its scalars to the same variant without history
             base = next(b for b in figures if b["arch"] == r["arch"] and not b["hist_k"]
                         and b["variant"] == r["variant"].rsplit("/", 1)[0])
             base_scalar = sum(n for w, n in base["loads"].items() if int(w) != 128)
             assert scalar == base_scalar + _history_scalars(r), (r, base)
+        if r["reduce"]:  # the rule adds exactly its partials and parameters to the same step without it
+            base = _without_rule(r, figures)
+            base_scalar = sum(n for w, n in base["loads"].items() if int(w) != 128)
+            assert scalar == base_scalar + _rule_scalars(r), (r, base)
         assert all(w in (32, 64) for w in loads if w != 128), r  # scalars: fp32 values and int64 indices
         moved = 16 * (loads.get(128, 0) + stores[128]) / e
         assert moved == sum(r["read_bytes"]) + sum(r["write_bytes"]), r  # bytes per element = the floor
@@ -97,8 +135,40 @@ def test_no_local_memory_and_registers_within_the_occupancy_bound(figures):
     for r in figures:
         assert r["local"] == 0 and r["local_accesses"] == 0 and r["stack"] == 0, r
         mixed = len(set(r["read_bytes"] + r["write_bytes"])) > 1
-        bound = HISTORY_REGS if r["hist_k"] else MIXED_WIDTH_REGS if mixed else FULL_OCCUPANCY_REGS
+        if r["reduce"] or r["kernel"] == "moments":
+            bound = RULE_REGS
+        else:
+            bound = HISTORY_REGS if r["hist_k"] else MIXED_WIDTH_REGS if mixed else FULL_OCCUPANCY_REGS
         assert r["reg"] <= bound, r
+
+
+def test_rule_steps_stream_the_state_once_each_way(figures):
+    """A REDUCE step reads the same streamed operands as the step without the rule, plus the rule state's one
+    128-bit read and one 128-bit write per 16 bytes of elements when it has a state."""
+    rule_steps = [r for r in _steps(figures) if r["reduce"]]
+    assert rule_steps
+    for r in rule_steps:
+        base = _without_rule(r, figures)
+        per_operand = r["elems_per_thread"] * r["write_bytes"][0] // 16  # the state shares the latent dtype
+        assert r["loads"]["128"] == base["loads"]["128"] + r["state"] * per_operand, (r, base)
+        assert r["stores"]["128"] == base["stores"]["128"] + r["state"] * per_operand, (r, base)
+
+
+def test_moment_pre_pass_streams_its_inputs_once_and_writes_only_partials(figures):
+    """The pre-pass's loop body loads one 128-bit vector per 16 bytes of each of c, u (+ the table rows, + the
+    state) per thread; ptxas may unroll the loop, so the LDG.128 count is a whole multiple of that. Its only other
+    loads are the table's per-program scalars (label row, two step rows, lerp weight), and it stores exactly its
+    NUM_M float32 partials."""
+    pre = [r for r in figures if r["kernel"] == "moments"]
+    assert pre
+    for r in pre:
+        loads = {int(w): n for w, n in r["loads"].items()}
+        stores = {int(w): n for w, n in r["stores"].items()}
+        per_iteration = _vectors(r["read_bytes"], r["elems_per_thread"])
+        assert loads[128] >= per_iteration and loads[128] % per_iteration == 0, r
+        table = r["variant"].startswith("moments-recfg")
+        assert sum(n for w, n in loads.items() if w != 128) == (4 if table else 0), r
+        assert stores == {32: r["num_moments"]}, r
 
 
 def test_history_variants_stream_k_more_reads_and_w_more_writes(figures):
@@ -107,7 +177,7 @@ def test_history_variants_stream_k_more_reads_and_w_more_writes(figures):
     hist = [r for r in figures if r["hist_k"]]
     assert hist
     for r in hist:
-        base = next(b for b in figures if b["arch"] == r["arch"] and not b["hist_k"]
+        base = next(b for b in figures if b["arch"] == r["arch"] and not b["hist_k"] and b["kernel"] == "step"
                     and b["variant"] == r["variant"].rsplit("/", 1)[0])
         per_operand = r["elems_per_thread"] * r["write_bytes"][0] // 16  # history shares the latent dtype
         assert r["loads"]["128"] == base["loads"]["128"] + r["hist_k"] * per_operand, (r, base)
