@@ -161,3 +161,31 @@ def test_bench_solver_option_runs_and_labels_rows(tmp_path):
     assert cli.main(["bench", "--overhead", "--quick", "--batch", "2", "--solver", "unipc", "--json", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
     assert {r["solver"] for r in rows} == {"unipc"} and len(rows) == 3
+
+
+def test_bench_rule_option_runs_each_rule_against_its_guider(tmp_path):
+    """--rule: fastguide's rule and diffusers' guider for it in the same overhead run, labelled per row; the two
+    loops compute the same samples (checked on the stub network's output, float32)."""
+    from diffusers import DDIMScheduler
+
+    import fastguide as fg
+    from fastguide.bench.end_to_end import diffusers_style_loop
+    from fastguide.bench.overhead import BENCH_RULES, StubNet, bench_rule
+
+    out = tmp_path / "overhead.json"
+    assert cli.main(["bench", "--overhead", "--quick", "--batch", "2", "--rule", "apg", "--rule", "cfg-rescale",
+                     "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["rule"] for r in rows] == ["apg"] * 3 + ["cfg-rescale"] * 3
+    stub = StubNet(torch.randn(4, 1, 8, 8))
+    noise, labels = torch.randn(2, 1, 8, 8), torch.tensor([1, 2])
+    for name in BENCH_RULES:
+        rule, make_guider = bench_rule(name, 3.0)
+        sch = DDIMScheduler(timestep_spacing="trailing")
+        sch.set_timesteps(4)
+        # the stub's [null | cond] halves are what the diffusers loop reads (it batches null first)
+        want = diffusers_style_loop(stub, sch, noise, labels, 10, 3.0, None if make_guider is None else make_guider())
+        flipped = StubNet(torch.cat(stub.out2.chunk(2)[::-1]))
+        got = fg.Sampler(flipped, fg.solver_from_diffusers(sch, 4), rule, null_cond=10, progress=False).sample(
+            noise, labels)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)

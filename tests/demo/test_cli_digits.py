@@ -81,6 +81,37 @@ def test_sample_with_a_guidance_interval_guides_only_those_steps(tmp_path, capsy
     assert rows_seen == [12, 12, 6, 6]
 
 
+def test_sample_and_demo_take_the_new_rules_and_their_parameters(tmp_path, capsys):
+    """--rule cfg-zero-star / apg with their flags: the grid is written, the line says what ran, and each rule and
+    parameter changes the picture against plain CFG from the same noise; the demo compares the listed rules."""
+    from matplotlib.image import imread
+
+    base = ["sample", "--labels", "3,8", "--steps", "4", "--per-label", "2", "--scale", "5"]
+    pictures = {}
+    for name, extra in {"cfg": [], "rescale": ["--rescale", "0.7"], "zero-star": ["--rule", "cfg-zero-star"],
+                        "apg": ["--rule", "apg", "--eta", "0", "--momentum", "-0.5", "--norm-threshold", "2"],
+                        "cosine": ["--schedule", "cosine"]}.items():
+        out = tmp_path / f"{name}.png"
+        code, stdout, err = run_cli(capsys, *base, *extra, "--out", str(out))
+        assert code == 0, err
+        pictures[name] = imread(out)
+        if name == "apg":
+            assert "apg g=5, eta=0, norm_threshold=2, momentum=-0.5" in stdout
+    for name, picture in pictures.items():
+        if name != "cfg":
+            assert not (picture == pictures["cfg"]).all(), name
+    out = tmp_path / "demo"
+    code, stdout, err = run_cli(capsys, "demo", "--out", str(out), "--steps", "4", "--per-class", "2",
+                                "--scales", "1,3", "--rules", "cfg,apg,cfg-zero-star", "--eta", "0", "--quiet")
+    assert code == 0, err
+    report = json.loads((out / "metrics.json").read_text())
+    assert list(report["results"]) == ["cfg", "apg", "cfg-zero-star"]
+    assert report["config"]["rules"] == ["cfg", "apg", "cfg-zero-star"] and report["config"]["rule_options"]["eta"] == 0
+    assert report["results"]["apg"]["1.0"] == report["results"]["cfg"]["1.0"]  # g = 1: the conditional model
+    assert report["results"]["apg"]["3.0"] != report["results"]["cfg"]["3.0"]
+    assert (out / "samples_apg.png").read_bytes()[:8] == PNG_MAGIC
+
+
 @pytest.mark.parametrize("argv, needle", [
     (["sample", "--interval", "5"], "--interval"),
     (["sample", "--interval", "900,100"], "--interval"),
@@ -92,6 +123,17 @@ def test_sample_with_a_guidance_interval_guides_only_those_steps(tmp_path, capsy
     (["demo", "--scales", "1,-2"], "--scales"),
     (["sample", "--assets", "/nonexistent-fastguide-assets"], "--assets"),
     (["train", "--steps", "0"], "steps"),
+    (["train", "--channels", "0"], "--channels"),
+    (["sample", "--rule", "cfg", "--eta", "0.5"], "--eta: applies to rule apg only"),
+    (["sample", "--rule", "apg", "--momentum", "1"], "--momentum"),
+    (["sample", "--rule", "apg", "--eta", "-1"], "--eta"),
+    (["sample", "--rescale", "1.5"], "--rescale"),
+    (["sample", "--rule", "cfg-zero-star", "--zero-init-steps", "-1"], "--zero-init-steps"),
+    (["sample", "--rule", "cfg-zero-star", "--zero-init-steps", "2"], "zero_init_steps"),
+    (["sample", "--schedule", "wavy"], "--schedule"),
+    (["demo", "--rules", "cfg,nope"], "--rules"),
+    (["demo", "--rules", "cfg,cfg"], "--rules"),
+    (["demo", "--rules", "cfg", "--momentum", "0.5"], "--momentum: applies to rule apg only"),
 ])
 def test_bad_input_is_one_line_and_nonzero(tmp_path, capsys, argv, needle):
     code, _, err = run_cli(capsys, *argv, "--out", str(tmp_path / ("x.png" if argv[0] == "sample" else "d")))
