@@ -14,8 +14,9 @@
 #   bash benchmarks/gpu_session.sh dit 1
 #   bash benchmarks/gpu_session.sh digits     # the digits UNet, batch 1/8/64
 #   bash benchmarks/gpu_session.sh dit-dpm 8  # DiT-XL/2, NFE 8, DPM-Solver++ 2M and UniPC vs diffusers' own schedulers
+#   bash benchmarks/gpu_session.sh overhead   # per-step overhead of CFG, rescale, CFG-Zero*, APG vs diffusers' guiders
 # (the kernel part's table includes the multistep steps: cfg-dpm2m reads 1 history slot and writes 1, cfg-unipc3
-# reads 4 and writes 2)
+# reads 4 and writes 2; and the reduction rules cfg-rescale, cfg-zero-star, apg: the moments pre-pass + the step)
 # Untimed estimate: each dit part compiles DiT-XL/2 about six times (inductor, max-autotune for the floor); if a
 # part runs into the limit, drop --nfe 4 / --nfe 16 (the goals are at NFE 8) or split the modes over two commands.
 # Back here: python benchmarks/report_sampler.py <the bench-cuda-*.json files> --write, and copy the kernel
@@ -34,7 +35,8 @@ python3 -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; pr
 case "${1:-}" in
 tests)
     FASTGUIDE_TEST_CUDA=1 python3 -m pytest -q -x tests/kernels/test_guided_step.py tests/test_sampler_compile.py \
-        tests/kernels/test_torch_step.py tests/test_sampler.py tests/test_loop.py tests/test_multistep.py 2>&1 | tee "$OUT/tests-cuda.log"
+        tests/kernels/test_torch_step.py tests/test_sampler.py tests/test_loop.py tests/test_multistep.py \
+        tests/kernels/test_guided_step_rules.py tests/test_guidance_rules.py 2>&1 | tee "$OUT/tests-cuda.log"
     ;;
 kernel)
     python3 benchmarks/report_guided_step.py --write 2>&1 | tee "$OUT/kernel.log"
@@ -52,6 +54,10 @@ dit-dpm)
     python3 -m fastguide.cli bench --model dit --batch "$batch" --nfe 8 --reps 7 --solver dpm++2m --solver unipc \
         --mode diffusers_eager --mode diffusers_compiled --mode fastguide_compiled --mode fastguide_graph --mode floor \
         --json "$OUT/bench-cuda-dit-dpm-b$batch.json" 2>&1 | tee "$OUT/bench-dit-dpm-b$batch.log"
+    ;;
+overhead)
+    python3 -m fastguide.cli bench --overhead --device cuda --batch 1 --batch 64 --reps 7 --rule cfg --rule cfg-rescale \
+        --rule cfg-zero-star --rule apg --json "$OUT/overhead-cuda-rules.json" 2>&1 | tee "$OUT/overhead-rules.log"
     ;;
 digits)
     python3 -m fastguide.cli bench --model digits --reps 7 --json "$OUT/bench-cuda-digits.json" 2>&1 \

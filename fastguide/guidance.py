@@ -125,13 +125,13 @@ class CFG(GuidanceRule):
     """
 
     def __init__(self, scale=None, interval=None, *, rescale=0.0, schedule=None, guide=None):
-        explicit = schedule is not None and not isinstance(schedule, str)
+        self.schedule = check_schedule(schedule)
+        explicit = self.schedule is not None and not isinstance(self.schedule, str)
         if explicit and scale is not None:
             raise ValueError("scale: this rule's schedule gives the scale at every step; pass one or the other")
         self.scale = None if explicit else check_scale(DEFAULT_SCALE if scale is None else scale)
         self.interval = check_interval(interval)
         self.rescale = check_in_range(rescale, "rescale", 0.0, 1.0)
-        self.schedule = check_schedule(schedule)
         self.guide = check_guide(guide)
 
     @classmethod

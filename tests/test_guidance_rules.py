@@ -183,6 +183,18 @@ def test_zero_init_is_the_update_with_zero_output(backend):
     torch.testing.assert_close(got, x, rtol=1e-10, atol=1e-10)
 
 
+def test_zero_star_on_one_element_samples_is_the_conditional_model():
+    """With one coordinate per sample alpha m_u = m_c (up to alpha's 1e-8), so CFG-Zero* is the conditional model
+    at any scale (docs/toy.md: the many-coordinates limit is what makes it guide)."""
+    c = torch.randn(16, 1, dtype=torch.float64)
+    u = torch.randn(16, 1, dtype=torch.float64).sign() * (0.5 + torch.rand(16, 1, dtype=torch.float64))  # |u| >= 0.5
+    # m - c = (g - 1) c eps / (u^2 + eps) with eps = 1e-8: below 6 * 4e-8 |c| here
+    params = fg.CFGZeroStar(7.0).rule_params()
+    m = reference.guided_output(c, u, torch.full((16,), 7.0, dtype=torch.float64), rule_params=params,
+                                dt=torch.float64)
+    torch.testing.assert_close(m, c, rtol=1e-6, atol=1e-6)
+
+
 def test_named_schedules_have_mean_one_and_the_stated_ends():
     for steps in (1, 2, 7, 10):
         for name in SCHEDULES:

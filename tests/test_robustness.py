@@ -119,8 +119,20 @@ def test_diffusers_config_values(key, v):
 def test_guidance_scales_and_intervals(v):
     scale_ok = is_number(v) and math.isfinite(v) and v >= 0
     if not scale_ok:
-        raises_naming("scale", fg.CFG, v)
+        if v is not None:  # CFG-family rules: None is their default scale (4.0)
+            for rule in (fg.CFG, fg.CFGZeroStar, fg.APG):
+                raises_naming("scale", rule, v)
         raises_naming("scale", fg.ClassifierGuidance, lambda x, t: x.flatten(1), v)
+    for name, make in (("rescale", lambda: fg.CFG(2.0, rescale=v)), ("eta", lambda: fg.APG(2.0, eta=v)),
+                       ("momentum", lambda: fg.APG(2.0, momentum=v)), ("schedule", lambda: fg.CFG(2.0, schedule=v)),
+                       ("zero_init_steps", lambda: fg.CFGZeroStar(2.0, zero_init_steps=v))):
+        valid = {"rescale": scale_ok and v <= 1, "eta": scale_ok, "momentum": is_number(v) and -1 < v < 1,
+                 "schedule": v is None or callable(v) or v in fg.guidance.SCHEDULES,
+                 "zero_init_steps": v is None or is_int(v, 0)}[name]
+        if name == "schedule" and isinstance(v, torch.Tensor):
+            continue  # a tensor schedule is checked against the plan's steps at sampling (test_guidance_rules.py)
+        if not valid:
+            raises_naming(name, make)
     if v is not None and not (isinstance(v, list) and len(v) == 2 and v[0] <= v[1]):
         raises_naming("interval", fg.CFG, 2.0, interval=v)
         if not (is_number(v) and v <= 1.0):  # (v, 1) with a number v <= 1 is a valid interval

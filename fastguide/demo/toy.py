@@ -24,7 +24,7 @@ import torch
 from scipy.integrate import quad, solve_ivp
 from scipy.special import hyp2f1
 
-from fastguide.guidance import CFG, ReCFG
+from fastguide.guidance import CFG, CFGZeroStar, ReCFG
 from fastguide.kernels.reference import compute_dtype_for
 from fastguide.sampler import Sampler
 from fastguide.schedule import NoiseSchedule
@@ -223,6 +223,70 @@ def ode_moments(g, T, rule: str = "cfg", c: float = 1.0, rtol: float = 1e-11, at
     return (float(mu) / c if c != 0 else math.nan), math.exp(log_var)
 
 
+# ---------------------------------------------------------------------------------------- CFG-Zero*, schedules
+def zero_star_alpha(c, t, mu, var):
+    """CFG-Zero*'s alpha = <s_c, s_u> / |s_u|^2 over a sample of D i.i.d. coordinates that are N(mu, var) at time
+    t, as D -> infinity (the law of large numbers): E[s_c s_u] / E[s_u^2] under the *current* marginal,
+    (2 + t) / (1 + t) * (var + mu (mu - c)) / (var + mu^2). Under the data's own conditional marginal
+    (mu = c, var = 1 + t) this is the least-squares ReCFG ratio (2 + t) / (1 + t + c^2): CFG-Zero* is that
+    estimator evaluated online, on the guided distribution instead of the data's. With D = 1 alpha s_u = s_c
+    exactly, so the rule is the conditional model: phi = 1, var = 1 for every g."""
+    return (2 + t) / (1 + t) * (var + mu * (mu - c)) / (var + mu * mu)
+
+
+def schedule_position(t, T: float, sigma_min: float = 1e-3, rho: float = 7.0):
+    """r in [0, 1] of time t on the rho-spaced VE grid of :func:`ve_sigmas` (0 at t = T, 1 at sigma_min): the
+    step fraction i / (S - 1) that fastguide's named schedules read, in the continuous-time limit."""
+    hi, lo = math.sqrt(T) ** (1 / rho), sigma_min ** (1 / rho)
+    return np.clip((hi - np.sqrt(t) ** (1 / rho)) / (hi - lo), 0.0, 1.0)
+
+
+def scheduled_gamma(g: float, schedule: str | None, t, T: float):
+    """The guidance scale at time t: g - 1 shaped by a named schedule (fastguide.guidance.schedule_shape's
+    formulas in r = schedule_position(t)), or g itself without one."""
+    if schedule is None or schedule == "constant":
+        return g
+    from fastguide.guidance import SCHEDULES
+
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule: expected one of {SCHEDULES}, got {schedule!r}")
+    r = schedule_position(t, T)
+    shape = {"linear": 2 * r, "linear-decreasing": 2 * (1 - r), "cosine": 1 - np.cos(math.pi * r),
+             "cosine-decreasing": 1 + np.cos(math.pi * r)}[schedule]
+    return 1 + (g - 1) * shape
+
+
+def guided_ode_moments(g, T, rule: str = "cfg", c: float = 1.0, schedule: str | None = None,
+                       zero_init_to: float | None = None, rtol: float = 1e-10, atol: float = 1e-12):
+    """(phi, var) of the guided PF-ODE for the rules without a closed form: ``rule`` "cfg" / "paper" /
+    "least_squares" (table ratios) or "zero_star" (CFG-Zero*'s alpha in the many-coordinates limit, which depends
+    on the current mean and variance: :func:`zero_star_alpha`), with a named scale ``schedule`` and, for
+    ``zero_init_to``, CFG-Zero*'s zero-init: eps = 0 (x held where it is, in VE) from T down to that time."""
+    g, T = check_gamma(g), check_T(T, allow_inf=False)
+    if rule != "zero_star":
+        check_rule(rule)
+    c = float(c)
+    start = T if zero_init_to is None else float(zero_init_to)
+    if not 0 < start <= T:
+        raise ValueError(f"zero_init_to: expected a time in (0, T], got {zero_init_to}")
+
+    def rhs(tau, y):
+        t = math.expm1(tau)
+        gt = float(scheduled_gamma(g, schedule, t, T))
+        mu, var = y[0], math.exp(y[1])
+        r = zero_star_alpha(c, t, mu, var) if rule == "zero_star" else float(guidance_ratio(rule, c, t))
+        p = gt / (1 + t) + (1 - gt) * r / (2 + t)
+        q = gt / (1 + t)
+        return [(1 + t) * 0.5 * (p * y[0] - q * c), (1 + t) * p]
+
+    # x_T ~ N(c, 1 + T), unchanged through the zero-init steps (VE: eps = 0 keeps x)
+    sol = solve_ivp(rhs, (math.log1p(start), 0.0), [c, math.log1p(T)], method="DOP853", rtol=rtol, atol=atol)
+    if not sol.success:
+        raise RuntimeError(f"ODE integration failed: {sol.message}")
+    mu, log_var = sol.y[:, -1]
+    return (float(mu) / c if c != 0 else math.nan), math.exp(log_var)
+
+
 # ---------------------------------------------------------------------------------------- fastguide's Sampler
 def ve_sigmas(T: float, steps: int, sigma_min: float = 1e-3, rho: float = 7.0) -> np.ndarray:
     """Ascending VE noise levels sigma_0 = sigma_min .. sigma_{steps-1} = sqrt(T) (Karras et al. rho-spacing)."""
@@ -278,7 +342,8 @@ def toy_ratio_table(rule: str, schedule: NoiseSchedule, c_values, width: int = 1
 
 def sampler_moments(g, T, rule: str = "cfg", c_values=(1.0,), samples: int = 16384, steps: int = 500,
                     seed: int = 0, backend: str = "torch", dtype: torch.dtype = torch.float64,
-                    width: int = 256, device="cpu") -> list[dict]:
+                    width: int = 256, device="cpu", schedule: str | None = None,
+                    zero_init_steps: int = 0) -> list[dict]:
     """Run fastguide.Sampler + DDIM(eta=0) on the toy from x_T ~ q_T(x | c), per c in ``c_values``.
 
     The samples of one c lie along the last latent axis, ``width`` per batch row (noise
@@ -287,9 +352,11 @@ def sampler_moments(g, T, rule: str = "cfg", c_values=(1.0,), samples: int = 163
     its outputs for x_T = c and x_T = c + sqrt(1 + T), run in one extra row, give them; their gap to
     the ODE is the discretisation error), and ``mc_phi`` +- ``mc_phi_se``, ``mc_var`` +- ``mc_var_se``
     from ``samples`` draws (rounded up to a multiple of ``width``). The noise is drawn on the CPU, so
-    ``device`` changes only where the sampler runs.
+    ``device`` changes only where the sampler runs. ``rule`` "zero_star" runs fastguide.CFGZeroStar (its alpha
+    over each row's ``width`` coordinates, with ``zero_init_steps``); ``schedule``: a named scale schedule.
     """
-    g, T, rule = check_gamma(g), check_T(T, allow_inf=False), check_rule(rule)
+    g, T = check_gamma(g), check_T(T, allow_inf=False)
+    rule = rule if rule == "zero_star" else check_rule(rule)
     for name, v, lo in (("samples", samples, 2), ("width", width, 2)):
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo:
             raise ValueError(f"{name}: expected an int >= {lo}, got {v!r}")
@@ -299,7 +366,12 @@ def sampler_moments(g, T, rule: str = "cfg", c_values=(1.0,), samples: int = 163
     sched = ve_schedule(T, steps)
     k, per_c = c_values.numel(), -(-samples // width)  # MC rows per c (+ 1 deterministic row)
     table_dtype = compute_dtype_for(dtype)
-    guide = CFG(g) if rule == "cfg" else ReCFG(g, toy_ratio_table(rule, sched, c_values.numpy(), width, table_dtype))
+    if rule == "zero_star":
+        guide = CFGZeroStar(g, zero_init_steps=zero_init_steps, schedule=schedule)
+    elif rule == "cfg":
+        guide = CFG(g, schedule=schedule)
+    else:
+        guide = ReCFG(g, toy_ratio_table(rule, sched, c_values.numpy(), width, table_dtype), schedule=schedule)
     sampler = Sampler(toy_eps_model(sched, c_values), DDIM(sched, steps=steps, eta=0.0), guide,
                       null_cond=k, backend=backend, progress=False)
     z = torch.randn((k, per_c, width), generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
@@ -316,11 +388,12 @@ def sampler_moments(g, T, rule: str = "cfg", c_values=(1.0,), samples: int = 163
         mc = x0[j, :per_c].reshape(-1)
         at_mean, at_plus1 = float(x0[j, per_c, 0]), float(x0[j, per_c, 1])
         n, m, v = mc.numel(), float(mc.mean()), float(mc.var())
+        affine = rule != "zero_star"  # CFG-Zero*'s alpha makes the sampler nonlinear in x_T: no probe moments
         out.append({
             "c": c,
             "samples": n,
-            "ddim_phi": at_mean / c,
-            "ddim_var": (at_plus1 - at_mean) ** 2,
+            "ddim_phi": at_mean / c if affine else None,
+            "ddim_var": (at_plus1 - at_mean) ** 2 if affine else None,
             "mc_phi": m / c,
             "mc_phi_se": math.sqrt(v / n) / abs(c),
             "mc_var": v,

@@ -242,6 +242,53 @@ def test_monte_carlo_through_the_sampler(rule):
         assert abs(r["mc_var"] - var) < 5 * r["mc_var_se"] + abs(r["ddim_var"] - var)
 
 
+def test_zero_star_alpha_on_the_data_marginal_is_the_least_squares_ratio():
+    """CFG-Zero*'s many-coordinates alpha, evaluated on q_t(x | c) = N(c, 1 + t), is ReCFG's least-squares ratio."""
+    c, t = np.array([-2.0, 0.5, 1.0, 3.0])[:, None], np.array([0.0, 0.3, 4.0, 100.0])[None, :]
+    np.testing.assert_allclose(toy.zero_star_alpha(c, t, c, 1 + t), toy.ratio("least_squares", c, t), rtol=1e-13)
+
+
+@pytest.mark.parametrize("rule, c", [("cfg", 1.0), ("least_squares", 2.0), ("paper", -0.5)])
+def test_guided_ode_without_schedule_is_the_closed_form(rule, c):
+    for g, T in ((2.5, 10.0), (4.0, 100.0)):
+        phi, var = toy.guided_ode_moments(g, T, rule, c)
+        assert phi == pytest.approx(float(toy.mean_factor(g, T, rule, c)), rel=1e-8)
+        assert var == pytest.approx(float(toy.variance(g, T, rule, c)), rel=1e-7)
+
+
+def test_schedule_position_runs_over_the_sampler_grid():
+    sig = toy.ve_sigmas(100.0, 11)
+    r = toy.schedule_position(sig[::-1] ** 2, 100.0)  # the plan's steps run from sigma_max down
+    np.testing.assert_allclose(r, np.linspace(0, 1, 11), atol=1e-12)
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "linear-decreasing"])
+def test_scheduled_sampler_converges_to_the_scheduled_ode(schedule):
+    """fastguide's Sampler with a named schedule (its exact discretised moments) against the ODE with the same
+    schedule in continuous time: first order in the steps (the error halves when the steps double)."""
+    g, T, c = 4.0, 10.0, 2.0
+    phi, var = toy.guided_ode_moments(g, T, "cfg", c, schedule=schedule)
+    errs = []
+    for n in (400, 800):
+        r = toy.sampler_moments(g, T, "cfg", (c,), samples=2, width=2, steps=n, schedule=schedule)[0]
+        errs.append((r["ddim_phi"] - phi, r["ddim_var"] - var))
+    for k in range(2):
+        assert 1.7 < errs[0][k] / errs[1][k] < 2.3, errs
+    assert abs(errs[1][0]) < 5e-3 * phi and abs(errs[1][1]) < 2e-2 * var
+
+
+def test_zero_star_sampler_matches_the_many_coordinates_ode():
+    """CFGZeroStar over rows of 256 i.i.d. coordinates (Monte Carlo through the Sampler) against the ODE with alpha
+    in the D -> infinity limit: the mean factor within the discretisation and finite-D error (measured 2.5e-3 at
+    500 steps), and far from CFG's."""
+    g, T, c = 4.0, 100.0, 2.0
+    phi, _ = toy.guided_ode_moments(g, T, "zero_star", c)
+    r = toy.sampler_moments(g, T, "zero_star", (c,), samples=4096, steps=500, width=256, seed=1)[0]
+    assert r["ddim_phi"] is None  # the rule is not affine in x_T
+    assert abs(r["mc_phi"] - phi) < 0.01 + 5 * r["mc_phi_se"]
+    assert abs(r["mc_phi"] - float(toy.mean_factor(g, T, "cfg", c))) > 0.5
+
+
 def test_sampler_moments_is_seeded():
     a = toy.sampler_moments(2.0, 5.0, "least_squares", (1.5,), samples=512, width=256, steps=20, seed=11)
     b = toy.sampler_moments(2.0, 5.0, "least_squares", (1.5,), samples=512, width=256, steps=20, seed=11)
