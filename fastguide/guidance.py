@@ -263,16 +263,21 @@ def _explicit_schedule(schedule, timesteps: torch.Tensor, batch: int) -> torch.T
 
 
 class PairedNetworks:
-    """The batched forward of guidance by a second network: on 2B-row steps the conditional rows through
+    """The batched forward of guidance by a second network: on 2B-row calls the conditional rows through
     ``model`` and the others through ``guide`` (with the samples' conditions when ``conditional``, else the null
-    condition); B-row steps (no null half) run ``model`` alone."""
+    condition); with ``batch`` B, B-row calls (sampling steps without a null half) run ``model`` alone, and
+    without it every call carries both halves (a ratio-table build: ``accumulate_ratio_sums(PairedNetworks(model,
+    guide, True, cond_first=True), ...)`` estimates ReCFG's ratio between the two networks' outputs)."""
 
-    def __init__(self, model, guide, conditional: bool, cond_first: bool, batch: int):
+    def __init__(self, model, guide, conditional: bool, cond_first: bool = True, batch: int | None = None):
         self.model, self.guide, self.conditional, self.cond_first, self.batch = model, guide, conditional, cond_first, batch
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        n, batch = x.shape[0], self.batch
+        n = x.shape[0]
+        batch = n // 2 if self.batch is None else self.batch
         if n != 2 * batch:
+            if self.batch is None:
+                raise ValueError(f"x: a paired forward without a batch needs both halves (an even row count), got {n}")
             return self.model(x, t, cond)
         c, g = (slice(0, batch), slice(batch, n)) if self.cond_first else (slice(batch, n), slice(0, batch))
         out_c = self.model(x[c], t[c], cond[c])

@@ -403,3 +403,25 @@ def test_triton_backend_runs_every_rule_like_the_reference(compiled):
         want = fg.Sampler(model, solver, rule, null_cond=NULL, backend="torch", progress=False).sample(noise, labels)
         got = fast.sample(noise.float(), labels, guidance=rule)
         torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)
+
+
+def test_ratio_tables_for_a_guide_network_come_from_the_paired_forward():
+    """accumulate_ratio_sums over PairedNetworks: with the guide equal to the model reading the conditions, the
+    unconditional half is the conditional one, so every least-squares ratio is exactly 1; with the model as an
+    unconditional guide it is the plain table bit for bit; a weaker guide gives another table."""
+    schedule = fg.NoiseSchedule.linear()
+    model = gaussian_eps(schedule.alphas_cumprod)
+    weak = gaussian_eps(schedule.alphas_cumprod * 0.9)
+    images = torch.randn(12, *SHAPE, dtype=torch.float64)
+    labels = torch.arange(12) % 3
+
+    def table(net):
+        sums = fg.accumulate_ratio_sums(net, schedule, images, labels, timesteps=[100, 500, 900], num_classes=3,
+                                        samples_per_class=4, null_cond=NULL, batch_size=5, progress=False)
+        return sums.finalize("least_squares", dtype=torch.float64).ratios
+    same = table(PairedNetworks(model, model, conditional=True))
+    torch.testing.assert_close(same[:3], torch.ones_like(same[:3]), rtol=1e-12, atol=1e-12)
+    assert torch.equal(table(PairedNetworks(model, model, conditional=False)), table(model))
+    assert not torch.allclose(table(PairedNetworks(model, weak, conditional=True)), same)
+    with pytest.raises(ValueError, match="x: a paired forward without a batch needs both halves"):
+        PairedNetworks(model, weak, True)(torch.zeros(3, *SHAPE), torch.zeros(3), torch.zeros(3, dtype=torch.long))

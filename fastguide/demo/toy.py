@@ -206,21 +206,7 @@ def ode_moments(g, T, rule: str = "cfg", c: float = 1.0, rtol: float = 1e-11, at
     relative error small when the variance collapses. The ratio comes from
     :func:`guidance_ratio`, i.e. from the exact expectations, not from the closed form's substitution.
     """
-    g, T, rule = check_gamma(g), check_T(T, allow_inf=False), check_rule(rule)
-    c = float(c)
-
-    def rhs(tau, y):
-        t = math.expm1(tau)
-        g0 = (1 - g) * float(guidance_ratio(rule, c, t))
-        p = g / (1 + t) + g0 / (2 + t)
-        q = g / (1 + t)
-        return [(1 + t) * 0.5 * (p * y[0] - q * c), (1 + t) * p]
-
-    sol = solve_ivp(rhs, (math.log1p(T), 0.0), [c, math.log1p(T)], method="DOP853", rtol=rtol, atol=atol)
-    if not sol.success:
-        raise RuntimeError(f"ODE integration failed: {sol.message}")
-    mu, log_var = sol.y[:, -1]
-    return (float(mu) / c if c != 0 else math.nan), math.exp(log_var)
+    return guided_ode_moments(g, T, check_rule(rule), c, rtol=rtol, atol=atol)
 
 
 # ---------------------------------------------------------------------------------------- CFG-Zero*, schedules
