@@ -337,8 +337,10 @@ def _eager_loop(b: LoopBuffers, config: LoopConfig, const: StepConstants, steps,
         table_w = plan.table_w_host or [None] * n
         weights, slots, writes = plan.history_host or ([None] * n,) * 3
         history = {}
+        unit_rows = [True] * n
         if const.rule_params is not None:
             history = dict(rule_params=b.rule_params_source.tolist(), rule_state=const.rule_state)
+            unit_rows = (b.g1_source == 1).any(1).tolist()  # steps where some sample is unguided
     sums = []
     for i in steps:
         step = views.steps[i]
@@ -354,6 +356,8 @@ def _eager_loop(b: LoopBuffers, config: LoopConfig, const: StepConstants, steps,
         if host:
             if const.history is not None:
                 history.update(history=const.history, hist_coef=weights[i], write_slots=slots[i], write_coef=writes[i])
+            if const.rule_params is not None:
+                history["unit_rows"] = unit_rows[i]
             fn(const.x2, views.x_cur, out, step.g1, plan.coef_host[i], cond_first=const.cond_first,
                table=const.table, rows=const.rows, table_steps=table_steps[i], table_w=table_w[i],
                clip_range=const.clip_range, z=step.z, blocks=views.x_blocks, **history)

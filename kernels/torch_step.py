@@ -23,13 +23,14 @@ def guided_step_into_host(out: torch.Tensor, x: torch.Tensor, model_out: torch.T
                           rows: torch.Tensor | None = None, table_steps=None, table_w: float | None = None,
                           clip_range: float | None = None, z: torch.Tensor | None = None,
                           history: torch.Tensor | None = None, hist_coef=None, write_slots=None, write_coef=None,
-                          rule_params: torch.Tensor | None = None, rule_state: torch.Tensor | None = None,
+                          rule_params=None, rule_state: torch.Tensor | None = None, unit_rows: bool = True,
                           blocks: torch.Tensor | None = None) -> torch.Tensor:
     """Same contract as the reference, except ``coef`` is a sequence of NUM_COEF Python floats (the columns of
     ``Coef``), ``table_steps`` a pair of Python ints (i0, i1), ``table_w`` a Python float, ``hist_coef`` K floats,
     ``write_slots`` W ints and ``write_coef`` W rows of 2 + K floats. Zero weights are skipped (a history slot
     not yet written is never read). ``rule_params``: NUM_RULE_PARAMS floats (the columns of ``RuleParam``; what a
-    rule does not use is skipped), ``rule_state`` a tensor as in the reference. ``blocks``: ``out`` viewed as [k, B, ...] (optional; a loop makes it once
+    rule does not use is skipped), ``rule_state`` a tensor as in the reference; ``unit_rows=False`` promises that no
+    row's g1 is 1 (the loop knows it from the host scales), which skips keeping those rows unguided. ``blocks``: ``out`` viewed as [k, B, ...] (optional; a loop makes it once
     instead of every step)."""
     A, B, S, Px, Pm, C0, Cx, Cm = coef
     batch = x.shape[0]
@@ -46,7 +47,7 @@ def guided_step_into_host(out: torch.Tensor, x: torch.Tensor, model_out: torch.T
                 ratio = torch.lerp(ratio, _as(table[:, i1].index_select(0, rows), dt), table_w)
             m_u = ratio.mul_(m_u)  # R * m_u; R == 1 leaves m_u bit-identical, so a unit table is exactly CFG
         if rule_params is not None:
-            m = _reduced_guidance_host(m, m_u, _as(g1, dt), rule_params, rule_state)
+            m = _reduced_guidance_host(m, m_u, _as(g1, dt), rule_params, rule_state, unit_rows)
         else:
             m = torch.lerp(m_u, m, g1b)  # m_u + g1 (m_c - m_u) = g1 m_c + (1 - g1) R m_u
     xf = _as(x, dt)
@@ -80,28 +81,34 @@ def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vecdot(a.flatten(1), b.flatten(1)).view(-1, *([1] * (a.ndim - 1)))
 
 
-def _reduced_guidance_host(c: torch.Tensor, u: torch.Tensor, g1: torch.Tensor, params, state) -> torch.Tensor:
+def _norm(a: torch.Tensor) -> torch.Tensor:
+    """Per-sample |a| [B, 1, ...]."""
+    return torch.linalg.vector_norm(a.flatten(1), dim=1).view(-1, *([1] * (a.ndim - 1)))
+
+
+def _reduced_guidance_host(c: torch.Tensor, u: torch.Tensor, g1: torch.Tensor, params, state,
+                           unit_rows: bool = True) -> torch.Tensor:
     """:func:`fastguide.kernels.reference.reduced_guidance` with the parameters as host floats, so the parts a rule
-    does not use cost nothing (CFG-Zero*: alpha only; APG without a cap: no norm; no rescale: no std)."""
+    does not use cost nothing (CFG-Zero*: alpha only; APG without a cap: no norm; no rescale: no std; no row at
+    g1 = 1: no masking)."""
     zero_star, eta, threshold, beta, phi = params
     g1b = g1.view(-1, *([1] * (c.ndim - 1)))
-    alpha = _dot(c, u).div_(_dot(u, u).add_(ZERO_STAR_EPS)) if zero_star else None
-    au = u if alpha is None else alpha * u
-    base = c - au
-    d = base if state is None or beta == 0 else torch.add(base, _as(state, c.dtype), alpha=beta)
-    gs = g1b
-    if threshold > 0:
-        gs = g1b * torch.clamp(threshold / _dot(d, d).sqrt_(), max=1.0)
-    direction = d
-    if eta != 1:
-        c2 = _dot(c, c).sqrt_().clamp_(min=NORMALIZE_EPS).square_()
-        direction = d - _dot(d, c).div_(c2).mul_(1 - eta) * c
-    m = torch.addcmul(au, gs, direction)
+    au = u if not zero_star else _dot(c, u).div_(_dot(u, u).add_(ZERO_STAR_EPS)) * u
+    if threshold <= 0 and eta == 1 and state is None:
+        m = torch.lerp(au, c, g1b)  # alpha u + g1 (c - alpha u): CFG, CFG-Zero*, APG without cap or projection
+    else:
+        d = c - au
+        if state is not None and beta != 0:
+            d.add_(_as(state, c.dtype), alpha=beta)
+        gs = g1b if threshold <= 0 else g1b * torch.clamp(threshold / _norm(d), max=1.0)
+        direction = d
+        if eta != 1:
+            direction = d - _dot(d, c).div_(_norm(c).clamp_(min=NORMALIZE_EPS).square_()).mul_(1 - eta) * c
+        m = torch.addcmul(au, gs, direction)
+        if state is not None:
+            state.copy_(torch.where(g1b == 1, state, d) if unit_rows else d)
     if phi > 0:
         dims = list(range(1, c.ndim))
         factor = (c.std(dim=dims, keepdim=True) / m.std(dim=dims, keepdim=True)).mul_(phi).add_(1 - phi)
         m.mul_(factor)
-    unguided = g1b == 1
-    if state is not None:
-        state.copy_(torch.where(unguided, state, d))
-    return torch.where(unguided, c, m)
+    return torch.where(g1b == 1, c, m) if unit_rows else m

@@ -72,8 +72,12 @@ def test_each_step_equals_diffusers_guider(name):
         x = torch.randn(batch, *shape, dtype=torch.float64)
         out = torch.full((batch, *shape), float("nan"), dtype=torch.float64)
         coef = [0.9, 0.1] + [0.0] * (reference.NUM_COEF - 2)
-        guided_step_into_host(out, x, torch.cat([c, u]), g1, coef, rule_params=params.tolist(), rule_state=host_state)
-        torch.testing.assert_close(out, 0.9 * x + 0.1 * got, rtol=1e-12, atol=1e-12)
+        for unit_rows in (False, True):  # no row is at g1 = 1 here, so the masking the loop may skip changes nothing
+            step_state = None if host_state is None else host_state.clone()
+            guided_step_into_host(out, x, torch.cat([c, u]), g1, coef, rule_params=params.tolist(),
+                                  rule_state=step_state, unit_rows=unit_rows)
+            torch.testing.assert_close(out, 0.9 * x + 0.1 * got, rtol=1e-12, atol=1e-12)
+        host_state = step_state
     if state is not None:
         assert rel_err(state, guider.momentum_buffer.running_average) <= 1e-12
         torch.testing.assert_close(host_state, state, rtol=1e-12, atol=1e-12)

@@ -79,7 +79,8 @@ def bench_solver(schedule: fg.NoiseSchedule, steps: int, solver: str = "ddim"):
 def diffusers_style_loop(net, scheduler, noise, labels, null_label: int, scale: float, guider=None):
     """What a diffusers pipeline does per call: set_timesteps (which also resets a multistep scheduler's state),
     then per step: cat the 2B input, one forward, chunk, combine (by hand, or with ``guider``: a diffusers guider
-    made fresh for the call, its step state set as a modular pipeline sets it), scheduler.step."""
+    component, its step state set as a modular pipeline sets it, APG's momentum restarted at step 0 as its
+    prepare_inputs does), scheduler.step."""
     scheduler.set_timesteps(scheduler.num_inference_steps)
     x = noise
     null = torch.full_like(labels, null_label)
@@ -93,6 +94,9 @@ def diffusers_style_loop(net, scheduler, noise, labels, null_label: int, scale: 
             eps = e_u + scale * (e_c - e_u)
         else:
             guider.set_state(i, steps, t)
+            momentum = getattr(guider, "adaptive_projected_guidance_momentum", None)
+            if i == 0 and momentum is not None:
+                guider.momentum_buffer = type(guider.momentum_buffer)(momentum)
             eps = guider.forward(e_c, e_u).pred
         x = scheduler.step(eps, t, x).prev_sample
     return x

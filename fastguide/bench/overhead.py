@@ -16,7 +16,8 @@ BENCH_RULES = ("cfg", "cfg-rescale", "cfg-zero-star", "apg")  # the rule both lo
 
 
 def bench_rule(name: str, scale: float):
-    """(the fastguide rule, a factory of the diffusers guider for one call, or None: CFG combined by hand)."""
+    """(the fastguide rule, a factory of the diffusers guider (one per benchmark, as a pipeline holds one), or
+    None: CFG combined by hand)."""
     from diffusers.guiders import (AdaptiveProjectedGuidance, ClassifierFreeGuidance,
                                    ClassifierFreeZeroStarGuidance)
     from diffusers.guiders.adaptive_projected_guidance import MomentumBuffer
@@ -24,7 +25,7 @@ def bench_rule(name: str, scale: float):
     def apg_guider():
         guider = AdaptiveProjectedGuidance(scale, adaptive_projected_guidance_momentum=-0.5,
                                            adaptive_projected_guidance_rescale=15.0, eta=0.0)
-        guider.momentum_buffer = MomentumBuffer(-0.5)  # what its prepare_inputs makes at step 0
+        guider.momentum_buffer = MomentumBuffer(-0.5)  # diffusers_style_loop restarts it at every call's step 0
         return guider
     rules = {
         "cfg": (fg.CFG(scale), None),
@@ -75,11 +76,11 @@ def run_overhead(schedule, shape, *, batches=(1, 16, 64), nfe: int = 10, device=
         l2 = torch.cat([labels, torch.full_like(labels, 10)])
         cstub = torch.compile(stub, dynamic=False)
         sch = diffusers_scheduler_for(schedule, nfe, solver_name)
+        guider = None if make_guider is None else make_guider()
         eager = fg.Sampler(stub, solver, rule, null_cond=10, progress=False)
         fused = fg.Sampler(stub, solver, rule, null_cond=10, progress=False).compile(fuse_step=True)
         fns = {
-            "diffusers_eager": lambda r: diffusers_style_loop(stub, sch, noises[r % 4], labels, 10, scale,
-                                                              None if make_guider is None else make_guider()),
+            "diffusers_eager": lambda r: diffusers_style_loop(stub, sch, noises[r % 4], labels, 10, scale, guider),
             "fastguide_eager": lambda r: eager.sample(noises[r % 4], labels),  # = compiled's overhead on the CPU
             "fastguide_fused": lambda r: fused.sample(noises[r % 4], labels),
             "network_eager": lambda r: [stub(x2, t2, l2) for _ in range(nfe)],

@@ -184,7 +184,10 @@ def test_bench_rule_option_runs_each_rule_against_its_guider(tmp_path):
         sch = DDIMScheduler(timestep_spacing="trailing")
         sch.set_timesteps(4)
         # the stub's [null | cond] halves are what the diffusers loop reads (it batches null first)
-        want = diffusers_style_loop(stub, sch, noise, labels, 10, 3.0, None if make_guider is None else make_guider())
+        guider = None if make_guider is None else make_guider()
+        want = diffusers_style_loop(stub, sch, noise, labels, 10, 3.0, guider)
+        # one guider serves every call (APG's momentum restarts at step 0)
+        assert torch.equal(diffusers_style_loop(stub, sch, noise, labels, 10, 3.0, guider), want)
         flipped = StubNet(torch.cat(stub.out2.chunk(2)[::-1]))
         got = fg.Sampler(flipped, fg.solver_from_diffusers(sch, 4), rule, null_cond=10, progress=False).sample(
             noise, labels)
