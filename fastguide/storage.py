@@ -50,10 +50,18 @@ def safetensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict) -> bytes
 def atomic_save(tensors: dict[str, torch.Tensor], path, metadata: dict, arg: str = "path") -> None:
     """Write to a temporary file next to ``path``, fsync, then rename over it: a killed writer leaves the old
     file (or none), never a truncated one."""
+    atomic_write_bytes(path, safetensors_bytes(tensors, metadata), arg)
+
+
+def atomic_write_text(path, text: str, arg: str = "path") -> None:
+    """A text file (a JSON manifest) written like :func:`atomic_save`."""
+    atomic_write_bytes(path, text.encode(), arg)
+
+
+def atomic_write_bytes(path, data: bytes, arg: str = "path") -> None:
     path = Path(path)
     if path.parent and not path.parent.is_dir():
         raise FileNotFoundError(f"{arg}: directory {path.parent} does not exist")
-    data = safetensors_bytes(tensors, metadata)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
