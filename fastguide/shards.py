@@ -102,7 +102,7 @@ def sample_shards(sampler, labels_of: Callable[[torch.Tensor], torch.Tensor], ou
     layout = ShardLayout(num, shard_size, seed)
     shape = tuple(check_int(n, "latent_shape", low=1) for n in latent_shape)
     try:
-        json.dumps(request)
+        request = json.loads(json.dumps(request))  # as the manifest will hold it (tuples become lists)
     except TypeError as e:
         raise TypeError(f"request: expected a JSON-able dict describing the samples ({e})") from None
     out = Path(out_dir)

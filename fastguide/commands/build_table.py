@@ -80,7 +80,7 @@ def run(args) -> int:
     for key, default in BUILD_DEFAULTS.items():
         if getattr(args, key) is None:
             setattr(args, key, default)
-    initialized_here = _init_distributed(args.device)
+    initialized_here = common.join_process_group(torch.device(args.device or _default_device()))
     try:
         return _build(args, metadata)
     except Interrupted as stop:
@@ -250,14 +250,4 @@ def _default_device() -> str:
     return "cpu"
 
 
-def _init_distributed(device_arg) -> bool:
-    """Join the torchrun process group (WORLD_SIZE > 1): NCCL for CUDA builds, gloo otherwise."""
-    import torch.distributed as dist
 
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
-        return False
-    device = torch.device(device_arg or _default_device())
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return True

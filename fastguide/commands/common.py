@@ -64,6 +64,19 @@ def rule_options(args, rules):
     return options
 
 
+def join_process_group(device: torch.device) -> bool:
+    """Join the torchrun process group when there is one (WORLD_SIZE > 1): NCCL for CUDA, gloo otherwise. True
+    when this call initialized it (the caller then destroys it)."""
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        return False
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return True
+
+
 def check_scale(g: float, name: str = "--scale") -> float:
     if not math.isfinite(g) or g < 0:
         raise ValueError(f"{name}: expected a finite guidance scale >= 0, got {g}")

@@ -2,6 +2,11 @@
 
 Rows are the requested labels, columns are --per-label samples (seeds seed, seed+1, ...; the same seeds in
 every row), so changing only --rule or --scale shows what that change does to the same starting noise.
+
+With --num N, --out is a directory instead: N samples (sample i: seed --seed + i, label --labels[i mod len]) in
+shards of --shard-size (safetensors, written atomically) with a manifest.json. Under torchrun the shards are
+shared over the ranks (gloo on CPU, NCCL on CUDA) and every sample depends only on its seed and shard, never on
+the number of ranks; rerunning a killed or interrupted command finishes it, skipping the shards on disk.
 """
 from __future__ import annotations
 
@@ -27,7 +32,11 @@ def add_parser(sub):
     common.add_rule_args(p)
     p.add_argument("--seed", type=int, default=0, help="seed of the first sample in each row")
     p.add_argument("--per-label", type=int, default=8, help="samples per label (columns)")
-    p.add_argument("--out", default="grid.png", help="output PNG file")
+    p.add_argument("--out", default=None, help="output PNG file (default grid.png); with --num, the output directory")
+    p.add_argument("--num", "--num-samples", dest="num", type=int, default=None,
+                   help="sample this many into --out DIR as shards (see above); under torchrun spell it "
+                        "--num-samples (torchrun's own parser reads --num as its --numa-binding)")
+    p.add_argument("--shard-size", type=int, default=256, help="with --num: samples per shard (one batch each)")
     p.add_argument("--assets", default=None, help="directory with the model and tables (default: shipped)")
     common.add_device_args(p)
     p.set_defaults(func=run)
@@ -41,13 +50,15 @@ def run(args) -> int:
     labels = common.parse_labels(args.labels)
     scale = common.check_scale(args.scale)
     common.check_steps(args.steps)
+    if args.num is not None:
+        return _run_shards(args, labels, scale)
     if not 1 <= args.per_label <= 64:
         raise ValueError(f"--per-label: expected 1..64, got {args.per_label}")
     if args.seed < 0:
         raise ValueError(f"--seed: expected >= 0, got {args.seed}")
     interval = _parse_interval(args.interval)
     options = common.rule_options(args, [args.rule])
-    out = common.check_out_file(args.out)
+    out = common.check_out_file(args.out or "grid.png")
     device = common.resolve_device(args.device)
     model, _, tables = common.load_assets(args.assets, device)
     n = args.per_label
@@ -79,3 +90,50 @@ def _parse_interval(text):
     if not 0 <= lo <= hi <= 999:
         raise ValueError(f"--interval: expected 0 <= LO <= HI <= 999, got {text!r}")
     return lo, hi
+
+
+def _run_shards(args, labels: list[int], scale: float) -> int:
+    import sys
+
+    from fastguide.demo import digits
+    from fastguide.interrupts import Interrupted
+    from fastguide.shards import sample_shards
+    from fastguide.table_build import dist_rank_world
+
+    common.at_least(args.num, "--num", 1)
+    common.at_least(args.shard_size, "--shard-size", 1)
+    if args.seed < 0:
+        raise ValueError(f"--seed: expected >= 0, got {args.seed}")
+    if args.out is None:
+        raise ValueError("--out: --num writes a directory of shards; name it (--out DIR)")
+    interval = _parse_interval(args.interval)
+    options = common.rule_options(args, [args.rule])
+    out = common.prepare_out_dir(args.out)
+    device = common.resolve_device(args.device)
+    model, _, tables = common.load_assets(args.assets, device)
+    sampler = digits.make_sampler(model, rule=args.rule, scale=scale, steps=args.steps, tables=tables,
+                                  backend=args.backend, interval=interval, solver=args.solver, options=options)
+    request = {"model": "digits", "assets": args.assets or "shipped", "rule": args.rule, "scale": scale,
+               "steps": args.steps, "solver": args.solver, "interval": interval, "options": vars(options),
+               "labels": labels, "backend": args.backend, "device": device.type}
+    label_t = torch.tensor(labels)
+    initialized_here = common.join_process_group(device)
+    try:
+        rank, world = dist_rank_world()
+        with torch.no_grad():
+            manifest = sample_shards(sampler, lambda idx: label_t[idx % len(labels)], out, num=args.num,
+                                     latent_shape=digits.IMAGE_SHAPE, request=request, shard_size=args.shard_size,
+                                     seed=args.seed, device=device, progress=rank == 0)
+    except Interrupted as stop:
+        print(f"fastguide sample: interrupted after {stop.done} shards; run the same command again to finish "
+              f"{out}", file=sys.stderr)
+        return 130
+    finally:
+        if initialized_here:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+    if rank == 0:
+        print(f"wrote {args.num} samples in {len(manifest['shards'])} shards of {args.shard_size} to {out}/ "
+              f"({'%d ranks' % world if world > 1 else '1 process'}; manifest.json)")
+    return 0

@@ -212,6 +212,16 @@ def make_solver(name: str, steps: int):
     return SOLVERS[name](steps)
 
 
+def make_sampler(model, *, rule: str = "cfg", scale=3.0, steps: int = 10, tables: dict | None = None,
+                 backend: str = "auto", progress: bool = False, interval=None, solver: str = "ddim",
+                 options: RuleOptions | None = None):
+    """The fastguide.Sampler that :func:`sample_digits` samples with (the same arguments)."""
+    from fastguide.sampler import Sampler
+
+    return Sampler(model, make_solver(solver, steps), make_guidance(rule, scale, tables, interval, options),
+                   null_cond=NULL_LABEL, backend=backend, progress=progress)
+
+
 @torch.no_grad()
 def sample_digits(model, labels, seeds, *, rule: str = "cfg", scale=3.0, steps: int = 10, tables: dict | None = None,
                   device="cpu", backend: str = "auto", progress: bool = False, interval=None,
@@ -224,17 +234,16 @@ def sample_digits(model, labels, seeds, *, rule: str = "cfg", scale=3.0, steps: 
     rule's other parameters (:class:`RuleOptions`).
     """
     from fastguide.noise import seeded_noise
-    from fastguide.sampler import Sampler
 
     labels = check_labels(labels)
-    solver = make_solver(solver, steps)
-    sampler = Sampler(model, solver, make_guidance(rule, scale, tables, interval, options), null_cond=NULL_LABEL,
-                      backend=backend, progress=progress)
+    sampler = make_sampler(model, rule=rule, scale=scale, steps=steps, tables=tables, backend=backend,
+                           progress=progress, interval=interval, solver=solver, options=options)
+    solver = sampler.solver
     seeds = list(seeds)
     noise = seeded_noise(seeds, IMAGE_SHAPE, device=device)
     return sampler.sample(noise, labels.to(device), seeds=seeds if solver.plan.stochastic else None).cpu()
 
 
 __all__ = ["digits_schedule", "load_digits_model", "load_digits_classifier", "load_digits_tables",
-           "load_training_facts", "sample_digits", "make_guidance", "make_solver", "RULES", "DEMO_RULES", "EXPORTABLE_RULES",
+           "load_training_facts", "sample_digits", "make_guidance", "make_sampler", "make_solver", "RULES", "DEMO_RULES", "EXPORTABLE_RULES",
            "RULE_HELP", "RuleOptions", "SOLVERS", "SOLVER_HELP", "TABLE_TIMESTEPS", "NULL_LABEL", "NUM_CLASSES", "IMAGE_SHAPE"]
