@@ -157,8 +157,9 @@ def _write_manifest(path: Path, request: dict, layout: ShardLayout, shards) -> d
     return manifest
 
 
-def load_shards(out_dir) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(samples [N, ...], labels [N], indices [N]) of a complete sample directory, in index order."""
+def iter_shards(out_dir, rank: int = 0, world: int = 1):
+    """(k, samples, labels, indices) of each shard k with k % world == rank of a complete sample directory, in
+    order (a rank's share, for statistics reduced over the ranks afterwards)."""
     out = Path(out_dir)
     path = out / MANIFEST
     if not path.is_file():
@@ -166,8 +167,15 @@ def load_shards(out_dir) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     manifest = json.loads(path.read_text())
     if not manifest.get("complete"):
         raise ValueError(f"out: {out} is not complete yet (rerun the same command to finish it)")
-    parts = [read_safetensors(out / name, "out", "sample shard", SHARD_FORMAT)[0] for name in manifest["shards"]]
-    samples, labels, indices = (torch.cat([p[key] for p in parts]) for key in ("samples", "labels", "indices"))
-    if not torch.equal(indices, torch.arange(manifest["num"])):
-        raise ValueError(f"out: {out}'s shards do not hold indices 0..{manifest['num'] - 1} exactly once")
+    for k in range(rank, len(manifest["shards"]), world):
+        tensors = read_safetensors(out / manifest["shards"][k], "out", "sample shard", SHARD_FORMAT)[0]
+        yield k, tensors["samples"], tensors["labels"], tensors["indices"]
+
+
+def load_shards(out_dir) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(samples [N, ...], labels [N], indices [N]) of a complete sample directory, in index order."""
+    parts = list(iter_shards(out_dir))
+    samples, labels, indices = (torch.cat([p[i] for p in parts]) for i in (1, 2, 3))
+    if not torch.equal(indices, torch.arange(indices.numel())):
+        raise ValueError(f"out: {out_dir}'s shards do not hold indices 0..{indices.numel() - 1} exactly once")
     return samples, labels, indices

@@ -137,18 +137,27 @@ def shard_bytes(directory: Path) -> dict:
 
 def test_world_sizes_one_two_three_write_identical_files(tmp_path):
     """Euler-ancestral (per-step noise from each sample's seed) so the stochastic path is covered too."""
-    outs = {}
+    outs, metrics = {}, {}
     for ranks in (None, 2, 3):
         out = tmp_path / f"w{ranks or 1}"
-        proc = cli([*CLI, "--out", str(out)], ranks)
+        proc = cli([*CLI, "--out", str(out), "--metrics"], ranks)
         assert proc.returncode == 0, proc.stderr[-2000:]
         outs[ranks or 1] = shard_bytes(out)
+        metrics[ranks or 1] = json.loads((out / "metrics.json").read_text())
         manifest = json.loads((out / MANIFEST).read_text())
         assert manifest["complete"] and len(manifest["shards"]) == 9
     assert len(outs[1]) == 9 and outs[1] == outs[2] == outs[3]
     samples, labels, indices = load_shards(tmp_path / "w3")
     assert torch.equal(indices, torch.arange(36)) and torch.equal(labels, torch.arange(36) % 10)
     assert "wrote 36 samples in 9 shards of 4" in proc.stdout and "3 ranks" in proc.stdout
+    # the demo's metrics from statistics reduced over the ranks: the same bits for every world size, and those of
+    # the whole set scored at once (the classifier's batches differ: float32 feature rounding)
+    from fastguide.demo.evaluate import evaluate_samples
+
+    whole = evaluate_samples(samples, labels)
+    for key, value in metrics[1].items():
+        assert metrics[2][key] == value and metrics[3][key] == value, key
+        assert value == pytest.approx(whole[key], rel=1e-6)
 
 
 def test_a_killed_torchrun_resumes_to_the_identical_result(tmp_path):

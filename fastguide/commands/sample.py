@@ -37,6 +37,9 @@ def add_parser(sub):
                    help="sample this many into --out DIR as shards (see above); under torchrun spell it "
                         "--num-samples (torchrun's own parser reads --num as its --numa-binding)")
     p.add_argument("--shard-size", type=int, default=256, help="with --num: samples per shard (one batch each)")
+    p.add_argument("--metrics", action="store_true",
+                   help="with --num: also score the whole set as the demo does (each rank's statistics, reduced "
+                        "over the ranks) into DIR/metrics.json")
     p.add_argument("--assets", default=None, help="directory with the model and tables (default: shipped)")
     common.add_device_args(p)
     p.set_defaults(func=run)
@@ -110,7 +113,7 @@ def _run_shards(args, labels: list[int], scale: float) -> int:
     options = common.rule_options(args, [args.rule])
     out = common.prepare_out_dir(args.out)
     device = common.resolve_device(args.device)
-    model, _, tables = common.load_assets(args.assets, device)
+    model, classifier, tables = common.load_assets(args.assets, device)
     sampler = digits.make_sampler(model, rule=args.rule, scale=scale, steps=args.steps, tables=tables,
                                   backend=args.backend, interval=interval, solver=args.solver, options=options)
     request = {"model": "digits", "assets": args.assets or "shipped", "rule": args.rule, "scale": scale,
@@ -124,6 +127,7 @@ def _run_shards(args, labels: list[int], scale: float) -> int:
             manifest = sample_shards(sampler, lambda idx: label_t[idx % len(labels)], out, num=args.num,
                                      latent_shape=digits.IMAGE_SHAPE, request=request, shard_size=args.shard_size,
                                      seed=args.seed, device=device, progress=rank == 0)
+        metrics = _reduced_metrics(out, classifier, device, rank, world) if args.metrics else None
     except Interrupted as stop:
         print(f"fastguide sample: interrupted after {stop.done} shards; run the same command again to finish "
               f"{out}", file=sys.stderr)
@@ -136,4 +140,26 @@ def _run_shards(args, labels: list[int], scale: float) -> int:
     if rank == 0:
         print(f"wrote {args.num} samples in {len(manifest['shards'])} shards of {args.shard_size} to {out}/ "
               f"({'%d ranks' % world if world > 1 else '1 process'}; manifest.json)")
+        if metrics is not None:
+            print("metrics over the whole set: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
     return 0
+
+
+def _reduced_metrics(out, classifier, device, rank: int, world: int):
+    """The demo's metrics of every sample in ``out``: each rank takes the statistics of its own shards (one
+    classifier batch per shard), they are reduced over the ranks and added in shard order (so the result is the
+    same bits for any number of ranks), and rank 0 writes metrics.json."""
+    import json
+
+    from fastguide.demo.evaluate import DigitsEvaluator, reduce_in_order
+    from fastguide.shards import iter_shards
+    from fastguide.storage import atomic_write_text
+
+    evaluator = DigitsEvaluator(classifier, device=device)
+    parts = {k: evaluator.sums(samples, labels) for k, samples, labels, _ in iter_shards(out, rank, world)}
+    count = len(json.loads((out / "manifest.json").read_text())["shards"])
+    metrics = evaluator.from_sums(reduce_in_order(parts, count, evaluator.empty_sums()))
+    if rank == 0:
+        atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=1, sort_keys=True) + "\n", arg="--out")
+    return metrics
+

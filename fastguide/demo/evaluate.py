@@ -15,6 +15,7 @@ Per set of samples [N, 1, 8, 8] with requested labels [N]:
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
@@ -132,11 +133,58 @@ class DigitsEvaluator:
                for i in range(0, images.shape[0], batch_size)]
         return torch.cat(out)
 
-    def __call__(self, samples: torch.Tensor, labels: torch.Tensor) -> dict:
-        _check_pair(samples, labels)
+    def sums(self, samples: torch.Tensor, labels: torch.Tensor) -> MetricSums:
+        """The metrics' sufficient statistics of one part of a sample set (any size, one sample is fine)."""
+        samples, labels = self._checked(samples, labels, minimum=1)
+        pixels = samples.double().flatten(1)
+        onehot = torch.nn.functional.one_hot(labels, NUM_CLASSES).double()  # [N, K]
+        feats = self.features(samples).double()
+        correct = (self.predict(samples) == labels).double().sum()
+        return MetricSums(onehot.sum(0), correct, onehot.T @ pixels, onehot.T @ pixels.square(), feats.sum(0),
+                          feats.T @ feats)
+
+    def empty_sums(self) -> MetricSums:
+        """The sums of no samples (zeros of the right shapes)."""
+        pixels, features = self.real_images[0].numel(), self.real_stats[0].numel()
+        z = torch.zeros
+        return MetricSums(z(NUM_CLASSES, dtype=torch.float64), z((), dtype=torch.float64),
+                          z(NUM_CLASSES, pixels, dtype=torch.float64), z(NUM_CLASSES, pixels, dtype=torch.float64),
+                          z(features, dtype=torch.float64), z(features, features, dtype=torch.float64))
+
+    def from_sums(self, sums: MetricSums) -> dict:
+        """The four metrics of the whole set whose :meth:`sums` (added over its parts) are ``sums``: equal to
+        calling the evaluator on the whole set (up to float64 rounding)."""
+        n = float(sums.count.sum())
+        if n < 2:
+            raise ValueError(f"sums: need at least 2 samples, got {n:g}")
+        mu = sums.feature_sum / n
+        cov = (sums.feature_outer - n * torch.outer(mu, mu)) / (n - 1)
+        classes = [c for c in range(NUM_CLASSES) if sums.count[c] > 0]
+        real = class_means(self.real_images, self.real_labels, _shared_classes(torch.tensor(classes), self.real_labels))
+        k = sums.count[classes].view(-1, 1)
+        gen_mean = sums.pixel_sum[classes] / k
+        shift = float((gen_mean - real.flatten(1)).norm(dim=1).mean())
+        ratios = []
+        for j, c in enumerate(classes):
+            if k[j] < 2:
+                raise ValueError(f"samples: class {c} has {int(k[j])} sample(s); a variance needs at least 2")
+            gen_var = (sums.pixel_square[c] - k[j] * gen_mean[j].square()) / (k[j] - 1)
+            real_c = self.real_images.double()[self.real_labels == c].flatten(1)
+            ratios.append(gen_var.sum() / real_c.var(0).sum())
+        return {"accuracy": float(sums.correct / n), "expectation_shift": shift,
+                "frechet_distance": frechet_distance(mu, cov, *self.real_stats),
+                "variance_ratio": float(torch.stack(ratios).mean())}
+
+    def _checked(self, samples, labels, minimum: int = 2):
+        if minimum >= 2:
+            _check_pair(samples, labels)
         samples, labels = samples.detach().cpu().float(), labels.cpu().long()
         if bool(((labels < 0) | (labels >= NUM_CLASSES)).any()):
             raise ValueError(f"labels: expected digits in [0, {NUM_CLASSES}), got {sorted(set(labels.tolist()))[:10]}")
+        return samples, labels
+
+    def __call__(self, samples: torch.Tensor, labels: torch.Tensor) -> dict:
+        samples, labels = self._checked(samples, labels)
         mu, cov = gaussian_stats(self.features(samples))
         return {
             "accuracy": float((self.predict(samples) == labels).float().mean()),
@@ -144,6 +192,57 @@ class DigitsEvaluator:
             "frechet_distance": frechet_distance(mu, cov, *self.real_stats),
             "variance_ratio": variance_ratio(samples, labels, self.real_images, self.real_labels),
         }
+
+
+@dataclass
+class MetricSums:
+    """Sufficient statistics of the four metrics over a set of samples (float64 sums), so a set split over
+    processes is scored exactly as a whole: add the parts (or all-reduce them), then
+    :meth:`DigitsEvaluator.from_sums`. ``count`` [K] and the per-pixel ``pixel_sum`` / ``pixel_square`` [K, P] are
+    per class; ``feature_sum`` [F] / ``feature_outer`` [F, F] pool every class, as the Frechet distance does."""
+
+    count: torch.Tensor
+    correct: torch.Tensor
+    pixel_sum: torch.Tensor
+    pixel_square: torch.Tensor
+    feature_sum: torch.Tensor
+    feature_outer: torch.Tensor
+
+    def __add__(self, other: "MetricSums") -> "MetricSums":
+        return MetricSums(*(a + b for a, b in zip(self.tensors(), other.tensors())))
+
+    def tensors(self) -> tuple:
+        return (self.count, self.correct, self.pixel_sum, self.pixel_square, self.feature_sum, self.feature_outer)
+
+    def vector(self) -> torch.Tensor:
+        """Every sum in one float64 vector (:meth:`from_vector` undoes it)."""
+        return torch.cat([t.reshape(-1) for t in self.tensors()])
+
+    def from_vector(self, v: torch.Tensor) -> "MetricSums":
+        """Sums shaped like these from a :meth:`vector`."""
+        parts, at = [], 0
+        for t in self.tensors():
+            parts.append(v[at:at + t.numel()].reshape(t.shape))
+            at += t.numel()
+        return MetricSums(*parts)
+
+
+def reduce_in_order(parts: dict[int, MetricSums], count: int, empty: MetricSums) -> MetricSums:
+    """The sum of ``count`` parts numbered 0..count-1, held across the ranks of a torch.distributed group (each
+    rank the ``parts`` it computed), added in number order, so the result is the same bits for any number of
+    ranks: every rank fills its parts' rows of a [count, L] table of zeros, an all-reduce adds exact zeros to
+    each row, and the rows are summed in order."""
+    import torch.distributed as dist
+
+    table = torch.zeros(count, empty.vector().numel(), dtype=torch.float64)
+    for k, part in parts.items():
+        table[k] = part.vector()
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(table)
+    total = empty.vector()
+    for row in table:
+        total = total + row
+    return empty.from_vector(total)
 
 
 @lru_cache(maxsize=1)

@@ -56,3 +56,25 @@ def test_evaluator_on_real_heldout_digits(split):
         ev(split.heldout_images[:4], torch.tensor([0, 1, 2, 11]))
     with pytest.raises(ValueError, match="labels"):
         ev(split.heldout_images[:4], torch.tensor([0, 1, 2]))
+
+
+def test_metrics_from_sums_over_parts_equal_the_whole_set(split):
+    """MetricSums of a set cut into uneven parts (one of a single sample), added, give the metrics of the whole set
+    scored at once: exactly for the pixel statistics and accuracy, to float32 feature rounding for the Frechet
+    distance (the classifier sees other batches)."""
+    ev = DigitsEvaluator()
+    gen = torch.Generator().manual_seed(0)
+    images = (split.heldout_images[:90] + 0.3 * torch.randn(90, 1, 8, 8, generator=gen)).clamp(-1, 1)
+    labels = split.heldout_labels[:90]
+    want = ev(images, labels)
+    sums = ev.empty_sums()
+    for lo, hi in ((0, 1), (1, 37), (37, 90)):
+        sums = sums + ev.sums(images[lo:hi], labels[lo:hi])
+    got = ev.from_sums(sums)
+    for key in ("expectation_shift", "variance_ratio"):
+        assert got[key] == pytest.approx(want[key], rel=1e-12), key
+    assert got["accuracy"] == pytest.approx(want["accuracy"], rel=1e-7)  # the evaluator's mean is float32
+    assert got["frechet_distance"] == pytest.approx(want["frechet_distance"], rel=1e-6)
+    assert 0 < want["accuracy"] < 1 and want["frechet_distance"] > 0  # the noise made the metrics non-trivial
+    with pytest.raises(ValueError, match="sums: need at least 2 samples"):
+        ev.from_sums(ev.sums(images[:1], labels[:1]))
