@@ -113,6 +113,10 @@ def _run_shards(args, labels: list[int], scale: float) -> int:
     options = common.rule_options(args, [args.rule])
     out = common.prepare_out_dir(args.out)
     device = common.resolve_device(args.device)
+    if device.type == "cuda":  # one GPU per torchrun rank
+        import os
+
+        device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
     model, classifier, tables = common.load_assets(args.assets, device)
     sampler = digits.make_sampler(model, rule=args.rule, scale=scale, steps=args.steps, tables=tables,
                                   backend=args.backend, interval=interval, solver=args.solver, options=options)
