@@ -8,12 +8,12 @@ from fastguide.multistep import DPMSolver, UniPC
 from fastguide.pndm import PLMS
 from fastguide.noise import seeded_noise, step_noise
 from fastguide.sampler import Sampler
-from fastguide.schedule import NoiseSchedule
+from fastguide.schedule import FlowSchedule, NoiseSchedule
 from fastguide.solvers import DDIM, DDPM, FlowEuler, Plan
 from fastguide.table import RatioTable
 from fastguide.table_build import RatioSums, accumulate_ratio_sums
 
 __version__ = "0.1.0"
-__all__ = ["APG", "CFG", "CFGZeroStar", "ClassifierGuidance", "DDIM", "DDPM", "DPMSolver", "EDM", "Euler", "FlowEuler", "GuideNetwork", "Heun", "NoGuidance",
+__all__ = ["APG", "CFG", "CFGZeroStar", "ClassifierGuidance", "DDIM", "DDPM", "DPMSolver", "EDM", "Euler", "FlowEuler", "FlowSchedule", "GuideNetwork", "Heun", "NoGuidance",
            "NoiseSchedule", "PLMS", "Plan", "RatioSums", "RatioTable", "ReCFG", "Sampler", "UniPC", "__version__",
            "accumulate_ratio_sums", "seeded_noise", "solver_from_diffusers", "step_noise"]

@@ -315,6 +315,10 @@ class ReCFG(CFG):
                              f"but noise has shape {tuple(latent_shape)}")
         if cond.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8) or cond.ndim != 1:
             raise TypeError("cond: ReCFG needs integer condition ids [B] (labels or table condition ids)")
+        built_for = self.table.metadata.get("noising")
+        if built_for is not None and (built_for == "flow") != (plan.kind == "flow"):
+            raise ValueError(f"table: built with {built_for} noising (a {'flow' if built_for == 'flow' else 'diffusion'}"
+                             f" model's table), but the solver's plan is {plan.kind}; rebuild it for this model")
         if plan.schedule is not None and "schedule_fingerprint" in self.table.metadata:
             self.table.check_compatible(schedule=plan.schedule)
         g1, guided = self._g1(plan.timesteps, cond.shape[0])

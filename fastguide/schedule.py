@@ -265,3 +265,20 @@ def sigma_schedule_of(cfg: dict) -> str:
 def _check_num_train(n: int) -> None:
     if not isinstance(n, (int, np.integer)) or n < 2:
         raise ValueError(f"num_train_timesteps: expected an int >= 2, got {n!r}")
+
+
+@dataclass(frozen=True)
+class FlowSchedule:
+    """The noising of rectified-flow / flow-matching models, ``x_t = (1 - sigma) x0 + sigma noise`` with model time
+    sigma in [0, 1] (what fastguide.FlowEuler feeds the model). Ratio tables for flow models are built with it on a
+    sigma grid (``accumulate_ratio_sums(model, FlowSchedule(), ..., timesteps=[0.1, ..., 1.0])``) and looked up by
+    sigma, for any shift of the sampler's sigmas."""
+
+    kind = "flow"
+
+    def fingerprint(self) -> str:
+        return "flow-matching:x_t=(1-sigma)x0+sigma*noise"
+
+    def noising(self, sigmas) -> tuple[list[float], list[float]]:
+        """(signal, noise) scales of x_t at each sigma."""
+        return [1.0 - float(s) for s in sigmas], [float(s) for s in sigmas]

@@ -29,6 +29,7 @@ from fastguide.checks import check_int, check_lo_hi, check_model_output, count_n
 from fastguide.conditions import paired_conditions
 from fastguide.interrupts import Interrupted, deferred_sigint
 from fastguide.kernels.reference import compute_dtype_for
+from fastguide.schedule import FlowSchedule
 from fastguide.storage import atomic_save, check_metadata_agrees
 from fastguide.table import FORMAT_VERSION, RatioTable, flag, read_versioned, storage_dtype
 
@@ -42,13 +43,15 @@ class RatioSums:
     """Float64 sums per condition, timestep and element: the sufficient statistics of both estimators.
 
     ``sum_c, sum_u, sum_cu, sum_uu``: [K, T, *latent_shape] float64 (sum m_c, sum m_u, sum m_c m_u, sum m_u^2);
-    ``count``: [K, T] int64; ``timesteps``: [T] int64 ascending; ``metadata``: str -> str build facts.
+    ``count``: [K, T] int64; ``timesteps``: [T] ascending (int64 training indices, or float64 sigmas of a flow
+    model's table); ``metadata``: str -> str build facts.
     """
 
     def __init__(self, sum_c, sum_u, sum_cu, sum_uu, count, timesteps, metadata: dict | None = None):
         self.sum_c, self.sum_u, self.sum_cu, self.sum_uu = sum_c, sum_u, sum_cu, sum_uu
         self.count = count
-        self.timesteps = np.asarray(timesteps, dtype=np.int64)
+        ts = np.asarray(timesteps)
+        self.timesteps = ts.astype(np.int64) if np.issubdtype(ts.dtype, np.integer) else ts.astype(np.float64)
         self.metadata = dict(metadata or {})
         shape = tuple(sum_c.shape)
         for name in SUM_NAMES:
@@ -245,12 +248,20 @@ def accumulate_ratio_sums(model, schedule, images, labels, *, timesteps, num_cla
     return sums
 
 
+def noising_kind(schedule) -> str:
+    return "flow" if isinstance(schedule, FlowSchedule) else "discrete"
+
+
 class _NoisingPlan:
     """The fixed part of a build: grid, noising coefficients, dtypes, device and the forward layout."""
 
     def __init__(self, schedule, grid, model_dtype, device, null_cond: int, cond_first: bool, seed: int):
-        abar = schedule.alphas_cumprod.double()[torch.from_numpy(grid)]
-        self.grid, self.signal, self.noise_scale = grid, abar.sqrt().tolist(), (1 - abar).sqrt().tolist()
+        if isinstance(schedule, FlowSchedule):
+            self.signal, self.noise_scale = schedule.noising(grid)
+        else:
+            abar = schedule.alphas_cumprod.double()[torch.from_numpy(grid)]
+            self.signal, self.noise_scale = abar.sqrt().tolist(), (1 - abar).sqrt().tolist()
+        self.grid = grid
         self.model_dtype, self.device = model_dtype, device
         self.t_dtype = compute_dtype_for(model_dtype)
         self.null_cond, self.cond_first, self.seed = null_cond, cond_first, seed
@@ -271,9 +282,11 @@ class _NoisingPlan:
 
 
 def _build_metadata(schedule, selected_images, ids, samples_per_class, seed, cond_first, model, model_fingerprint):
-    meta = {"schedule_fingerprint": schedule.fingerprint(), "num_train_timesteps": str(schedule.num_train_timesteps),
+    meta = {"schedule_fingerprint": schedule.fingerprint(), "noising": noising_kind(schedule),
             "samples_per_class": str(samples_per_class), "seed": str(int(seed)),
             "data_fingerprint": _data_fingerprint(selected_images, ids), "cond_first": flag(cond_first)}
+    if not isinstance(schedule, FlowSchedule):
+        meta["num_train_timesteps"] = str(schedule.num_train_timesteps)
     if model_fingerprint is None and isinstance(model, torch.nn.Module):
         model_fingerprint = module_fingerprint(model)
     if model_fingerprint:
@@ -347,8 +360,10 @@ def _check_build_inputs(model, schedule, images, labels, timesteps, num_classes,
                         batch_size, checkpoint_every, seed):
     if not callable(model):
         raise TypeError("model: expected a callable model(x, t, cond) -> tensor")
-    if not hasattr(schedule, "alphas_cumprod") or not hasattr(schedule, "fingerprint"):
-        raise TypeError(f"schedule: expected a fastguide.NoiseSchedule, got {type(schedule).__name__}")
+    flow = isinstance(schedule, FlowSchedule)
+    if not flow and (not hasattr(schedule, "alphas_cumprod") or not hasattr(schedule, "fingerprint")):
+        raise TypeError(f"schedule: expected a fastguide.NoiseSchedule (or a FlowSchedule for flow models), got "
+                        f"{type(schedule).__name__}")
     if not isinstance(images, torch.Tensor) or not images.is_floating_point() or images.ndim < 2:
         raise TypeError("images: expected a floating tensor [M, *latent_shape]")
     if not isinstance(labels, torch.Tensor):
@@ -369,8 +384,21 @@ def _check_build_inputs(model, schedule, images, labels, timesteps, num_classes,
         raise TypeError(f"null_cond: expected the integer null label, got {type(null_cond).__name__} "
                         "(for embedding conditions wrap the model with fastguide.adapters.ConditionIdModel)")
     check_int(seed, "seed", 0)
-    grid = _check_grid(timesteps, schedule.num_train_timesteps)
+    grid = _check_sigma_grid(timesteps) if flow else _check_grid(timesteps, schedule.num_train_timesteps)
     return images, labels, grid
+
+
+def _check_sigma_grid(timesteps) -> np.ndarray:
+    """A flow table's grid: distinct sigmas in (0, 1] (sigma = 0 is the data itself: no guidance to estimate)."""
+    arr = np.asarray(timesteps, dtype=np.float64) if not isinstance(timesteps, np.ndarray) else timesteps
+    if arr.ndim != 1 or arr.size == 0:
+        raise ValueError(f"timesteps: expected a non-empty 1-D grid of sigmas, got shape {arr.shape}")
+    grid = np.sort(arr.astype(np.float64))
+    if not np.all(np.isfinite(grid)) or grid[0] <= 0 or grid[-1] > 1:
+        raise ValueError(f"timesteps: expected a flow model's sigmas in (0, 1], got {grid[0]:g}..{grid[-1]:g}")
+    if np.any(grid[1:] == grid[:-1]):
+        raise ValueError("timesteps: expected distinct values, got duplicates")
+    return grid
 
 
 def _check_grid(timesteps, num_train: int) -> np.ndarray:

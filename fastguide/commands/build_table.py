@@ -26,6 +26,7 @@ import torch
 
 from fastguide.commands import common
 from fastguide.interrupts import Interrupted
+from fastguide.schedule import FlowSchedule
 from fastguide.table import STORAGE_DTYPES
 from fastguide.table_build import ESTIMATORS, RatioSums, accumulate_ratio_sums, dist_rank_world
 
@@ -131,7 +132,8 @@ def _build(args, metadata) -> int:
     schedule = src["schedule"]
     labels = torch.as_tensor(src["labels"])
     num_classes = args.num_classes or src.get("num_classes") or int(labels.max()) + 1
-    grid = parse_timesteps(args.timesteps, schedule.num_train_timesteps)
+    flow = isinstance(schedule, FlowSchedule)
+    grid = parse_timesteps(args.timesteps, None if flow else schedule.num_train_timesteps, flow=flow)
     start = time.perf_counter()
     sums = accumulate_ratio_sums(
         model, schedule, src["images"], labels, timesteps=grid, num_classes=num_classes,
@@ -210,18 +212,27 @@ def _import_path(shipped: bool):
             sys.path[:] = saved
 
 
-def parse_timesteps(spec: str, num_train: int | None) -> np.ndarray | int:
-    """'N' -> N evenly spaced training indices over [0, num_train - 1]; 'a,b,c' -> those indices. With
-    ``num_train`` None only the syntax is checked (a count comes back as an int)."""
+def parse_timesteps(spec: str, num_train: int | None, flow: bool = False) -> np.ndarray | int:
+    """'N' -> N evenly spaced training indices over [0, num_train - 1]; 'a,b,c' -> those indices. For a flow
+    model's table (``flow``): 'N' -> the sigmas 1/N, 2/N, ..., 1; 'a,b,c' -> those sigmas. With ``num_train`` None
+    (and not ``flow``) only the syntax is checked (a count comes back as an int)."""
     text = str(spec).strip()
     try:
         if "," in text:
-            return np.array([int(v) for v in text.split(",") if v.strip()], dtype=np.int64)
+            values = [float(v) for v in text.split(",") if v.strip()]
+            if flow or num_train is None:
+                return np.array(values, dtype=np.float64)
+            if any(v != int(v) for v in values):
+                raise ValueError
+            return np.array([int(v) for v in values], dtype=np.int64)
         count = int(text)
-    except ValueError:
-        raise ValueError(f"--timesteps: expected a count or a comma list of integers, got {spec!r}") from None
-    if count < 1 or (num_train is not None and count > num_train):
+    except (ValueError, OverflowError):
+        kind = "sigmas" if flow else "integers"
+        raise ValueError(f"--timesteps: expected a count or a comma list of {kind}, got {spec!r}") from None
+    if count < 1 or (num_train is not None and not flow and count > num_train):
         raise ValueError(f"--timesteps: a count must be in [1, {num_train or 'num_train_timesteps'}], got {count}")
+    if flow:
+        return np.arange(1, count + 1, dtype=np.float64) / count
     if num_train is None:
         return count
     return np.unique(np.linspace(0, num_train - 1, count).round().astype(np.int64))
