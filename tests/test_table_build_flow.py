@@ -1,6 +1,5 @@
 """ReCFG tables for flow-matching models (fastguide.FlowSchedule): x_t = (1 - sigma) x0 + sigma n on a sigma grid,
 the same sums, estimators, storage, resume and torchrun scale-out as discrete tables, looked up by sigma."""
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -134,27 +133,66 @@ def test_an_interrupted_build_resumes_to_identical_sums(tmp_path):
     RatioSums.load(ckpt)  # the checkpoint is a readable sums file
 
 
+KILL_ENV = "FASTGUIDE_TEST_KILL_AFTER_CALLS"
+
+
 def flow_source():
-    """build-table --model input: the flow stand-in and the dataset above with a FlowSchedule."""
+    """build-table --model input: the flow stand-in and the dataset above with a FlowSchedule. With
+    FASTGUIDE_TEST_KILL_AFTER_CALLS=N the process SIGKILLs itself at model call N + 1."""
+    import os
+    import signal
+
     images, labels = dataset()
-    return {"model": velocity, "schedule": fg.FlowSchedule(), "images": images, "labels": labels, "null_cond": NULL,
+    kill_after, calls = int(os.environ.get(KILL_ENV, "0")), []
+
+    def model(x, t, c):
+        calls.append(1)
+        if kill_after and len(calls) > kill_after:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return velocity(x, t, c)
+    return {"model": model, "schedule": fg.FlowSchedule(), "images": images, "labels": labels, "null_cond": NULL,
             "num_classes": CLASSES, "model_fingerprint": "flow-stand-in-v1"}
 
 
-def test_build_table_cli_on_two_ranks_equals_one_process(tmp_path):
+CLI_ARGS = ["build-table", "--model", "test_table_build_flow:flow_source", "--timesteps", "0.25,0.5,1",
+            "--samples-per-class", "3", "--batch-size", "2", "--seed", "4", "--dtype", "float64", "--no-progress"]
+
+
+def run_build(args, env_extra=None, ranks=None):
     import os
 
-    args = ["build-table", "--model", "test_table_build_flow:flow_source", "--timesteps", "0.25,0.5,1",
-            "--samples-per-class", "3", "--batch-size", "2", "--seed", "4", "--dtype", "float64", "--no-progress"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([str(TESTS), str(TESTS.parent), os.environ.get("PYTHONPATH", "")])}
+    env = {k: v for k, v in os.environ.items() if k != KILL_ENV}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(TESTS), str(TESTS.parent),
+                                                               os.environ.get("PYTHONPATH", "")]), **(env_extra or {}))
+    prefix = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks)] \
+        if ranks else [sys.executable]
+    return subprocess.run([*prefix, "-m", "fastguide", *args], env=env, cwd=str(TESTS), capture_output=True,
+                          text=True, timeout=240)
+
+
+def test_a_build_killed_with_sigkill_resumes_bit_exactly(tmp_path):
+    """9 images in 5 batches x 3 sigmas = 15 calls: SIGKILL inside batch 4, rerun the same command, and the table
+    equals an uninterrupted build bit for bit."""
+    import signal
+
+    ref = run_build([*CLI_ARGS, "--out", str(tmp_path / "ref.safetensors")])
+    assert ref.returncode == 0, ref.stderr[-2000:]
+    args = [*CLI_ARGS, "--out", str(tmp_path / "t.safetensors"), "--checkpoint", str(tmp_path / "ck.safetensors"),
+            "--checkpoint-every", "1"]
+    killed = run_build(args, env_extra={KILL_ENV: str(3 * 3 + 1)})
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert not (tmp_path / "t.safetensors").exists() and (tmp_path / "ck.safetensors").exists()
+    again = run_build(args)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert torch.equal(RatioTable.load(tmp_path / "t.safetensors").ratios,
+                       RatioTable.load(tmp_path / "ref.safetensors").ratios)
+
+
+def test_build_table_cli_on_two_ranks_equals_one_process(tmp_path):
     outs = {}
     for ranks in (None, 2):
         out = tmp_path / f"t{ranks or 1}.safetensors"
-        prefix = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks)] \
-            if ranks else [sys.executable]
-        proc = subprocess.run([*prefix, "-m", "fastguide", *args, "--out", str(out)], env=env, cwd=str(TESTS),
-                              capture_output=True, text=True, timeout=240)
+        proc = run_build([*CLI_ARGS, "--out", str(out)], ranks=ranks)
         assert proc.returncode == 0, proc.stderr[-2000:]
         outs[ranks or 1] = RatioTable.load(out)
     one, two = outs[1], outs[2]
