@@ -149,7 +149,7 @@ class LoopBuffers:
     guided: tuple  # [S] bool: the step runs the null half
     batch: int
     cond_first: bool
-    model_free: tuple = ()  # [S] bool: the step runs no network (m = 0), or () when none does
+    model_free: tuple = ()  # [S] bool: the step runs no network (m = 0)
     zeros: torch.Tensor | None = None  # [B, *shape] zeros: the "model output" of a model-free step
     rule_params: torch.Tensor | None = None  # [NUM_RULE_PARAMS] in the compute dtype
     rule_params_source: torch.Tensor | None = None  # the host params rule_params holds
@@ -192,7 +192,7 @@ def allocate(x: torch.Tensor, cond: torch.Tensor, guidance, steps: int, stochast
         z=torch.empty((steps, *x.shape), dtype=x.dtype, device=dev) if stochastic else None,
         history=torch.zeros((history_slots, *x.shape), dtype=x.dtype, device=dev) if history_slots else None,
         out_sums=torch.zeros(steps, dtype=torch.float32, device=dev), guided=tuple(guidance.guided), batch=batch,
-        cond_first=cond_first, null_source=null_cond, model_free=tuple(guidance.model_free or ()),
+        cond_first=cond_first, null_source=null_cond, model_free=tuple(guidance.model_free or (False,) * steps),
         zeros=torch.zeros(x.shape, dtype=x.dtype, device=dev) if guidance.model_free else None,
         rule_params=None if rule is None else torch.empty(rule.shape, dtype=cdt, device=dev),
         rule_state=torch.zeros(x.shape, dtype=x.dtype, device=dev) if guidance.rule_state else None)
@@ -233,7 +233,9 @@ def refill(b: LoopBuffers, x: torch.Tensor, cond: torch.Tensor, plan: PlanTensor
         b.g1_source = guidance.g1
     if b.rows is not None:
         b.rows.copy_(guidance.rows)
-    if b.rule_params is not None and b.rule_params_source is not guidance.rule_params:
+    # rules make their parameters afresh each call: compared by value, so an unchanged rule skips the copy
+    if b.rule_params is not None and (b.rule_params_source is None
+                                      or not torch.equal(b.rule_params_source, guidance.rule_params)):
         b.rule_params.copy_(guidance.rule_params)
         b.rule_params_source = guidance.rule_params
     if b.rule_state is not None:
@@ -309,7 +311,7 @@ def run_loop(b: LoopBuffers, config: LoopConfig, callback=None, progress: bool =
         steps = tqdm(steps, desc="sampling", leave=False)
     if config.hot is not None:
         for i in steps:
-            if b.model_free and b.model_free[i]:  # no network: the update with m = 0, outside the compiled step
+            if b.model_free[i]:  # no network: the update with m = 0, outside the compiled step
                 guided_update(b.zeros, b.views.steps[i], const, config.step.fn)
             else:
                 config.hot(config.model, config.step.fn, b.views.steps[i], const)
@@ -344,7 +346,7 @@ def _eager_loop(b: LoopBuffers, config: LoopConfig, const: StepConstants, steps,
     sums = []
     for i in steps:
         step = views.steps[i]
-        if b.model_free and b.model_free[i]:
+        if b.model_free[i]:
             out = b.zeros  # CFG-Zero*'s zero-init: m = 0 without running the network
             if check_finite:
                 sums.append(b.out_sums[i])  # zero: never written
@@ -373,7 +375,7 @@ def check_model_once(b: LoopBuffers, model) -> None:
     wrong shape or a tuple is a clear error instead of a failure deep inside the compiler."""
     if b.model_checked:
         return
-    runs = [(i, guided) for i, guided in enumerate(b.guided) if not (b.model_free and b.model_free[i])]
+    runs = [(i, guided) for i, guided in enumerate(b.guided) if not b.model_free[i]]
     first = {guided: i for i, guided in reversed(runs)}
     with torch.no_grad():
         for i in sorted(first.values()):

@@ -156,8 +156,7 @@ class Sampler:
         model = self.model if (not self.compiled or step.fused) else self._compiled_fn("model", device)
         hot = self._compiled_fn("hot", device) if fused else None
         wrapped = rule.wrap_model(model, plan, self.null_cond, cond_first=self.cond_first, batch=batch)
-        return loop.LoopConfig(wrapped, step, hot, plan.clip_range,
-                               self.check_finite)
+        return loop.LoopConfig(wrapped, step, hot, plan.clip_range, self.check_finite)
 
     def compile_options(self, device: torch.device) -> dict:
         """The torch.compile options this Sampler compiles with for ``device`` (see :meth:`compile`)."""

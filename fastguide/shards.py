@@ -77,11 +77,12 @@ def _check_manifest(path: Path, request: dict, layout: ShardLayout) -> None:
 
 
 def _shard_done(path: Path, k: int, layout: ShardLayout, fingerprint: str) -> bool:
-    """A shard file written by this request with the indices it should hold (anything else is redone)."""
+    """A shard file written by this request with the indices it should hold (anything else is redone). Reads only
+    the indices, not the samples."""
     if not path.is_file():
         return False
     try:
-        tensors, meta = read_safetensors(path, "out", "sample shard", SHARD_FORMAT)
+        tensors, meta = read_safetensors(path, "out", "sample shard", SHARD_FORMAT, keys=("indices",))
     except ValueError:
         return False
     want = torch.tensor(list(layout.indices(k)), dtype=torch.int64)

@@ -14,10 +14,11 @@ from pathlib import Path
 import torch
 
 
-def read_safetensors(path, arg: str, what: str, fmt: str | None = None, hint: str = ""
+def read_safetensors(path, arg: str, what: str, fmt: str | None = None, hint: str = "", keys=None
                      ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """(tensors, metadata) of a safetensors file in one pass. A missing or unreadable file, or (with ``fmt``) a
-    file whose ``format`` metadata is not ``fmt``, is an error naming ``arg`` and ``what`` the file should be."""
+    """(tensors, metadata) of a safetensors file in one pass (``keys``: only those of its tensors that it has). A
+    missing or unreadable file, or (with ``fmt``) a file whose ``format`` metadata is not ``fmt``, is an error naming
+    ``arg`` and ``what`` the file should be."""
     from safetensors import SafetensorError, safe_open
 
     path = Path(path)
@@ -26,7 +27,7 @@ def read_safetensors(path, arg: str, what: str, fmt: str | None = None, hint: st
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = dict(f.metadata() or {})
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            tensors = {k: f.get_tensor(k) for k in f.keys() if keys is None or k in keys}
     except (SafetensorError, OSError, ValueError) as e:
         raise ValueError(f"{arg}: {path} is not a readable safetensors file ({e})") from None
     if fmt is not None and meta.get("format") != fmt:

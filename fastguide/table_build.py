@@ -390,9 +390,9 @@ def _check_build_inputs(model, schedule, images, labels, timesteps, num_classes,
 
 def _check_sigma_grid(timesteps) -> np.ndarray:
     """A flow table's grid: distinct sigmas in (0, 1] (sigma = 0 is the data itself: no guidance to estimate)."""
-    arr = np.asarray(timesteps, dtype=np.float64) if not isinstance(timesteps, np.ndarray) else timesteps
-    if arr.ndim != 1 or arr.size == 0:
-        raise ValueError(f"timesteps: expected a non-empty 1-D grid of sigmas, got shape {arr.shape}")
+    arr = np.asarray(timesteps)
+    if arr.ndim != 1 or arr.size == 0 or not np.issubdtype(arr.dtype, np.number):
+        raise ValueError(f"timesteps: expected a non-empty 1-D grid of sigmas, got shape {arr.shape} {arr.dtype}")
     grid = np.sort(arr.astype(np.float64))
     if not np.all(np.isfinite(grid)) or grid[0] <= 0 or grid[-1] > 1:
         raise ValueError(f"timesteps: expected a flow model's sigmas in (0, 1], got {grid[0]:g}..{grid[-1]:g}")

@@ -30,8 +30,8 @@ def guided_step_into_host(out: torch.Tensor, x: torch.Tensor, model_out: torch.T
     ``write_slots`` W ints and ``write_coef`` W rows of 2 + K floats. Zero weights are skipped (a history slot
     not yet written is never read). ``rule_params``: NUM_RULE_PARAMS floats (the columns of ``RuleParam``; what a
     rule does not use is skipped), ``rule_state`` a tensor as in the reference; ``unit_rows=False`` promises that no
-    row's g1 is 1 (the loop knows it from the host scales), which skips keeping those rows unguided. ``blocks``: ``out`` viewed as [k, B, ...] (optional; a loop makes it once
-    instead of every step)."""
+    row's g1 is 1 (the loop knows it from the host scales), which skips keeping those rows unguided. ``blocks``:
+    ``out`` viewed as [k, B, ...] (optional; a loop makes it once instead of every step)."""
     A, B, S, Px, Pm, C0, Cx, Cm = coef
     batch = x.shape[0]
     dt = compute_dtype_for(x.dtype)

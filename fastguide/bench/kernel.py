@@ -13,6 +13,7 @@ import time
 
 import torch
 
+from fastguide.guidance import make_rule_params
 from fastguide.kernels import reference
 from fastguide.loop import capture_cuda_graph
 
@@ -24,19 +25,14 @@ TABLE_W = 0.25  # the lerp weight between two table rows (ReCFG off the table's 
 # rule -> (K history slots read, W written): a multistep solver's step (DPM-Solver++ 2M: 1 / 1; UniPC-3: 4 / 2)
 KERNEL_RULES = {"cfg": (0, 0), "recfg": (0, 0), "cfg-dpm2m": (1, 1), "cfg-unipc3": (4, 2), "cfg-rescale": (0, 0),
                 "cfg-zero-star": (0, 0), "apg": (0, 0)}
-# the rules with per-sample reductions: rule -> their RuleParam values (the rest as plain CFG) and whether they carry
-# a rule state (APG's momentum: one more [B, *shape] read and write a step)
-REDUCED_RULES = {"cfg-rescale": (dict(RESCALE=0.7), False), "cfg-zero-star": (dict(ZERO_STAR=1.0), False),
-                 "apg": (dict(ETA=0.0, NORM_THRESHOLD=15.0, MOMENTUM=-0.5), True)}
+# the rules with per-sample reductions: rule -> their make_rule_params arguments (the rest as plain CFG); a momentum
+# carries a rule state (APG's: one more [B, *shape] read and write a step)
+REDUCED_RULES = {"cfg-rescale": dict(rescale=0.7), "cfg-zero-star": dict(zero_star=True),
+                 "apg": dict(eta=0.0, norm_threshold=15.0, momentum=-0.5)}
 
 
-def rule_params_for(rule: str, device) -> torch.Tensor:
-    """[NUM_RULE_PARAMS] float32: a reduced rule's parameters (ETA = 1 and the rest 0 is plain CFG)."""
-    values = {"ETA": 1.0, **REDUCED_RULES[rule][0]}
-    p = torch.zeros(reference.NUM_RULE_PARAMS, dtype=torch.float32)
-    for name, v in values.items():
-        p[reference.RuleParam[name]] = v
-    return p.to(device)
+def has_rule_state(rule: str) -> bool:
+    return REDUCED_RULES.get(rule, {}).get("momentum", 0.0) != 0
 
 
 def make_step_inputs(shape, dtype, rule: str, device, lerp: bool = False) -> dict:
@@ -60,8 +56,8 @@ def make_step_inputs(shape, dtype, rule: str, device, lerp: bool = False) -> dic
                        hist_coef=torch.linspace(-0.5, 0.5, k, device=device),
                        write_slots=torch.arange(w, device=device), write_coef=torch.full((w, 2 + k), 0.1, device=device))
     if rule in REDUCED_RULES:
-        d["kw"]["rule_params"] = rule_params_for(rule, device)
-        if REDUCED_RULES[rule][1]:
+        d["kw"]["rule_params"] = make_rule_params(**REDUCED_RULES[rule]).to(device, torch.float32)
+        if has_rule_state(rule):
             d["kw"]["rule_state"] = 0.1 * torch.randn((b, *latent), dtype=dtype, device=device)
     return d
 
@@ -72,7 +68,7 @@ def floor_bytes(shape, dtype, rule: str, lerp: bool = False) -> int:
     than this floor (their moment pre-pass reads m_cond, m_uncond and the state once more: docs/kernel.md), which
     the % of copy bandwidth shows."""
     k, w = KERNEL_RULES[rule]
-    state = 2 if rule in REDUCED_RULES and REDUCED_RULES[rule][1] else 0
+    state = 2 if has_rule_state(rule) else 0
     streams = 3 + 2 + (0 if rule != "recfg" else 2 if lerp else 1) + k + w + state
     return streams * math.prod(shape) * torch.empty((), dtype=dtype).element_size()
 

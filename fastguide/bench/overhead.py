@@ -12,6 +12,10 @@ from fastguide.bench.timing import sync
 
 
 OVERHEAD_MODES = ("diffusers_eager", "fastguide_eager", "fastguide_fused")
+# The network part of each mode's per-step time: the same stub call alone (compiled for the fused mode, whose
+# network runs inside one compiled function with the step; a compiled network pays that call anyway).
+NETWORK_OF = {"diffusers_eager": "network_eager", "fastguide_eager": "network_eager",
+              "fastguide_fused": "network_compiled"}
 BENCH_RULES = ("cfg", "cfg-rescale", "cfg-zero-star", "apg")  # the rule both loops run (diffusers: its guider)
 
 
@@ -37,10 +41,6 @@ def bench_rule(name: str, scale: float):
     if name not in rules:
         raise ValueError(f"rule: expected one of {BENCH_RULES}, got {name!r}")
     return rules[name]
-# The network part of each mode's per-step time: the same stub call alone (compiled for the fused mode, whose
-# network runs inside one compiled function with the step; a compiled network pays that call anyway).
-NETWORK_OF = {"diffusers_eager": "network_eager", "fastguide_eager": "network_eager",
-              "fastguide_fused": "network_compiled"}
 
 
 class StubNet(torch.nn.Module):

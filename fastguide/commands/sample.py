@@ -131,7 +131,8 @@ def _run_shards(args, labels: list[int], scale: float) -> int:
             manifest = sample_shards(sampler, lambda idx: label_t[idx % len(labels)], out, num=args.num,
                                      latent_shape=digits.IMAGE_SHAPE, request=request, shard_size=args.shard_size,
                                      seed=args.seed, device=device, progress=rank == 0)
-        metrics = _reduced_metrics(out, classifier, device, rank, world) if args.metrics else None
+        count = len(manifest["shards"])
+        metrics = _reduced_metrics(out, classifier, device, rank, world, count) if args.metrics else None
     except Interrupted as stop:
         print(f"fastguide sample: interrupted after {stop.done} shards; run the same command again to finish "
               f"{out}", file=sys.stderr)
@@ -149,7 +150,7 @@ def _run_shards(args, labels: list[int], scale: float) -> int:
     return 0
 
 
-def _reduced_metrics(out, classifier, device, rank: int, world: int):
+def _reduced_metrics(out, classifier, device, rank: int, world: int, count: int):
     """The demo's metrics of every sample in ``out``: each rank takes the statistics of its own shards (one
     classifier batch per shard), they are reduced over the ranks and added in shard order (so the result is the
     same bits for any number of ranks), and rank 0 writes metrics.json."""
@@ -161,7 +162,6 @@ def _reduced_metrics(out, classifier, device, rank: int, world: int):
 
     evaluator = DigitsEvaluator(classifier, device=device)
     parts = {k: evaluator.sums(samples, labels) for k, samples, labels, _ in iter_shards(out, rank, world)}
-    count = len(json.loads((out / "manifest.json").read_text())["shards"])
     metrics = evaluator.from_sums(reduce_in_order(parts, count, evaluator.empty_sums()))
     if rank == 0:
         atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=1, sort_keys=True) + "\n", arg="--out")

@@ -25,7 +25,7 @@ from fastguide.demo.data import NUM_CLASSES
 METRICS = ("accuracy", "expectation_shift", "frechet_distance", "variance_ratio")
 
 
-def _check_pair(samples: torch.Tensor, labels: torch.Tensor, what: str = "samples") -> None:
+def _check_pair(samples: torch.Tensor, labels: torch.Tensor, what: str = "samples", min_samples: int = 2) -> None:
     if not isinstance(samples, torch.Tensor) or not isinstance(labels, torch.Tensor):
         raise TypeError(f"{what}: expected tensors (images [N, C, H, W], labels [N])")
     if samples.ndim != 4:
@@ -34,8 +34,8 @@ def _check_pair(samples: torch.Tensor, labels: torch.Tensor, what: str = "sample
         raise ValueError(f"{what}: expected labels [N] with N = {samples.shape[0]}, got shape {tuple(labels.shape)}")
     if labels.is_floating_point():
         raise TypeError(f"{what}: labels must be integers, got {labels.dtype}")
-    if samples.shape[0] < 2:
-        raise ValueError(f"{what}: need at least 2 samples, got {samples.shape[0]}")
+    if samples.shape[0] < min_samples:
+        raise ValueError(f"{what}: need at least {min_samples} samples, got {samples.shape[0]}")
 
 
 def gaussian_stats(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -135,7 +135,7 @@ class DigitsEvaluator:
 
     def sums(self, samples: torch.Tensor, labels: torch.Tensor) -> MetricSums:
         """The metrics' sufficient statistics of one part of a sample set (any size, one sample is fine)."""
-        samples, labels = self._checked(samples, labels, minimum=1)
+        samples, labels = self._checked(samples, labels, min_samples=1)
         pixels = samples.double().flatten(1)
         onehot = torch.nn.functional.one_hot(labels, NUM_CLASSES).double()  # [N, K]
         feats = self.features(samples).double()
@@ -175,9 +175,8 @@ class DigitsEvaluator:
                 "frechet_distance": frechet_distance(mu, cov, *self.real_stats),
                 "variance_ratio": float(torch.stack(ratios).mean())}
 
-    def _checked(self, samples, labels, minimum: int = 2):
-        if minimum >= 2:
-            _check_pair(samples, labels)
+    def _checked(self, samples, labels, min_samples: int = 2):
+        _check_pair(samples, labels, min_samples=min_samples)
         samples, labels = samples.detach().cpu().float(), labels.cpu().long()
         if bool(((labels < 0) | (labels >= NUM_CLASSES)).any()):
             raise ValueError(f"labels: expected digits in [0, {NUM_CLASSES}), got {sorted(set(labels.tolist()))[:10]}")
