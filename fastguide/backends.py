@@ -37,12 +37,18 @@ def check_backend(backend: str) -> str:
     return backend
 
 
-def step_impl(backend: str, device: torch.device, fused: bool) -> StepImpl:
+def step_impl(backend: str, device: torch.device, fused: bool, per_row: bool = False) -> StepImpl:
     """``backend``: "torch" (plain torch ops, any device), "triton" (the fused kernel), or "auto" (triton for
     CUDA tensors when available, torch otherwise). Every implementation runs every plan, multistep ones (history
-    states) included."""
+    states) included. ``per_row``: the rows have plans of their own (per-row coefficient tensors), which the eager
+    host-scalar step cannot take: eager torch steps then run the reference."""
     interpreted = backend == "triton" and os.environ.get("TRITON_INTERPRET") == "1"  # only "triton" asks
-    return _step_impl(backend, device.type, fused, interpreted)
+    impl = _step_impl(backend, device.type, fused, interpreted)
+    if per_row and impl.host:
+        from fastguide.kernels.reference import guided_step_into
+
+        return StepImpl(guided_step_into, host=False, fused=False)
+    return impl
 
 
 @functools.lru_cache(maxsize=None)

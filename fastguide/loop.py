@@ -168,7 +168,7 @@ def buffer_key(x: torch.Tensor, cond: torch.Tensor, plan: PlanTensors, guidance)
     table = None if plan.table is None else (tuple(plan.table.shape), plan.table.dtype)
     rule = (guidance.rule_params is not None, guidance.rule_state, guidance.model_free)
     return (tuple(x.shape), x.dtype, x.device, tuple(cond.shape), cond.dtype, tuple(guidance.guided), plan.plan.steps,
-            plan.plan.stochastic, plan.plan.history_slots, table, rule)
+            plan.plan.stochastic, plan.plan.history_slots, table, rule, getattr(plan.plan, "per_row", False))
 
 
 def pair_labels(cond: torch.Tensor, null_cond, cond_first: bool) -> torch.Tensor:
@@ -202,8 +202,12 @@ def bind_plan(b: LoopBuffers, plan: PlanTensors) -> None:
     """Point b at other plan tensors and make its per-step views (a captured graph read the old ones)."""
     n, batch, rows2 = b.g1.shape[0], b.batch, b.x2.shape[0]
     none = (None,) * n
-    t_all = plan.t.view(n, 1).expand(n, rows2).unbind(0)
-    t_cond = plan.t.view(n, 1).expand(n, batch).unbind(0)
+    if plan.t.ndim == 2:  # per-row plans: [S, B] model times, repeated for every B-row block
+        t_all = plan.t.repeat(1, rows2 // batch).unbind(0)
+        t_cond = plan.t.unbind(0)
+    else:
+        t_all = plan.t.view(n, 1).expand(n, rows2).unbind(0)
+        t_cond = plan.t.view(n, 1).expand(n, batch).unbind(0)
     x_cond = b.x2[:batch] if (b.cond_first or rows2 == batch) else b.x2[batch:]
     b.plan, b.graph = plan, None
     z = none if b.z is None else b.z.unbind(0)
@@ -245,7 +249,11 @@ def refill(b: LoopBuffers, x: torch.Tensor, cond: torch.Tensor, plan: PlanTensor
     if b.history is not None:
         b.history.zero_()
     scale = plan.plan.init_scale
-    copy_into_blocks(b.x2, x if scale == 1.0 else x * scale, b.views.x_blocks)
+    if isinstance(scale, torch.Tensor):  # per-row plans
+        x = x * scale.to(x.device, x.dtype).view(-1, *([1] * (x.ndim - 1)))
+    elif scale != 1.0:
+        x = x * scale
+    copy_into_blocks(b.x2, x, b.views.x_blocks)
 
 
 def draw_step_noise(plan, x: torch.Tensor, seeds: list[int] | None) -> torch.Tensor | None:
@@ -253,9 +261,19 @@ def draw_step_noise(plan, x: torch.Tensor, seeds: list[int] | None) -> torch.Ten
     latent dtype (the fused kernel's narrowest variant); None for a deterministic plan."""
     if not plan.stochastic:
         return None
+    if seeds is not None and getattr(plan, "per_row", False):  # each row's noise as its own plan draws it
+        z = torch.zeros((plan.steps, *x.shape), dtype=x.dtype, device=x.device)
+        for b, (seed, n) in enumerate(zip(seeds, plan.steps_per_row)):
+            z[:n, b] = step_noise([seed], n, x.shape[1:], x.dtype, x.device)[:, 0]
+        return z
     if seeds is not None:
         return step_noise(seeds, plan.steps, x.shape[1:], x.dtype, x.device)
     return torch.randn((plan.steps, *x.shape), dtype=x.dtype, device=x.device)
+
+
+def step_time(plan, i: int) -> float:
+    """Step i's model time (per-row plans: the largest of the rows')."""
+    return float(plan.timesteps[i].max())
 
 
 # ---------------------------------------------------------------------- the step and the loop
@@ -316,7 +334,7 @@ def run_loop(b: LoopBuffers, config: LoopConfig, callback=None, progress: bool =
             else:
                 config.hot(config.model, config.step.fn, b.views.steps[i], const)
             if callback is not None:
-                callback(i, float(b.plan.plan.timesteps[i]), b.views.x_cur)
+                callback(i, step_time(b.plan.plan, i), b.views.x_cur)
         return b.out_sums
     sums = _eager_loop(b, config, const, steps, callback)
     if not sums:
@@ -366,7 +384,7 @@ def _eager_loop(b: LoopBuffers, config: LoopConfig, const: StepConstants, steps,
         else:
             guided_update(out, step, const, fn)
         if callback is not None:
-            callback(i, float(plan.plan.timesteps[i]), views.x_cur)
+            callback(i, step_time(plan.plan, i), views.x_cur)
     return sums
 
 
@@ -424,7 +442,7 @@ def raise_if_not_finite(b: LoopBuffers, step_sums: torch.Tensor, noise: torch.Te
     bad_steps = (~torch.isfinite(step_sums)).nonzero().flatten().tolist()
     if bad_steps:
         i = bad_steps[0]
-        t = float(b.plan.plan.timesteps[i])
+        t = step_time(b.plan.plan, i)
         raise ValueError(f"model: output contained NaN/inf, first at step {i} (t={t:g}); the sample is not valid")
     if not bool(torch.isfinite(x).all()):
         raise ValueError("model: outputs were finite but the sample overflowed to NaN/inf (check the model's "

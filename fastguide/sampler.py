@@ -11,9 +11,32 @@ from fastguide import loop
 from fastguide.backends import check_backend, step_impl
 from fastguide.checks import check_cond, check_int, check_label_range, check_noise, check_seeds
 from fastguide.guidance import NoGuidance, check_guidance, with_scale
+from fastguide.row_plans import RowPlans, merge_guidance
 
 MAX_CACHED_LOOPS = 8  # loop buffers (and captured graphs) kept per Sampler, least recently used dropped first
 MAX_CACHED_PLANS = 4  # plan tensors (incl. a device copy of each ReCFG table) kept per Sampler
+
+
+def row_plans_for(solvers, batch: int) -> RowPlans:
+    """The stacked plans of ``solvers`` (one per row), memoised on the solver objects' plans."""
+    if isinstance(solvers, (str, bytes)) or not hasattr(solvers, "__len__"):
+        raise TypeError(f"solvers: expected a sequence of {batch} fastguide solvers, got {type(solvers).__name__}")
+    if len(solvers) != batch:
+        raise ValueError(f"solvers: expected one solver per row ({batch}), got {len(solvers)}")
+    for b, s in enumerate(solvers):
+        if not hasattr(s, "plan"):
+            raise TypeError(f"solvers: row {b} is a {type(s).__name__}, not a fastguide solver")
+    plans = tuple(s.plan for s in solvers)
+    key = tuple(id(p) for p in plans)
+    hit = _ROW_PLANS.get(key)
+    if hit is not None and all(a is b for a, b in zip(hit.plans, plans)):
+        return hit
+    stacked = RowPlans.stack(plans)
+    _ROW_PLANS.put(key, stacked)
+    return stacked
+
+
+_ROW_PLANS = loop.LRUCache(64)
 
 
 class Sampler:
@@ -110,24 +133,30 @@ class Sampler:
         return time.perf_counter() - start
 
     def sample(self, noise: torch.Tensor, cond, *, seeds=None, scale=None, guidance=None, callback=None,
-               progress=None) -> torch.Tensor:
+               progress=None, solvers=None) -> torch.Tensor:
         """Run the fixed-NFE loop from ``noise`` [B, C, H, W] (x_T) with conditions ``cond`` [B].
 
         ``seeds`` (B ints) make stochastic solvers' per-step noise a function of each sample's own seed;
         without them it comes from torch's global RNG. ``scale`` overrides the guidance scale for this
         call (float or [B]) and ``guidance`` the rule (e.g. switch CFG <-> ReCFG without a new Sampler).
         ``callback(step, t, x)`` runs after each step (not with CUDA graphs).
+        ``solvers``: B solvers, one per row, instead of the Sampler's own (rows with different step counts of one
+        solver family in one loop: fastguide/row_plans.py; each row's sample is its own plan's).
         """
         x = check_noise(noise, values=not self.check_finite)  # else checked with the sample, after the loop
         cond = check_cond(cond, x.shape[0], x.device)
         if self.num_classes is not None and not cond.is_floating_point():
             check_label_range(cond, self.num_classes, self.null_cond)
-        rule = self.guidance if guidance is None else check_guidance(guidance, self.null_cond)
+        base_rule = rule = self.guidance if guidance is None else check_guidance(guidance, self.null_cond)
         if scale is not None:
             rule = with_scale(rule, scale)
         seeds = None if seeds is None else check_seeds(seeds, x.shape[0])
-        plan = self.solver.plan
-        sg = rule.prepare(plan, cond, x.shape[1:])  # only ReCFG reads label values (on the host, itself)
+        if solvers is None:
+            plan = self.solver.plan
+            sg = rule.prepare(plan, cond, x.shape[1:])  # only ReCFG reads label values (on the host, itself)
+        else:
+            plan = row_plans_for(solvers, x.shape[0])
+            sg = merge_guidance(base_rule, plan, cond.cpu(), x.shape[1:], scale=None if scale is None else rule.scale)
         z = loop.draw_step_noise(plan, x, seeds)
         pt = self._plan_tensors(plan, sg, x.device, x.dtype)
         config = self._loop_config(rule, plan, x.device, x.shape[0])
@@ -151,7 +180,7 @@ class Sampler:
 
     # ------------------------------------------------------------------ what a call runs
     def _loop_config(self, rule, plan, device: torch.device, batch: int) -> loop.LoopConfig:
-        step = step_impl(self.backend, device, self.compiled and self._fuse_step)
+        step = step_impl(self.backend, device, self.compiled and self._fuse_step, getattr(plan, "per_row", False))
         fused = step.fused and rule.traceable
         model = self.model if (not self.compiled or step.fused) else self._compiled_fn("model", device)
         hot = self._compiled_fn("hot", device) if fused else None

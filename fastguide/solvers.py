@@ -60,7 +60,7 @@ class History:
 
     @property
     def slots(self) -> int:
-        return int(self.weights.shape[1])
+        return int(self.weights.shape[-1])  # [S, K], or [S, B, K] for per-row plans
 
 
 def coef_row(**values: float) -> list[float]:

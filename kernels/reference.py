@@ -79,9 +79,9 @@ def guided_output(m_cond: torch.Tensor, m_uncond: torch.Tensor | None, g1: torch
     u, r = m_uncond.to(dt), None
     if table is not None:
         flat = table.flatten(0, 1)  # [K*T, *shape]; tensor indices keep this traceable without host syncs
-        r0 = flat[rows * table.shape[1] + table_steps[0]].to(dt)
-        r1 = flat[rows * table.shape[1] + table_steps[1]].to(dt)
-        r = r0 + table_w.to(dt) * (r1 - r0)  # exactly r0 on grid points (w = 0, i1 = i0)
+        r0 = flat[rows * table.shape[1] + table_steps[..., 0]].to(dt)  # [2] for the batch, or [B, 2] per row
+        r1 = flat[rows * table.shape[1] + table_steps[..., 1]].to(dt)
+        r = r0 + _bcast(table_w.to(dt), m.ndim) * (r1 - r0)  # exactly r0 on grid points (w = 0, i1 = i0)
     if rule_params is not None:
         prev = None if rule_state is None else rule_state.to(dt)
         m, state = reduced_guidance(m, u if r is None else r * u, g1.to(dt), rule_params.to(dt), prev)
@@ -135,8 +135,9 @@ def reduced_guidance(c: torch.Tensor, u: torch.Tensor, g1: torch.Tensor, params:
 
 def solver_update(xf: torch.Tensor, m: torch.Tensor, coef: torch.Tensor, *, clip_range=None, z=None, history=None,
                   hist_coef=None) -> torch.Tensor:
-    """x_next (in xf's dtype) from x, the guided output m, the solver's history states and the noise z."""
-    A, B, S, Px, Pm, C0, Cx, Cm = coef.to(xf.dtype).unbind()
+    """x_next (in xf's dtype) from x, the guided output m, the solver's history states and the noise z.
+    ``coef``: [NUM_COEF] for the batch, or [B, NUM_COEF] per row (a batch of rows with plans of their own)."""
+    A, B, S, Px, Pm, C0, Cx, Cm = per_row_columns(coef.to(xf.dtype), xf.ndim)
     if clip_range is None:
         out = A * xf + B * m
     else:
@@ -149,17 +150,32 @@ def solver_update(xf: torch.Tensor, m: torch.Tensor, coef: torch.Tensor, *, clip
     return out
 
 
+def per_row_columns(values: torch.Tensor, ndim: int) -> tuple[torch.Tensor, ...]:
+    """The columns of [N] (one value each for the batch) or [B, N] (one per row, broadcast over a row's
+    elements of an ``ndim``-dimensional batch)."""
+    if values.ndim == 1:
+        return values.unbind()
+    return tuple(_bcast(v, ndim) for v in values.unbind(-1))
+
+
 def history_combination(history: torch.Tensor, weights: torch.Tensor, ndim: int) -> torch.Tensor:
-    """sum_j weights[j] * history[j] over the K history slots [K, B, *shape], in the weights' dtype."""
-    return (_bcast(weights, ndim + 1) * history.to(weights.dtype)).sum(0)
+    """sum_j weights[j] * history[j] over the K history slots [K, B, *shape], in the weights' dtype; ``weights``
+    [K] for the batch or [B, K] per row."""
+    w = weights if weights.ndim == 1 else weights.transpose(0, 1)  # [K] or [K, B]
+    return (_bcast(w, ndim + 1) * history.to(weights.dtype)).sum(0)
 
 
 def history_writes(xf: torch.Tensor, m: torch.Tensor, history: torch.Tensor, write_coef: torch.Tensor) -> torch.Tensor:
     """[W, B, *shape]: each written state w = c[w, 0] x + c[w, 1] m + sum_j c[w, 2 + j] history[j] (the history read
-    before any write of this step)."""
+    before any write of this step); ``write_coef`` [W, 2 + K] for the batch or [B, W, 2 + K] per row."""
     c = write_coef.to(xf.dtype)
-    return torch.stack([c[w, 0] * xf + c[w, 1] * m + history_combination(history, c[w, 2:], xf.ndim)
-                        for w in range(c.shape[0])])
+    per_row = c.ndim == 3
+    states = []
+    for w in range(c.shape[-2]):
+        cw = c[:, w] if per_row else c[w]
+        cx, cm = per_row_columns(cw[..., :2], xf.ndim)
+        states.append(cx * xf + cm * m + history_combination(history, cw[..., 2:], xf.ndim))
+    return torch.stack(states)
 
 
 def guided_step(
@@ -184,7 +200,8 @@ def guided_step(
     x, m_cond, m_uncond, z: [B, *shape]; g1: [B]; coef: [NUM_COEF] (the columns of :class:`Coef`);
     table: [K, T, *shape] ratio rows; rows: [B] int64 row per sample; table_steps: [2] int (i0, i1);
     table_w: [] the lerp weight between the two rows; history: [K, B, *shape] a multistep solver's past states,
-    hist_coef: [K] their weights in x_next.
+    hist_coef: [K] their weights in x_next. Per-row plans (each row its own solver plan): coef [B, NUM_COEF],
+    table_steps [B, 2], table_w [B], hist_coef [B, K] (and ``guided_step_into``'s write_coef [B, W, 2 + K]).
     """
     dt = compute_dtype or compute_dtype_for(x.dtype)
     m = guided_output(m_cond, m_uncond, g1, table=table, rows=rows, table_steps=table_steps, table_w=table_w, dt=dt)
