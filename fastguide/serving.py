@@ -1,0 +1,413 @@
+"""Co-batched sampling requests: a thread-safe, asyncio-friendly batcher over one Sampler.
+
+    batcher = Batcher(model, solver_for, {"cfg": CFG(3.0)}, null_cond=10, latent_shape=(1, 8, 8)).start()
+    future = batcher.submit(cond=7, seed=1, steps=6, scale=4.0)        # concurrent.futures.Future
+    sample = future.result().sample                                     # [1, 8, 8]
+    result = await batcher.asubmit(cond=3, seed=2, steps=10)            # from asyncio code
+    batcher.close()                                                     # drains the queue
+
+Requests carry their own condition, scale, seed and step count; one worker thread takes the oldest request and the
+requests behind it with the same rule, up to the largest bucket, waiting at most ``max_wait_s`` after the oldest
+one arrived for the batch to fill, pads the batch to the next bucket size, and runs it as one Sampler call with a
+plan per row (fastguide/row_plans.py): per-row scales, seeds and step counts in one loop. Each bucket size (per
+rule) is its own static shape, compiled once and, on CUDA with ``cuda_graph``, captured once; :meth:`start` warms
+every one up. A request's sample depends only on the request and its bucket size, never on its companions or
+its row (tested): row b of the loop reads only row b's inputs, and a network's float results can depend on the
+batch size but not on the other rows' values.
+"""
+from __future__ import annotations
+
+import asyncio
+import math
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Callable, Mapping
+
+import numpy as np
+import torch
+
+from fastguide.checks import check_int, check_seed
+from fastguide.noise import seeded_noise
+from fastguide.sampler import Sampler
+
+DEFAULT_BUCKETS = (1, 4, 16, 64)
+LATENCY_WINDOW = 4096  # completed requests the latency percentiles are taken over
+
+
+class QueueFull(RuntimeError):
+    """The batcher's queue holds ``max_queue`` requests: retry later (an HTTP server answers 503)."""
+
+
+class BatcherClosed(RuntimeError):
+    """The batcher is closed (or closing) and takes no new requests."""
+
+
+@dataclass(frozen=True)
+class SampleRequest:
+    """One request: its condition (a label or condition id), seed, step count, guidance scale and rule name."""
+
+    cond: int
+    seed: int
+    steps: int
+    scale: float
+    rule: str
+
+
+@dataclass(frozen=True)
+class SampleResult:
+    sample: torch.Tensor  # [*latent_shape] on the CPU
+    request: SampleRequest
+    bucket: int  # the batch size it ran in
+    queued_s: float  # from submit to its batch starting
+    run_s: float  # its batch's sampling time
+
+
+@dataclass
+class _Pending:
+    request: SampleRequest
+    future: Future
+    submitted: float
+
+
+@dataclass(frozen=True)
+class BatcherMetrics:
+    """A snapshot of the batcher's counters (``prometheus_text`` renders them)."""
+
+    queue_depth: int
+    submitted: int
+    completed: int
+    failed: int  # finished with an error (a NaN sample, a failed batch)
+    rejected: int  # refused at submit because the queue was full
+    cancelled: int
+    batches: int
+    batch_fill: float  # mean real rows / bucket size over the batches run
+    latency_p50_s: float  # submit -> result, over the last LATENCY_WINDOW completed requests (NaN: none yet)
+    latency_p99_s: float
+    images_per_s: float  # completed requests / seconds since start
+    uptime_s: float
+    warmup_s: Mapping[str, float] = field(default_factory=dict)  # "rule/bucket" -> seconds
+
+    def prometheus_text(self, prefix: str = "fastguide") -> str:
+        """The Prometheus text exposition format (version 0.0.4)."""
+        lines = []
+
+        def metric(name, kind, value, help_text, labels=""):
+            lines.append(f"# HELP {prefix}_{name} {help_text}")
+            lines.append(f"# TYPE {prefix}_{name} {kind}")
+            lines.append(f"{prefix}_{name}{labels} {_prom_value(value)}")
+
+        metric("queue_depth", "gauge", self.queue_depth, "Requests waiting for a batch.")
+        for name in ("submitted", "completed", "failed", "rejected", "cancelled", "batches"):
+            metric(f"{name}_total", "counter", getattr(self, name), f"Requests {name}." if name != "batches"
+                   else "Batches run.")
+        metric("batch_fill_ratio", "gauge", self.batch_fill, "Mean real rows over bucket size.")
+        lines.append(f"# HELP {prefix}_latency_seconds Submit-to-result latency over the last {LATENCY_WINDOW} "
+                     "requests.")
+        lines.append(f"# TYPE {prefix}_latency_seconds summary")
+        lines.append(f'{prefix}_latency_seconds{{quantile="0.5"}} {_prom_value(self.latency_p50_s)}')
+        lines.append(f'{prefix}_latency_seconds{{quantile="0.99"}} {_prom_value(self.latency_p99_s)}')
+        metric("images_per_second", "gauge", self.images_per_s, "Completed requests per second since start.")
+        metric("uptime_seconds", "gauge", self.uptime_s, "Seconds since start.")
+        if self.warmup_s:
+            lines.append(f"# HELP {prefix}_warmup_seconds Warm-up time per rule and bucket.")
+            lines.append(f"# TYPE {prefix}_warmup_seconds gauge")
+        for key, seconds in self.warmup_s.items():
+            rule, bucket = key.rsplit("/", 1)
+            lines.append(f'{prefix}_warmup_seconds{{rule="{rule}",bucket="{bucket}"}} {_prom_value(seconds)}')
+        return "\n".join(lines) + "\n"
+
+
+def _prom_value(v) -> str:
+    if isinstance(v, float) and math.isnan(v):
+        return "NaN"
+    return repr(float(v)) if isinstance(v, float) else str(v)
+
+
+class Batcher:
+    """Co-batches :meth:`submit`-ted requests into Sampler calls with a plan per row.
+
+    ``model``, ``null_cond``, ``backend``: as :class:`fastguide.Sampler`'s. ``solver_for(steps)``: the solver of a
+    request's step count (one solver family; each count's solver is made once). ``rules``: rule name -> guidance
+    rule (its scale is the default; a request's scale overrides it); requests of different rules never share a
+    batch. ``latent_shape``: one sample's shape. ``buckets``: the batch sizes a batch is padded to (increasing);
+    ``max_wait_s``: how long the oldest request waits for its batch to fill; ``max_queue``: requests waiting at
+    most (more are refused with :class:`QueueFull`). ``steps_range``: the step counts accepted. ``num_classes``: the
+    conditions accepted are ints in [0, num_classes) (None: the model's ``num_classes``). ``compile``:
+    ``Sampler.compile()`` (with ``cuda_graph`` on CUDA). Padding rows sample condition ``pad_cond`` at scale 1
+    with the batch's smallest step count; their results are dropped.
+    """
+
+    def __init__(self, model, solver_for: Callable[[int], object], rules: Mapping[str, object], *, null_cond,
+                 latent_shape, buckets=DEFAULT_BUCKETS, max_wait_s: float = 0.01, max_queue: int = 1024,
+                 steps_range=(1, 50), num_classes=None, device="cpu", dtype=torch.float32, backend: str = "auto",
+                 compile: bool = False, cuda_graph: bool = False, pad_cond: int = 0):
+        if not callable(solver_for):
+            raise TypeError("solver_for: expected a callable steps -> fastguide solver")
+        if not isinstance(rules, Mapping) or not rules:
+            raise ValueError("rules: expected a non-empty mapping of rule name -> guidance rule")
+        buckets = tuple(check_int(b, "buckets", low=1) for b in buckets)
+        if not buckets or list(buckets) != sorted(set(buckets)):
+            raise ValueError(f"buckets: expected increasing batch sizes, got {buckets}")
+        if not (isinstance(max_wait_s, (int, float)) and math.isfinite(max_wait_s) and max_wait_s >= 0):
+            raise ValueError(f"max_wait_s: expected a finite number of seconds >= 0, got {max_wait_s!r}")
+        lo, hi = (check_int(v, "steps_range", low=1) for v in steps_range)
+        if lo > hi:
+            raise ValueError(f"steps_range: expected (lo, hi) with lo <= hi, got {steps_range}")
+        self.latent_shape = tuple(check_int(n, "latent_shape", low=1) for n in latent_shape)
+        self.buckets, self.max_wait_s, self.steps_range = buckets, float(max_wait_s), (lo, hi)
+        self.max_queue = check_int(max_queue, "max_queue", low=1)
+        self.device, self.dtype, self.pad_cond = torch.device(device), dtype, pad_cond
+        self.rules = dict(rules)
+        self._solver_for, self._solvers = solver_for, {}
+        first_rule = next(iter(self.rules.values()))
+        self.sampler = Sampler(model, self.solver(lo), first_rule, null_cond=null_cond, backend=backend,
+                               progress=False, check_finite=False, num_classes=num_classes)
+        for name, rule in self.rules.items():
+            if not isinstance(name, str) or not name:
+                raise ValueError(f"rules: names must be non-empty strings, got {name!r}")
+            self.sampler.guidance = rule  # validated like the Sampler's own
+            if getattr(rule, "scale", None) is None:
+                raise ValueError(f"rules: {name!r} has no scale (a schedule-only rule cannot take a request's scale)")
+        self.sampler.guidance = first_rule
+        if compile:
+            self.sampler.compile(cuda_graph=cuda_graph and self.device.type == "cuda")
+        self.num_classes = self.sampler.num_classes
+        self._queue: deque[_Pending] = deque()
+        self._cv = threading.Condition()
+        self._closing = self._drain = False
+        self._thread: threading.Thread | None = None
+        self._started = None
+        self._latencies: deque[float] = deque(maxlen=LATENCY_WINDOW)
+        self._counts = dict(submitted=0, completed=0, failed=0, rejected=0, cancelled=0, batches=0)
+        self._fill_sum = 0.0
+        self.warmup_s: dict[str, float] = {}
+
+    # ------------------------------------------------------------------ lifecycle
+    def solver(self, steps: int):
+        """The solver of ``steps`` (made once per count)."""
+        s = self._solvers.get(steps)
+        if s is None:
+            s = self._solvers[steps] = self._solver_for(steps)
+            if not hasattr(s, "plan"):
+                raise TypeError(f"solver_for: returned a {type(s).__name__} for {steps} steps, not a fastguide solver")
+        return s
+
+    def start(self, warmup: bool = True) -> "Batcher":
+        """Start the worker; with ``warmup``, first run one batch of every bucket size and rule (at the largest
+        step count, so compiled code and captured graphs exist before the first request), timing each."""
+        if self._thread is not None:
+            raise RuntimeError("start: the batcher is already started")
+        if warmup:
+            for name in self.rules:
+                for bucket in self.buckets:
+                    fill = [SampleRequest(self.pad_cond, 0, self.steps_range[1], 1.0, name)]
+                    began = time.perf_counter()
+                    self._run(fill, bucket)
+                    self.warmup_s[f"{name}/{bucket}"] = time.perf_counter() - began
+        self._started = time.perf_counter()
+        self._thread = threading.Thread(target=self._worker, name="fastguide-batcher", daemon=True)
+        self._thread.start()
+        return self
+
+    def close(self, drain: bool = True, timeout: float | None = None) -> None:
+        """Stop taking requests; ``drain``: run every queued request first (else they fail with BatcherClosed).
+        Waits for the worker (at most ``timeout`` seconds)."""
+        with self._cv:
+            self._closing, self._drain = True, drain
+            if not drain:
+                while self._queue:
+                    p = self._queue.popleft()
+                    if p.future.set_running_or_notify_cancel():
+                        p.future.set_exception(BatcherClosed("the batcher closed before this request ran"))
+                        self._counts["failed"] += 1
+                    else:
+                        self._counts["cancelled"] += 1
+            self._cv.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def __enter__(self) -> "Batcher":
+        return self if self._thread is not None else self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ requests
+    def check_request(self, cond, seed, steps, scale=None, rule=None) -> SampleRequest:
+        """The request, validated: a ValueError / TypeError naming the field otherwise."""
+        rule = next(iter(self.rules)) if rule is None else rule
+        if not isinstance(rule, str) or rule not in self.rules:
+            raise ValueError(f"rule: expected one of {sorted(self.rules)}, got {rule!r}")
+        if isinstance(cond, bool) or not isinstance(cond, (int, np.integer)):
+            raise TypeError(f"cond: expected an int label, got {type(cond).__name__} {cond!r}")
+        if self.num_classes is not None and not 0 <= cond < self.num_classes:
+            raise ValueError(f"cond: expected a label in [0, {self.num_classes}), got {cond}")
+        seed = check_seed(seed, "seed")
+        if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)):
+            raise TypeError(f"steps: expected an int, got {type(steps).__name__} {steps!r}")
+        lo, hi = self.steps_range
+        if not lo <= steps <= hi:
+            raise ValueError(f"steps: expected an int in [{lo}, {hi}], got {steps}")
+        if scale is None:
+            scale = float(self.rules[rule].scale)
+        if isinstance(scale, bool) or not isinstance(scale, (int, float, np.integer, np.floating)):
+            raise TypeError(f"scale: expected a number, got {type(scale).__name__} {scale!r}")
+        if not math.isfinite(scale) or scale < 0:
+            raise ValueError(f"scale: expected a finite number >= 0, got {scale}")
+        return SampleRequest(int(cond), seed, int(steps), float(scale), rule)
+
+    def submit(self, cond, *, seed, steps, scale=None, rule=None) -> Future:
+        """Queue one request; returns a Future of its :class:`SampleResult` (``future.cancel()`` withdraws it
+        while it waits). Raises ValueError / TypeError for a bad field, :class:`QueueFull`,
+        :class:`BatcherClosed`."""
+        request = self.check_request(cond, seed, steps, scale, rule)
+        self.solver(request.steps)  # made here, in the caller's thread, so a bad solver_for fails the caller
+        future: Future = Future()
+        with self._cv:
+            if self._closing or self._thread is None:
+                raise BatcherClosed("the batcher is not running (call start(), or it is closed)")
+            if len(self._queue) >= self.max_queue:
+                self._counts["rejected"] += 1
+                raise QueueFull(f"queue: {self.max_queue} requests are waiting; retry later")
+            self._queue.append(_Pending(request, future, time.perf_counter()))
+            self._counts["submitted"] += 1
+            self._cv.notify_all()
+        return future
+
+    async def asubmit(self, cond, *, seed, steps, scale=None, rule=None) -> SampleResult:
+        """:meth:`submit` for asyncio code: awaits the result (cancelling the await cancels a waiting request)."""
+        return await asyncio.wrap_future(self.submit(cond, seed=seed, steps=steps, scale=scale, rule=rule))
+
+    def metrics(self) -> BatcherMetrics:
+        with self._cv:
+            lat = sorted(self._latencies)
+            counts = dict(self._counts)
+            depth = len(self._queue)
+            fill = self._fill_sum / counts["batches"] if counts["batches"] else float("nan")
+        up = 0.0 if self._started is None else time.perf_counter() - self._started
+        p50, p99 = (_quantile(lat, 0.5), _quantile(lat, 0.99)) if lat else (float("nan"),) * 2
+        return BatcherMetrics(depth, **counts, batch_fill=fill, latency_p50_s=p50, latency_p99_s=p99,
+                              images_per_s=counts["completed"] / up if up > 0 else 0.0, uptime_s=up,
+                              warmup_s=dict(self.warmup_s))
+
+    # ------------------------------------------------------------------ the worker
+    def _worker(self) -> None:
+        while True:
+            batch = self._next_batch()
+            if batch is None:
+                return
+            requests = [p.request for p in batch]
+            bucket = next(b for b in self.buckets if b >= len(batch))
+            started = time.perf_counter()
+            try:
+                samples, finite = self._run(requests, bucket)
+            except Exception as e:  # a failed batch fails its requests, never the worker
+                self._finish(batch, [None] * len(batch), error=e)
+                continue
+            run_s = time.perf_counter() - started
+            results = [SampleResult(samples[i], p.request, bucket, started - p.submitted, run_s) if finite[i]
+                       else None for i, p in enumerate(batch)]
+            self._finish(batch, results, fill=len(batch) / bucket)
+
+    def _next_batch(self) -> list[_Pending] | None:
+        """The oldest request and those behind it with its rule (up to the largest bucket), once the largest bucket
+        is full, the oldest has waited max_wait_s, or the batcher is closing; None when closed and drained."""
+        most = self.buckets[-1]
+        with self._cv:
+            while True:
+                while self._queue and self._queue[0].future.cancelled():
+                    self._queue.popleft()
+                    self._counts["cancelled"] += 1
+                if not self._queue:
+                    if self._closing:
+                        return None
+                    self._cv.wait()
+                    continue
+                oldest = self._queue[0]
+                same = [p for p in self._queue if p.request.rule == oldest.request.rule]
+                wait = oldest.submitted + self.max_wait_s - time.perf_counter()
+                if len(same) < most and wait > 0 and not self._closing:
+                    self._cv.wait(wait)
+                    continue
+                taken = []
+                for p in same[:most]:
+                    self._queue.remove(p)
+                    if p.future.set_running_or_notify_cancel():
+                        taken.append(p)
+                    else:
+                        self._counts["cancelled"] += 1
+                if taken:
+                    return taken
+
+    def sample_alone(self, request: SampleRequest, bucket: int | None = None) -> torch.Tensor:
+        """``request``'s sample as it runs alone in a batch of ``bucket`` rows (default: the smallest bucket), in the
+        calling thread: what the batcher returns for it in a batch of that size, whatever its companions."""
+        bucket = self.buckets[0] if bucket is None else bucket
+        if bucket not in self.buckets:
+            raise ValueError(f"bucket: expected one of {self.buckets}, got {bucket!r}")
+        request = self.check_request(request.cond, request.seed, request.steps, request.scale, request.rule)
+        return self._run([request], bucket)[0][0]
+
+    def _run(self, requests: list[SampleRequest], bucket: int):
+        """Samples [bucket, *shape] (the first len(requests) rows are the requests') and a finite flag per row."""
+        pad = bucket - len(requests)
+        fewest = min(r.steps for r in requests)
+        rows = requests + [SampleRequest(self.pad_cond, 0, fewest, 1.0, requests[0].rule)] * pad
+        seeds = [r.seed for r in rows]
+        noise = seeded_noise(seeds, self.latent_shape, dtype=self.dtype, device=self.device)
+        cond = torch.tensor([r.cond for r in rows], device=self.device)
+        scale = torch.tensor([r.scale for r in rows], dtype=torch.float64)
+        with torch.no_grad():
+            out = self.sampler.sample(noise, cond, seeds=seeds, scale=scale, guidance=self.rules[requests[0].rule],
+                                      solvers=[self.solver(r.steps) for r in rows])
+        finite = torch.isfinite(out.flatten(1)).all(1).tolist()
+        return out.cpu(), finite
+
+    def _finish(self, batch: list[_Pending], results: list, *, fill: float | None = None,
+                error: Exception | None = None) -> None:
+        now = time.perf_counter()
+        with self._cv:
+            if fill is not None:
+                self._counts["batches"] += 1
+                self._fill_sum += fill
+            for p, result in zip(batch, results):
+                if result is not None:
+                    self._latencies.append(now - p.submitted)
+                    self._counts["completed"] += 1
+                else:
+                    self._counts["failed"] += 1
+        for p, result in zip(batch, results):
+            if result is not None:
+                p.future.set_result(result)
+            elif error is not None:
+                p.future.set_exception(error)
+            else:
+                p.future.set_exception(ValueError(
+                    f"sample: the sample of this request (cond {p.request.cond}, seed {p.request.seed}, steps "
+                    f"{p.request.steps}, scale {p.request.scale:g}) contains NaN or inf; its batch companions "
+                    "were not affected"))
+
+
+def _quantile(sorted_values: list[float], q: float) -> float:
+    """The q-quantile by linear interpolation between closest ranks (numpy's default)."""
+    return float(np.quantile(np.asarray(sorted_values), q))
+
+
+def digits_batcher(*, buckets=DEFAULT_BUCKETS, max_wait_s: float = 0.01, max_queue: int = 1024, solver: str = "unipc",
+                   steps_range=(2, 50), device="cpu", backend: str = "auto", compile: bool = False,
+                   scale: float = 3.0, tables: bool = True) -> Batcher:
+    """A batcher over the embedded digits model with ``solver`` (``fastguide.demo.digits.SOLVERS``; UniPC, the
+    demo's default, needs 2 steps at least): rules "cfg", "cfg-zero-star", "apg" and, with ``tables``, the ReCFG
+    rules "recfg-paper" and "recfg-ls" (the shipped tables), all at ``scale`` by default."""
+    from fastguide.demo import digits
+
+    loaded = digits.load_digits_tables() if tables else None
+    names = [r for r in digits.RULES if tables or digits.RULES[r] is None]
+    rules = {name: digits.make_guidance(name, scale, loaded) for name in names}
+    return Batcher(digits.load_digits_model(device=device), lambda n: digits.make_solver(solver, n), rules,
+                   null_cond=digits.NULL_LABEL, latent_shape=digits.IMAGE_SHAPE, buckets=buckets,
+                   max_wait_s=max_wait_s, max_queue=max_queue, steps_range=steps_range, device=device,
+                   backend=backend, compile=compile)
