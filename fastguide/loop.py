@@ -11,6 +11,7 @@ shapes and addresses: the hot step compiles once, and the loop can be captured o
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import threading
 import types
@@ -53,13 +54,14 @@ class PlanTensors:
     history_host: tuple | None = None  # (weights, write_slots, write_coef) as Python lists
 
     @classmethod
-    def build(cls, plan, guidance, device, dtype) -> "PlanTensors":
-        """``guidance``: the rule's StepGuidance for this plan (its table, table_steps and table_w)."""
+    def build(cls, plan, guidance, device, dtype, device_table: torch.Tensor | None = None) -> "PlanTensors":
+        """``guidance``: the rule's StepGuidance for this plan (its table, table_steps and table_w);
+        ``device_table``: the table already on ``device`` (another plan's tensors of the same table)."""
         cdt = compute_dtype_for(dtype)
         table_parts = {}
         if guidance.table is not None:
             table_parts = dict(
-                table=guidance.table.to(device), table_steps=guidance.table_steps.to(device),
+                table=guidance.table.to(device) if device_table is None else device_table, table_steps=guidance.table_steps.to(device),
                 table_steps_host=[tuple(r) for r in guidance.table_steps.tolist()],
                 table_w=guidance.table_w.to(device, cdt), table_w_host=guidance.table_w.tolist(),
                 table_w_source=guidance.table_w)
@@ -160,6 +162,7 @@ class LoopBuffers:
     null_source: object = None  # the null condition that labels hold
     graph: object = None  # the captured CUDA graph of the whole loop
     model_checked: bool = False  # the model's output was checked eagerly once (before a compiled step runs it)
+    row_times: torch.Tensor | None = None  # per-row plans: [S, R] model times of every row of x2
 
 
 def buffer_key(x: torch.Tensor, cond: torch.Tensor, plan: PlanTensors, guidance) -> tuple:
@@ -203,7 +206,8 @@ def bind_plan(b: LoopBuffers, plan: PlanTensors) -> None:
     n, batch, rows2 = b.g1.shape[0], b.batch, b.x2.shape[0]
     none = (None,) * n
     if plan.t.ndim == 2:  # per-row plans: [S, B] model times, repeated for every B-row block
-        t_all = plan.t.repeat(1, rows2 // batch).unbind(0)
+        b.row_times = plan.t.repeat(1, rows2 // batch)
+        t_all = b.row_times.unbind(0)
         t_cond = plan.t.unbind(0)
     else:
         t_all = plan.t.view(n, 1).expand(n, rows2).unbind(0)
@@ -226,7 +230,10 @@ def refill(b: LoopBuffers, x: torch.Tensor, cond: torch.Tensor, plan: PlanTensor
     scales, the null condition) is skipped. A tensor null condition is re-read every call (it may have
     changed in place)."""
     if b.plan is not plan:
-        bind_plan(b, plan)
+        if getattr(plan.plan, "per_row", False):
+            _refill_row_plans(b, plan)
+        else:
+            bind_plan(b, plan)
     if b.null_source is not null_cond or isinstance(null_cond, torch.Tensor):
         b.labels.copy_(pair_labels(cond, null_cond, b.cond_first) if b.x2.shape[0] != b.batch else cond)
         b.null_source = null_cond
@@ -254,6 +261,28 @@ def refill(b: LoopBuffers, x: torch.Tensor, cond: torch.Tensor, plan: PlanTensor
     elif scale != 1.0:
         x = x * scale
     copy_into_blocks(b.x2, x, b.views.x_blocks)
+
+
+ROW_PLAN_TENSORS = ("t", "coef", "table_steps", "table_w", "hist_weights", "write_slots", "write_coef")
+
+
+def _refill_row_plans(b: LoopBuffers, plan: PlanTensors) -> None:
+    """Per-row plans change with every batch's mix of step counts: b keeps its own copy of their tensors, refilled
+    in place (its step views and a captured graph stay valid); bound once per buffer set."""
+    own = b.plan
+    if own is None or own.table is not plan.table or any(
+            (getattr(own, n) is None) != (getattr(plan, n) is None)
+            or getattr(own, n) is not None and getattr(own, n).shape != getattr(plan, n).shape
+            for n in ROW_PLAN_TENSORS):
+        copies = {n: None if getattr(plan, n) is None else getattr(plan, n).clone() for n in ROW_PLAN_TENSORS}
+        bind_plan(b, dataclasses.replace(plan, **copies))
+        return
+    for n in ROW_PLAN_TENSORS:
+        if getattr(plan, n) is not None:
+            getattr(own, n).copy_(getattr(plan, n))
+    b.row_times.copy_(plan.t.repeat(1, b.row_times.shape[1] // b.batch))
+    # the host-side fields (the RowPlans for model times in callbacks and errors) follow this call's plan
+    b.plan = dataclasses.replace(plan, **{n: getattr(own, n) for n in ROW_PLAN_TENSORS})
 
 
 def draw_step_noise(plan, x: torch.Tensor, seeds: list[int] | None) -> torch.Tensor | None:

@@ -40,7 +40,9 @@ class RowPlans:
     per_row = True
 
     @classmethod
-    def stack(cls, plans) -> "RowPlans":
+    def stack(cls, plans, steps: int | None = None) -> "RowPlans":
+        """``steps``: the loop's length (default: the longest plan's; more pads every row with identity steps, so
+        batches of any mix have one length: one captured CUDA graph)."""
         plans = tuple(plans)
         if not plans:
             raise ValueError("solvers: expected one solver per row, got none")
@@ -50,7 +52,11 @@ class RowPlans:
                 if getattr(p, what) != getattr(first, what):
                     raise ValueError(f"solvers: row {b}'s plan has {what} {getattr(p, what)!r} but row 0's has "
                                      f"{getattr(first, what)!r}; rows of one batch need one solver family")
-        steps = max(p.steps for p in plans)
+        longest = max(p.steps for p in plans)
+        if steps is None:
+            steps = longest
+        elif isinstance(steps, bool) or not isinstance(steps, int) or steps < longest:
+            raise ValueError(f"steps: expected an int >= the longest row plan's {longest} steps, got {steps!r}")
         t = torch.stack([_pad(p.timesteps, steps, p.timesteps[-1]) for p in plans], 1)
         identity = torch.tensor(IDENTITY_ROW, dtype=torch.float64)
         coef = torch.stack([_pad(p.coef, steps, identity) for p in plans], 1)
@@ -107,6 +113,8 @@ def _stack_histories(plans, steps: int) -> History | None:
             raise ValueError(f"solvers: at step {i} row {b}'s plan writes history slots {h.write_slots[i].tolist()}, "
                              f"another row's {mine[i].tolist()}; rows of one batch need one solver family")
         slots[:n] = h.write_slots
+    longest = max(p.steps for p in plans)
+    slots[longest:] = slots[longest - 1]  # steps no row runs: any distinct slots, kept
     keep = torch.zeros(steps, w, 2 + k, dtype=torch.float64)  # a finished row's writes keep their slots
     for i in range(steps):
         for j in range(w):
@@ -157,6 +165,9 @@ def merge_guidance(rule, plans: RowPlans, cond: torch.Tensor, latent_shape, scal
             table_steps[:n, sel] = sg.table_steps.unsqueeze(1)
             table_w[:n, sel] = sg.table_w.view(n, 1).to(torch.float64)
         rule_params, rule_state = sg.rule_params, sg.rule_state
+    longest = max(p.steps for p in plans.plans)
+    for i in range(longest, steps):  # steps no row runs: as the last one, so the static key stays that of any mix
+        guided[i] = guided[longest - 1]
     model_free = tuple(bool(f) for f in free) if any(free) else None
     if model_free is not None:
         guided = [g and not f for g, f in zip(guided, model_free)]

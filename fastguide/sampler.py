@@ -17,8 +17,8 @@ MAX_CACHED_LOOPS = 8  # loop buffers (and captured graphs) kept per Sampler, lea
 MAX_CACHED_PLANS = 4  # plan tensors (incl. a device copy of each ReCFG table) kept per Sampler
 
 
-def row_plans_for(solvers, batch: int) -> RowPlans:
-    """The stacked plans of ``solvers`` (one per row), memoised on the solver objects' plans."""
+def row_plans_for(solvers, batch: int, loop_steps: int | None = None) -> RowPlans:
+    """The stacked plans of ``solvers`` (one per row; ``loop_steps`` long), memoised on the solvers' plans."""
     if isinstance(solvers, (str, bytes)) or not hasattr(solvers, "__len__"):
         raise TypeError(f"solvers: expected a sequence of {batch} fastguide solvers, got {type(solvers).__name__}")
     if len(solvers) != batch:
@@ -27,11 +27,11 @@ def row_plans_for(solvers, batch: int) -> RowPlans:
         if not hasattr(s, "plan"):
             raise TypeError(f"solvers: row {b} is a {type(s).__name__}, not a fastguide solver")
     plans = tuple(s.plan for s in solvers)
-    key = tuple(id(p) for p in plans)
+    key = (tuple(id(p) for p in plans), loop_steps)
     hit = _ROW_PLANS.get(key)
     if hit is not None and all(a is b for a, b in zip(hit.plans, plans)):
         return hit
-    stacked = RowPlans.stack(plans)
+    stacked = RowPlans.stack(plans, loop_steps)
     _ROW_PLANS.put(key, stacked)
     return stacked
 
@@ -133,7 +133,7 @@ class Sampler:
         return time.perf_counter() - start
 
     def sample(self, noise: torch.Tensor, cond, *, seeds=None, scale=None, guidance=None, callback=None,
-               progress=None, solvers=None) -> torch.Tensor:
+               progress=None, solvers=None, loop_steps: int | None = None) -> torch.Tensor:
         """Run the fixed-NFE loop from ``noise`` [B, C, H, W] (x_T) with conditions ``cond`` [B].
 
         ``seeds`` (B ints) make stochastic solvers' per-step noise a function of each sample's own seed;
@@ -141,7 +141,9 @@ class Sampler:
         call (float or [B]) and ``guidance`` the rule (e.g. switch CFG <-> ReCFG without a new Sampler).
         ``callback(step, t, x)`` runs after each step (not with CUDA graphs).
         ``solvers``: B solvers, one per row, instead of the Sampler's own (rows with different step counts of one
-        solver family in one loop: fastguide/row_plans.py; each row's sample is its own plan's).
+        solver family in one loop: fastguide/row_plans.py; each row's sample is its own plan's); ``loop_steps``: that
+        loop's length (default: the longest row plan's; a fixed length serves every mix with one set of buffers
+        and, with cuda_graph=True, one captured graph).
         """
         x = check_noise(noise, values=not self.check_finite)  # else checked with the sample, after the loop
         cond = check_cond(cond, x.shape[0], x.device)
@@ -155,7 +157,7 @@ class Sampler:
             plan = self.solver.plan
             sg = rule.prepare(plan, cond, x.shape[1:])  # only ReCFG reads label values (on the host, itself)
         else:
-            plan = row_plans_for(solvers, x.shape[0])
+            plan = row_plans_for(solvers, x.shape[0], loop_steps)
             sg = merge_guidance(base_rule, plan, cond.cpu(), x.shape[1:], scale=None if scale is None else rule.scale)
         z = loop.draw_step_noise(plan, x, seeds)
         pt = self._plan_tensors(plan, sg, x.device, x.dtype)
@@ -209,7 +211,8 @@ class Sampler:
         key = (device, dtype, None if sg.table is None else id(sg.table))  # entries hold the table: ids stay unique
         pt = self.plans.get(key)
         if pt is None or not pt.serves(plan, sg):
-            pt = loop.PlanTensors.build(plan, sg, device, dtype)
+            same_table = pt is not None and sg.table is not None and pt.table_source is sg.table
+            pt = loop.PlanTensors.build(plan, sg, device, dtype, pt.table if same_table else None)
             self.plans.put(key, pt)
         return pt
 

@@ -4,6 +4,8 @@ padding steps), bit for bit, for every solver family and rule; compiled and Trit
 mismatched families and unsupported rules are refused.
 
 The network is conftest's tiny_net (TinyNet, null label 10)."""
+import copy
+
 import pytest
 import torch
 from torch._dynamo.utils import counters
@@ -98,6 +100,47 @@ def test_padded_rows_are_identity_steps(tiny_net):
     for i in range(2, 8):
         assert torch.equal(seen[i], out[0])
     assert not torch.equal(seen[1], out[0])
+
+
+@torch.no_grad()
+def test_a_fixed_loop_length_serves_every_mix_with_one_buffer_set(tiny_net):
+    """loop_steps pads every mix to one length: one LoopBuffers, bound once (its step views, which a captured graph
+    reads, are the same objects), the plan tensors refilled in place; each row still its plan alone."""
+    net, _, _, _, shape = tiny_net
+    solvers = {n: FAMILIES["unipc-3"](n) for n in (3, 5, 6)}
+    noise, labels, seeds = _inputs(shape, 4, seed=21)
+    sampler = fg.Sampler(net, solvers[6], fg.ReCFG(2.0, table=_table(shape)), null_cond=10, progress=False)
+    views = None
+    for mix in ([3, 5, 6, 3], [5, 5, 3, 3], [6, 3, 3, 6]):
+        got = sampler.sample(noise, labels, seeds=seeds, solvers=[solvers[n] for n in mix], loop_steps=8)
+        (b,) = [b for b in sampler.buffers.values() if b.plan.t.shape == (8, 4)]  # (the alone calls run 3-6 steps)
+        views = b.views if views is None else views
+        assert b.views is views
+        for n in set(mix):
+            alone = sampler.sample(noise, labels, seeds=seeds, solvers=[solvers[n]] * 4)
+            rows = [i for i, k in enumerate(mix) if k == n]
+            assert torch.equal(got[rows], alone[rows])
+    with pytest.raises(ValueError, match="steps: expected an int >= the longest row plan's 6 steps"):
+        sampler.sample(noise, labels, solvers=[solvers[6]] * 4, loop_steps=5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@torch.no_grad()
+def test_one_captured_graph_replays_every_mix_on_cuda(tiny_net):
+    net, _, _, _, shape = tiny_net
+    net = copy.deepcopy(net).cuda()
+    solvers = {n: FAMILIES["dpm++2m"](n) for n in (3, 5, 8)}
+    noise, labels, seeds = (t.cuda() if isinstance(t, torch.Tensor) else t for t in _inputs(shape, 4, seed=2))
+    eager = fg.Sampler(net, solvers[8], fg.CFG(2.0), null_cond=10, progress=False)
+    graphed = fg.Sampler(net, solvers[8], fg.CFG(2.0), null_cond=10, progress=False).compile(cuda_graph=True)
+    graphs = []
+    for mix in ([3, 5, 8, 3], [8, 8, 3, 5], [5, 3, 3, 3]):
+        solver_rows = [solvers[n] for n in mix]
+        got = graphed.sample(noise, labels, seeds=seeds, solvers=solver_rows, loop_steps=8)
+        want = eager.sample(noise, labels, seeds=seeds, solvers=solver_rows, loop_steps=8)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        graphs.append(next(iter(graphed.buffers.values())).graph)
+    assert graphs[0] is not None and all(g is graphs[0] for g in graphs), "a new mix recaptured the loop"
 
 
 @pytest.mark.parametrize("fuse_step", [True, False], ids=["fused-step", "model-only"])
