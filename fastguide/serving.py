@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from fastguide.checks import check_int, check_seed
+from fastguide.loop import BufferCache
 from fastguide.noise import seeded_noise
 from fastguide.sampler import Sampler
 
@@ -61,6 +62,7 @@ class SampleResult:
     sample: torch.Tensor  # [*latent_shape] on the CPU
     request: SampleRequest
     bucket: int  # the batch size it ran in
+    batch: int  # the sequence number of the batch it ran in (0, 1, ...)
     queued_s: float  # from submit to its batch starting
     run_s: float  # its batch's sampling time
 
@@ -88,7 +90,7 @@ class BatcherMetrics:
     latency_p99_s: float
     images_per_s: float  # completed requests / seconds since start
     uptime_s: float
-    warmup_s: Mapping[str, float] = field(default_factory=dict)  # "rule/bucket" -> seconds
+    warmup_s: Mapping[str, float] = field(default_factory=dict)  # "rule/bucket" (+ "/steps") -> seconds
 
     def prometheus_text(self, prefix: str = "fastguide") -> str:
         """The Prometheus text exposition format (version 0.0.4)."""
@@ -115,8 +117,9 @@ class BatcherMetrics:
             lines.append(f"# HELP {prefix}_warmup_seconds Warm-up time per rule and bucket.")
             lines.append(f"# TYPE {prefix}_warmup_seconds gauge")
         for key, seconds in self.warmup_s.items():
-            rule, bucket = key.rsplit("/", 1)
-            lines.append(f'{prefix}_warmup_seconds{{rule="{rule}",bucket="{bucket}"}} {_prom_value(seconds)}')
+            rule, bucket, *steps = key.split("/")
+            labels = f'rule="{rule}",bucket="{bucket}"' + (f',steps="{steps[0]}"' if steps else "")
+            lines.append(f"{prefix}_warmup_seconds{{{labels}}} {_prom_value(seconds)}")
         return "\n".join(lines) + "\n"
 
 
@@ -136,14 +139,17 @@ class Batcher:
     ``max_wait_s``: how long the oldest request waits for its batch to fill; ``max_queue``: requests waiting at
     most (more are refused with :class:`QueueFull`). ``steps_range``: the step counts accepted. ``num_classes``: the
     conditions accepted are ints in [0, num_classes) (None: the model's ``num_classes``). ``compile``:
-    ``Sampler.compile()`` (with ``cuda_graph`` on CUDA). Padding rows sample condition ``pad_cond`` at scale 1
-    with the batch's smallest step count; their results are dropped.
+    ``Sampler.compile()`` (with ``cuda_graph`` on CUDA). ``step_buckets``: loop lengths a batch's loop is padded to
+    (the smallest >= its most steps; the last >= the most steps accepted): with ``cuda_graph``, one captured
+    graph per rule, bucket and length, all captured by :meth:`start`; None (the default, best without graphs)
+    runs each batch for its own most steps. Padding rows sample condition ``pad_cond`` at scale 1 with the
+    batch's smallest step count; their results are dropped.
     """
 
     def __init__(self, model, solver_for: Callable[[int], object], rules: Mapping[str, object], *, null_cond,
                  latent_shape, buckets=DEFAULT_BUCKETS, max_wait_s: float = 0.01, max_queue: int = 1024,
                  steps_range=(1, 50), num_classes=None, device="cpu", dtype=torch.float32, backend: str = "auto",
-                 compile: bool = False, cuda_graph: bool = False, pad_cond: int = 0):
+                 compile: bool = False, cuda_graph: bool = False, pad_cond: int = 0, step_buckets=None):
         if not callable(solver_for):
             raise TypeError("solver_for: expected a callable steps -> fastguide solver")
         if not isinstance(rules, Mapping) or not rules:
@@ -156,6 +162,12 @@ class Batcher:
         lo, hi = (check_int(v, "steps_range", low=1) for v in steps_range)
         if lo > hi:
             raise ValueError(f"steps_range: expected (lo, hi) with lo <= hi, got {steps_range}")
+        if step_buckets is not None:
+            step_buckets = tuple(check_int(n, "step_buckets", low=1) for n in step_buckets)
+            if not step_buckets or list(step_buckets) != sorted(set(step_buckets)) or step_buckets[-1] < hi:
+                raise ValueError(f"step_buckets: expected increasing loop lengths, the last >= the most steps {hi}, "
+                                 f"got {step_buckets}")
+        self.step_buckets = step_buckets
         self.latent_shape = tuple(check_int(n, "latent_shape", low=1) for n in latent_shape)
         self.buckets, self.max_wait_s, self.steps_range = buckets, float(max_wait_s), (lo, hi)
         self.max_queue = check_int(max_queue, "max_queue", low=1)
@@ -166,14 +178,17 @@ class Batcher:
         self.sampler = Sampler(model, self.solver(lo), first_rule, null_cond=null_cond, backend=backend,
                                progress=False, check_finite=False, num_classes=num_classes)
         for name, rule in self.rules.items():
-            if not isinstance(name, str) or not name:
-                raise ValueError(f"rules: names must be non-empty strings, got {name!r}")
+            if not isinstance(name, str) or not name or not name.replace("-", "").replace("_", "").isalnum():
+                raise ValueError(f"rules: names must be non-empty strings of letters, digits, - and _, got {name!r}")
             self.sampler.guidance = rule  # validated like the Sampler's own
             if getattr(rule, "scale", None) is None:
                 raise ValueError(f"rules: {name!r} has no scale (a schedule-only rule cannot take a request's scale)")
         self.sampler.guidance = first_rule
         if compile:
             self.sampler.compile(cuda_graph=cuda_graph and self.device.type == "cuda")
+        # one loop per (rule, bucket, loop length): keep them all (the Sampler's default keeps 8)
+        lengths = len(step_buckets) if step_buckets is not None else hi - lo + 1
+        self.sampler.buffers = BufferCache(max(8, len(self.rules) * len(buckets) * min(lengths, 4)))
         self.num_classes = self.sampler.num_classes
         self._queue: deque[_Pending] = deque()
         self._cv = threading.Condition()
@@ -183,6 +198,7 @@ class Batcher:
         self._latencies: deque[float] = deque(maxlen=LATENCY_WINDOW)
         self._counts = dict(submitted=0, completed=0, failed=0, rejected=0, cancelled=0, batches=0)
         self._fill_sum = 0.0
+        self._batch_number = 0
         self.warmup_s: dict[str, float] = {}
 
     # ------------------------------------------------------------------ lifecycle
@@ -203,10 +219,12 @@ class Batcher:
         if warmup:
             for name in self.rules:
                 for bucket in self.buckets:
-                    fill = [SampleRequest(self.pad_cond, 0, self.steps_range[1], 1.0, name)]
-                    began = time.perf_counter()
-                    self._run(fill, bucket)
-                    self.warmup_s[f"{name}/{bucket}"] = time.perf_counter() - began
+                    for steps in self.step_buckets or (self.steps_range[1],):
+                        fill = [SampleRequest(self.pad_cond, 0, min(steps, self.steps_range[1]), 2.0, name)]
+                        began = time.perf_counter()
+                        self._run(fill, bucket)
+                        key = f"{name}/{bucket}" + (f"/{steps}" if self.step_buckets else "")
+                        self.warmup_s[key] = time.perf_counter() - began
         self._started = time.perf_counter()
         self._thread = threading.Thread(target=self._worker, name="fastguide-batcher", daemon=True)
         self._thread.start()
@@ -301,6 +319,7 @@ class Batcher:
                 return
             requests = [p.request for p in batch]
             bucket = next(b for b in self.buckets if b >= len(batch))
+            number, self._batch_number = self._batch_number, self._batch_number + 1
             started = time.perf_counter()
             try:
                 samples, finite = self._run(requests, bucket)
@@ -308,7 +327,7 @@ class Batcher:
                 self._finish(batch, [None] * len(batch), error=e)
                 continue
             run_s = time.perf_counter() - started
-            results = [SampleResult(samples[i], p.request, bucket, started - p.submitted, run_s) if finite[i]
+            results = [SampleResult(samples[i], p.request, bucket, number, started - p.submitted, run_s) if finite[i]
                        else None for i, p in enumerate(batch)]
             self._finish(batch, results, fill=len(batch) / bucket)
 
@@ -354,7 +373,8 @@ class Batcher:
     def _run(self, requests: list[SampleRequest], bucket: int):
         """Samples [bucket, *shape] (the first len(requests) rows are the requests') and a finite flag per row."""
         pad = bucket - len(requests)
-        fewest = min(r.steps for r in requests)
+        fewest, most = min(r.steps for r in requests), max(r.steps for r in requests)
+        loop_steps = None if self.step_buckets is None else next(n for n in self.step_buckets if n >= most)
         rows = requests + [SampleRequest(self.pad_cond, 0, fewest, 1.0, requests[0].rule)] * pad
         seeds = [r.seed for r in rows]
         noise = seeded_noise(seeds, self.latent_shape, dtype=self.dtype, device=self.device)
@@ -362,7 +382,7 @@ class Batcher:
         scale = torch.tensor([r.scale for r in rows], dtype=torch.float64)
         with torch.no_grad():
             out = self.sampler.sample(noise, cond, seeds=seeds, scale=scale, guidance=self.rules[requests[0].rule],
-                                      solvers=[self.solver(r.steps) for r in rows])
+                                      solvers=[self.solver(r.steps) for r in rows], loop_steps=loop_steps)
         finite = torch.isfinite(out.flatten(1)).all(1).tolist()
         return out.cpu(), finite
 

@@ -150,6 +150,22 @@ def test_asyncio_callers(digits_model):
         assert torch.equal(r.sample, batcher.sample_alone(r.request, r.bucket))
 
 
+def test_step_buckets_pad_every_batch_to_one_loop_length(digits_model):
+    """With step_buckets each batch's loop runs the smallest length >= its most steps (one loop, and on CUDA one
+    captured graph, per rule, bucket and length); results are still each request's alone."""
+    batcher = _batcher(digits_model, buckets=(4,), step_buckets=(6, 12), max_wait_s=0.05).start()
+    assert set(batcher.warmup_s) == {f"{r}/4/{n}" for r in ("cfg", "apg") for n in (6, 12)}
+    futures = [batcher.submit(c, seed=c, steps=s, rule="apg") for c, s in ((1, 3), (2, 5), (3, 9), (4, 12))]
+    results = [f.result(timeout=60) for f in futures]
+    batcher.close()
+    lengths = {b.plan.t.shape[0] for b in batcher.sampler.buffers.values()}
+    assert lengths == {6, 12}, lengths  # the warm-up's; no batch made a loop of another length
+    for r in results:
+        assert torch.equal(r.sample, batcher.sample_alone(r.request, 4))
+    with pytest.raises(ValueError, match="step_buckets: expected increasing loop lengths, the last >= the most"):
+        _batcher(digits_model, step_buckets=(6, 10))
+
+
 def test_warmup_times_every_rule_and_bucket_and_metrics_text(digits_model):
     batcher = _batcher(digits_model, buckets=(1, 2)).start()
     assert set(batcher.warmup_s) == {"cfg/1", "cfg/2", "apg/1", "apg/2"}
