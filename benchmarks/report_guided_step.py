@@ -47,7 +47,8 @@ PROOF_NBP = 64  # the rule variants' partials per row (gs.MAX_PARTIALS: the most
 def static_variants() -> list[dict]:
     """Every rule x dtype, lightest (no clip, no z, out [B]) and heaviest (clip, z, out [2B]) form, plus the
     mixed-width operands the Sampler produces (float32 z, float32 tables with low-precision latents), plus the
-    multistep history forms (K, W) in HISTORY_VARIANTS on the lightest CFG and the heaviest ReCFG step."""
+    multistep history forms (K, W) in HISTORY_VARIANTS on the lightest CFG and the heaviest ReCFG step, plus the
+    rules with per-sample reductions, plus per-row plans (``per_row_variants``)."""
     variants = []
     for dtype in TRITON_DTYPE:
         for rule in RULES:
@@ -62,7 +63,8 @@ def static_variants() -> list[dict]:
                                  hist_k=k, hist_w=w))
             variants.append(dict(rule="recfg", dtype=dtype, table_dtype=dtype, z_dtype=dtype, clip=True, out_rows=2,
                                  hist_k=k, hist_w=w))
-    return variants + rule_variants()
+    variants += rule_variants()
+    return variants + per_row_variants(variants)
 
 
 def rule_variants() -> list[dict]:
@@ -92,18 +94,41 @@ def rule_variants() -> list[dict]:
     return variants
 
 
+def per_row_variants(variants: list[dict]) -> list[dict]:
+    """The per-row-plan twins (PER_ROW: coef [B, NUM_COEF], table_steps [B, 2], table_w [B], hist_coef [B, K],
+    write_coef [B, W, 2 + K]) of the lightest CFG step (and with the DPM-Solver++ 2M history), the heaviest ReCFG
+    step (also mixed-width, and with the UniPC-3 history), the heaviest REDUCE step (and with the UniPC-3 history)
+    and the pre-pass with table and state, every dtype."""
+    twins = []
+    for v in variants:
+        same_width = v["table_dtype"] == v["dtype"]
+        if v.get("kernel") == "moments":
+            pick = v["rule"] == "recfg" and v["state"] and same_width
+        elif v.get("reduce"):
+            pick = v["rule"] == "recfg" and v["state"] and same_width
+        elif v["rule"] == "cfg":
+            pick = v["out_rows"] == 1 and v.get("hist_k", 0) in (0, 1)
+        else:
+            pick = v["rule"] == "recfg" and v["out_rows"] == 2 and v.get("hist_k", 0) in (0, 4)
+        if pick:
+            twins.append(dict(v, per_row=True))
+    return twins
+
+
 def variant_name(v: dict) -> str:
-    """rule/dtype/... for the step kernel (``reduce-`` before the rule for REDUCE steps, ``state`` with a rule
-    state); ``moments-<rule>/dtype/...`` for the pre-pass."""
+    """rule/dtype/... for the step kernel (``reduce-`` before the rule for REDUCE steps, ``rows`` with per-row
+    plans, ``state`` with a rule state); ``moments-<rule>/dtype/...`` for the pre-pass."""
     moments = v.get("kernel") == "moments"
     prefix = "moments-" if moments else "reduce-" if v.get("reduce") else ""
     parts = [prefix + v["rule"], TRITON_DTYPE[v["dtype"]]]
     if v["rule"] == "recfg" and v["table_dtype"] != v["dtype"]:
         parts.append(f"table-{TRITON_DTYPE[v['table_dtype']]}")
     if moments:
-        return "/".join(parts + (["state"] if v["state"] else []))
+        return "/".join(parts + (["rows"] if v.get("per_row") else []) + (["state"] if v["state"] else []))
     parts += ["clip" if v["clip"] else "noclip", f"z-{TRITON_DTYPE[v['z_dtype']]}" if v["z_dtype"] else "noz",
               f"out{v['out_rows']}B"]
+    if v.get("per_row"):
+        parts.append("rows")
     if v.get("state"):
         parts.append("state")
     if v.get("hist_k"):
@@ -143,7 +168,7 @@ def _moments_signature(v: dict) -> tuple[dict, dict]:
            "n_per_row": "i32", "blocks_per_partial": "i32", "table_k": "i32", "table_t": "i32"}
     block, _ = gs.launch_config(v["dtype"])
     constexprs = dict(HAS_TABLE=recfg, HAS_STATE=v["state"], NUM_M=num_moments(v), NBP=v["nbp"], BLOCK=block,
-                      VEC=16 // torch.empty((), dtype=v["dtype"]).element_size())
+                      VEC=16 // torch.empty((), dtype=v["dtype"]).element_size(), PER_ROW=bool(v.get("per_row")))
     sig.update({k: "constexpr" for k in constexprs})
     return sig, constexprs
 
@@ -166,7 +191,8 @@ def _signature(v: dict) -> tuple[dict, dict]:
     constexprs = dict(HAS_UNCOND=v["rule"] != "cond", HAS_TABLE=v["rule"] == "recfg", CLIP=v["clip"],
                       HAS_Z=v["z_dtype"] is not None, TWO_OUT=v["out_rows"] == 2, BLOCK=block,
                       HIST_K=v.get("hist_k", 0), HIST_W=v.get("hist_w", 0), REDUCE=bool(v.get("reduce")),
-                      HAS_STATE=bool(v.get("state")), NUM_M=num_moments(v), NBP=v.get("nbp", 1))
+                      HAS_STATE=bool(v.get("state")), NUM_M=num_moments(v), NBP=v.get("nbp", 1),
+                      PER_ROW=bool(v.get("per_row")))
     sig.update({k: "constexpr" for k in constexprs})
     return sig, constexprs
 
@@ -232,7 +258,8 @@ def static_report(arches=ARCHES) -> list[dict]:
         rows.append(dict(variant=variant_name(v), arch=arch, block=block, num_warps=num_warps,
                          elems_per_thread=block // (32 * num_warps), hist_k=v.get("hist_k", 0),
                          hist_w=v.get("hist_w", 0), kernel=v.get("kernel", "step"), reduce=bool(v.get("reduce")),
-                         state=bool(v.get("state")), num_moments=num_moments(v) if v.get("nbp") else 0,
+                         state=bool(v.get("state")), per_row=bool(v.get("per_row")),
+                         num_moments=num_moments(v) if v.get("nbp") else 0,
                          read_bytes=[torch.empty((), dtype=d).element_size() for d in reads],
                          write_bytes=[torch.empty((), dtype=d).element_size() for d in writes], **st))
     return rows
@@ -301,6 +328,9 @@ STATIC_NOTE = (
     "as scalars; moments-*: its pre-pass, one 128-bit load per 16 bytes of m_cond, m_uncond (+ table rows, + state) "
     "per loop iteration (ptxas may unroll the loop: a whole multiple of that) and NUM_M scalar stores; both <= 64 "
     "registers. "
+    "rows: per-row plans (each row its own solver plan: coef [B, NUM_COEF], table_steps [B, 2], table_w [B], "
+    "hist_coef [B, K], write_coef [B, W, 2 + K]), whose scalars are loaded once per program at the row's offset: "
+    "the same accesses as the variant without rows. "
     "Launch: BLOCK = 8 warps x 32 threads x (16 bytes / element size) elements, grid (blocks per row, B); the "
     "pre-pass grid (partials per row <= 64, B).")
 

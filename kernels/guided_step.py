@@ -16,7 +16,9 @@ the K slots, then stores its elements of the W written ones (the same elements, 
 Per-step scalars (coef [NUM_COEF] float32, g1 [B] float32, rows [B], table_steps [2], table_w [] float32,
 hist_coef [K] float32, write_slots [W] int, write_coef [W, 2 + K] float32) are read from device memory,
 so changing them never recompiles and the launch is CUDA-graph capturable. K and W are compile-time (0: no
-history). Math is float32; float64 inputs fall back to the reference. See docs/kernel.md.
+history). Per-row plans (PER_ROW, each row its own solver plan: coef [B, NUM_COEF], table_steps [B, 2], table_w [B],
+hist_coef [B, K], write_coef [B, W, 2 + K]; write_slots stays [W]) move each pointer to the program's row once, then
+load the same scalars. Math is float32; float64 inputs fall back to the reference. See docs/kernel.md.
 
 The rules with per-sample reductions (``rule_params``, :func:`fastguide.kernels.reference.reduced_guidance`) run as
 two launches: :func:`rule_moments_kernel` writes each row's partial moments of (c, v = c - R u, a = the rule state)
@@ -42,6 +44,7 @@ MAX_HISTORY_SLOTS = 4  # K: DPM-Solver++ 3M reads 2, UniPC-3 reads 4 (the SASS p
 MAX_HISTORY_WRITES = 2  # W: UniPC writes 2 states a step (the corrected sample and the converted output)
 # The coefficient columns as compile-time offsets (a @triton.jit function may read only constexpr globals).
 COEF_A, COEF_B, COEF_S, COEF_PX, COEF_PM, COEF_C0, COEF_CX, COEF_CM = (tl.constexpr(int(c)) for c in Coef)
+NUM_COEF = tl.constexpr(reference.NUM_COEF)
 RP_ZERO_STAR, RP_ETA, RP_NORM_THRESHOLD, RP_MOMENTUM, RP_RESCALE = (tl.constexpr(int(p)) for p in RuleParam)
 ZERO_STAR_EPS = tl.constexpr(reference.ZERO_STAR_EPS)
 NORMALIZE_EPS = tl.constexpr(reference.NORMALIZE_EPS)
@@ -66,7 +69,7 @@ def rule_moments_kernel(
     ws_ptr, m_cond_ptr, m_uncond_ptr, state_ptr, table_ptr, rows_ptr, steps_ptr, w_ptr,
     n_per_row, blocks_per_partial, table_k, table_t,
     HAS_TABLE: tl.constexpr, HAS_STATE: tl.constexpr, NUM_M: tl.constexpr, NBP: tl.constexpr,
-    BLOCK: tl.constexpr, VEC: tl.constexpr,
+    BLOCK: tl.constexpr, VEC: tl.constexpr, PER_ROW: tl.constexpr = False,
 ):
     """Partial moments of one row (grid axis 1) over ``blocks_per_partial`` consecutive BLOCKs (grid axis 0):
     writes ws[row, j, partial] for the moments j of MOMENT_NAMES (the state's only with HAS_STATE). Each thread
@@ -76,6 +79,9 @@ def rule_moments_kernel(
     part = tl.program_id(0)
     base = row * n_per_row
     lanes = tl.arange(0, BLOCK // VEC)[:, None] * VEC + tl.arange(0, VEC)[None, :]  # [threads' vectors, VEC]
+    if PER_ROW:  # the row's own table steps [B, 2] and lerp weight [B]
+        steps_ptr += row * 2
+        w_ptr += row
     if HAS_TABLE:
         label_row = tl.minimum(tl.maximum(tl.load(rows_ptr + row).to(tl.int64), 0), table_k - 1)
         i0 = tl.minimum(tl.maximum(tl.load(steps_ptr).to(tl.int64), 0), table_t - 1)
@@ -139,11 +145,18 @@ def guided_step_kernel(
     HAS_UNCOND: tl.constexpr, HAS_TABLE: tl.constexpr, CLIP: tl.constexpr, HAS_Z: tl.constexpr,
     TWO_OUT: tl.constexpr, BLOCK: tl.constexpr, HIST_K: tl.constexpr = 0, HIST_W: tl.constexpr = 0,
     REDUCE: tl.constexpr = False, HAS_STATE: tl.constexpr = False, NUM_M: tl.constexpr = 5, NBP: tl.constexpr = 1,
+    PER_ROW: tl.constexpr = False,
 ):
     row = tl.program_id(1).to(tl.int64)
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n_per_row
     base = row * n_per_row
+    if PER_ROW:  # the row's own plan: every per-step scalar below is then read at the same offset from its row
+        coef_ptr += row * NUM_COEF
+        steps_ptr += row * 2
+        w_ptr += row
+        hist_coef_ptr += row * HIST_K
+        write_coef_ptr += row * (HIST_W * (2 + HIST_K))
     if REDUCE:  # (before the streamed loads: the partials' reduction then holds no streamed registers)
         # The row's coefficients from its moments; every program of the row sums the same partials in the same
         # order, so they all get the same ones. In the basis (c, v = c - u, a): m = kc c + kv v + ka a and the
@@ -314,11 +327,26 @@ def _check_shape(name: str, t: torch.Tensor, shape) -> None:
         raise ValueError(f"{name}: expected shape {tuple(shape)}, got {tuple(t.shape)}")
 
 
+def _check_plan_shape(name: str, t: torch.Tensor, per_row: bool, batch: int, shape: tuple, dims: str) -> None:
+    """A per-step operand of the plan: ``shape`` ([dims]) with one plan for the batch (coef [NUM_COEF]), or
+    (batch, *shape) ([B, dims]) with per-row plans (coef [B, NUM_COEF])."""
+    want = (batch, *shape) if per_row else tuple(shape)
+    if tuple(t.shape) == want:
+        return
+    if per_row:
+        raise ValueError(f"{name}: per-row coef [B, NUM_COEF] needs {name} [{', '.join(['B'] + [dims] * bool(dims))}] "
+                         f"= {want}, got shape {tuple(t.shape)}")
+    raise ValueError(f"{name}: expected shape [{dims}] = {want} with coef [NUM_COEF] (one plan for the batch), "
+                     f"got shape {tuple(t.shape)}")
+
+
 def validate(out, x, model_out, g1, coef, *, table=None, rows=None, table_steps=None, table_w=None,
              clip_range=None, z=None, history=None, hist_coef=None, write_slots=None, write_coef=None,
              rule_params=None, rule_state=None) -> bool:
     """Check everything the kernel relies on that needs no device->host sync; return whether the
-    streamed operands are channels_last. Raises ValueError / TypeError naming the bad argument."""
+    streamed operands are channels_last. Raises ValueError / TypeError naming the bad argument. coef [NUM_COEF]
+    is one plan for the batch; coef [B, NUM_COEF] per-row plans, which need every other per-step operand given
+    per row too (table_steps [B, 2], table_w [B], hist_coef [B, K], write_coef [B, W, 2 + K])."""
     _check_tensor("out", out, getattr(out, "device", None), KERNEL_DTYPES)
     device, batch = out.device, x.shape[0] if isinstance(x, torch.Tensor) else None
     _check_tensor("x", x, device, (out.dtype,))
@@ -336,7 +364,10 @@ def validate(out, x, model_out, g1, coef, *, table=None, rows=None, table_steps=
     _check_tensor("g1", g1, device, (torch.float32,))
     _check_shape("g1", g1, (batch,))
     _check_tensor("coef", coef, device, (torch.float32,))
-    _check_shape("coef", coef, (reference.NUM_COEF,))
+    per_row = coef.ndim == 2
+    if tuple(coef.shape) != ((batch, reference.NUM_COEF) if per_row else (reference.NUM_COEF,)):
+        raise ValueError(f"coef: expected shape ({reference.NUM_COEF},) (one plan for the batch) or "
+                         f"({batch}, {reference.NUM_COEF}) (per-row plans, [B, NUM_COEF]), got {tuple(coef.shape)}")
     if z is not None:
         _check_tensor("z", z, device, (out.dtype, torch.float32))
         _check_shape("z", z, x.shape)
@@ -355,11 +386,14 @@ def validate(out, x, model_out, g1, coef, *, table=None, rows=None, table_steps=
         _check_tensor("rows", rows, device, INDEX_DTYPES)
         _check_shape("rows", rows, (batch,))
         _check_tensor("table_steps", table_steps, device, INDEX_DTYPES)
-        _check_shape("table_steps", table_steps, (2,))
+        _check_plan_shape("table_steps", table_steps, per_row, batch, (2,), "2")
         _check_tensor("table_w", table_w, device, (torch.float32,))
-        if table_w.numel() != 1:
-            raise ValueError(f"table_w: expected one lerp weight (shape () or (1,)), got shape {tuple(table_w.shape)}")
-    _validate_history(x, device, history, hist_coef, write_slots, write_coef)
+        if per_row:
+            _check_plan_shape("table_w", table_w, per_row, batch, (), "")
+        elif table_w.numel() != 1:
+            raise ValueError(f"table_w: expected one lerp weight (shape () or (1,)) with coef [NUM_COEF] (one plan "
+                             f"for the batch), got shape {tuple(table_w.shape)}")
+    _validate_history(x, device, history, hist_coef, write_slots, write_coef, per_row)
     _validate_rule(x, device, rule_params, rule_state)
     channels_last = x.ndim == 4 and not _has_layout(out, False) and _has_layout(out, True)
     streamed = [("out", out), ("x", x), ("model_out", model_out)] + ([("z", z)] if z is not None else [])
@@ -374,9 +408,10 @@ def validate(out, x, model_out, g1, coef, *, table=None, rows=None, table_steps=
     return channels_last
 
 
-def _validate_history(x, device, history, hist_coef, write_slots, write_coef) -> None:
+def _validate_history(x, device, history, hist_coef, write_slots, write_coef, per_row: bool = False) -> None:
     """A multistep solver's operands: history [K, B, *shape] in x's dtype, hist_coef [K] float32 and, together,
-    write_slots [W] int and write_coef [W, 2 + K] float32 (1 <= K <= MAX_HISTORY_SLOTS, W <= MAX_HISTORY_WRITES)."""
+    write_slots [W] int and write_coef [W, 2 + K] float32 (1 <= K <= MAX_HISTORY_SLOTS, W <= MAX_HISTORY_WRITES).
+    ``per_row``: hist_coef [B, K] and write_coef [B, W, 2 + K] (write_slots [W] stays shared by all rows)."""
     if history is None:
         for name, t in (("hist_coef", hist_coef), ("write_slots", write_slots), ("write_coef", write_coef)):
             if t is not None:
@@ -392,7 +427,8 @@ def _validate_history(x, device, history, hist_coef, write_slots, write_coef) ->
     if hist_coef is None:
         raise ValueError("hist_coef: history needs the step's weights of its slots [K]")
     _check_tensor("hist_coef", hist_coef, device, (torch.float32,))
-    _check_shape("hist_coef", hist_coef, (k,))
+    batch = x.shape[0]
+    _check_plan_shape("hist_coef", hist_coef, per_row, batch, (k,), "K")
     if (write_slots is None) != (write_coef is None):
         missing = "write_slots" if write_slots is None else "write_coef"
         raise ValueError(f"{missing}: write_slots [W] and write_coef [W, 2 + K] go together")
@@ -400,12 +436,13 @@ def _validate_history(x, device, history, hist_coef, write_slots, write_coef) ->
         return
     _check_tensor("write_slots", write_slots, device, INDEX_DTYPES)
     if write_slots.ndim != 1:
-        raise ValueError(f"write_slots: expected shape [W], got {tuple(write_slots.shape)}")
+        shared = " (shared by all rows, also with per-row plans)" if per_row else ""
+        raise ValueError(f"write_slots: expected shape [W]{shared}, got {tuple(write_slots.shape)}")
     w = write_slots.shape[0]
     if w > MAX_HISTORY_WRITES:
         raise ValueError(f"write_slots: the kernel writes at most {MAX_HISTORY_WRITES} states a step, got {w}")
     _check_tensor("write_coef", write_coef, device, (torch.float32,))
-    _check_shape("write_coef", write_coef, (w, 2 + k))
+    _check_plan_shape("write_coef", write_coef, per_row, batch, (w, 2 + k), "W, 2 + K")
 
 
 def _validate_rule(x, device, rule_params, rule_state) -> None:
@@ -443,6 +480,10 @@ def check_indices(table: torch.Tensor | None, rows: torch.Tensor | None, table_s
     if bad.get("rows"):
         raise ValueError(f"rows: label rows {rows[bad_rows][:5].tolist()} are outside the table's [0, {k})")
     if bad.get("table_steps"):
+        if table_steps.ndim == 2:  # per-row plans: name the batch rows whose steps are bad
+            bad_b = bad_steps.any(1).nonzero().flatten()[:5]
+            raise ValueError(f"table_steps: step rows {table_steps[bad_b].tolist()} of batch rows {bad_b.tolist()} "
+                             f"are outside the plan's table rows [0, {t})")
         raise ValueError(f"table_steps: step rows {table_steps.tolist()} are outside the plan's table rows [0, {t})")
     if bad.get("write_slots"):
         raise ValueError(f"write_slots: slots {write_slots.tolist()} are outside the history's [0, {history.shape[0]})")
@@ -466,10 +507,11 @@ def partials_layout(n_per_row: int, block: int) -> tuple[int, int, int]:
     return n_partials, per_partial, triton.next_power_of_2(n_partials)
 
 
-def launch_moments(m_cond, m_uncond, table, rows, table_steps, table_w, rule_state, block: int, num_warps: int):
+def launch_moments(m_cond, m_uncond, table, rows, table_steps, table_w, rule_state, block: int, num_warps: int,
+                   per_row: bool = False):
     """The reduction pre-pass: (workspace [B, NUM_M, NBP] float32 of per-program partial moments, n_partials,
     NBP). The workspace is fresh each call (torch.empty: capturable in a CUDA graph); columns >= n_partials are
-    never written and never read."""
+    never written and never read. ``per_row``: table_steps [B, 2] and table_w [B]."""
     batch, n_per_row = m_cond.shape[0], m_cond[0].numel()
     has_table, has_state = table is not None, rule_state is not None
     num_m = NUM_MOMENTS_STATE if has_state else NUM_MOMENTS_STATELESS
@@ -480,7 +522,7 @@ def launch_moments(m_cond, m_uncond, table, rows, table_steps, table_w, rule_sta
         rows if has_table else ws, table_steps if has_table else ws, table_w if has_table else ws,
         n_per_row, per_partial, table.shape[0] if has_table else 1, table.shape[1] if has_table else 1,
         HAS_TABLE=has_table, HAS_STATE=has_state, NUM_M=num_m, NBP=nbp, BLOCK=block,
-        VEC=VECTOR_BYTES // m_cond.element_size(), num_warps=num_warps,
+        VEC=VECTOR_BYTES // m_cond.element_size(), PER_ROW=per_row and has_table, num_warps=num_warps,
     )
     return ws, n_partials, nbp
 
@@ -488,8 +530,10 @@ def launch_moments(m_cond, m_uncond, table, rows, table_steps, table_w, rule_sta
 def launch(out, x, m_cond, m_uncond, g1, coef, table, rows, table_steps, table_w, clip_range, z,
            history=None, hist_coef=None, write_slots=None, write_coef=None, rule_params=None, rule_state=None) -> None:
     """Launch the kernel on validated operands (no checks, no syncs). With ``rule_params`` and an unconditional
-    half, the reduction pre-pass runs first and the step kernel reads its partial moments (two launches)."""
+    half, the reduction pre-pass runs first and the step kernel reads its partial moments (two launches). A coef
+    [B, NUM_COEF] (per-row plans) means every per-step operand has its row axis (``validate``)."""
     batch, n_per_row = x.shape[0], x[0].numel()
+    per_row = coef.ndim == 2
     block, num_warps = launch_config(out.dtype)
     has_uncond, has_table = m_uncond is not None, m_uncond is not None and table is not None
     two_out = out.shape[0] == 2 * batch
@@ -500,7 +544,8 @@ def launch(out, x, m_cond, m_uncond, g1, coef, table, rows, table_steps, table_w
     ws, n_partials, nbp = None, 1, 1
     if reduce:
         ws, n_partials, nbp = launch_moments(m_cond, m_uncond, table if has_table else None, rows, table_steps,
-                                             table_w, rule_state if has_state else None, block, num_warps)
+                                             table_w, rule_state if has_state else None, block, num_warps,
+                                             per_row)
     grid = (triton.cdiv(n_per_row, block), batch)
     guided_step_kernel[grid](
         out, out[batch:] if two_out else out, x, m_cond, m_uncond if has_uncond else m_cond, g1, coef,
@@ -513,7 +558,8 @@ def launch(out, x, m_cond, m_uncond, g1, coef, table, rows, table_steps, table_w
         ws if reduce else g1, rule_params if reduce else g1, rule_state if has_state else x, n_partials,
         HAS_UNCOND=has_uncond, HAS_TABLE=has_table, CLIP=clip_range is not None, HAS_Z=z is not None,
         TWO_OUT=two_out, BLOCK=block, HIST_K=hist_k, HIST_W=hist_w, REDUCE=reduce, HAS_STATE=has_state,
-        NUM_M=NUM_MOMENTS_STATE if has_state else NUM_MOMENTS_STATELESS, NBP=nbp, num_warps=num_warps,
+        NUM_M=NUM_MOMENTS_STATE if has_state else NUM_MOMENTS_STATELESS, NBP=nbp, PER_ROW=per_row,
+        num_warps=num_warps,
     )
 
 
@@ -526,8 +572,8 @@ def _launch_step(out, x, model_out, g1, coef, cond_first, table, rows, table_ste
                  rule_state=None) -> None:
     m_cond, m_uncond = reference.split_model_output(model_out, x.shape[0], cond_first)
     launch(out, x, m_cond, m_uncond, g1.contiguous(), coef.contiguous(), table, _contiguous(rows),
-           _contiguous(table_steps), table_w, clip_range, z, history=history, hist_coef=_contiguous(hist_coef),
-           write_slots=_contiguous(write_slots), write_coef=_contiguous(write_coef),
+           _contiguous(table_steps), _contiguous(table_w), clip_range, z, history=history,
+           hist_coef=_contiguous(hist_coef), write_slots=_contiguous(write_slots), write_coef=_contiguous(write_coef),
            rule_params=_contiguous(rule_params), rule_state=rule_state)
 
 
@@ -574,6 +620,8 @@ def guided_step_into(out, x, model_out, g1, coef, *, cond_first=True, table=None
     ``rule_params`` [NUM_RULE_PARAMS] float32 on out's device (read by the kernel: new values never recompile);
     ``rule_state`` [B, *shape] in x's dtype and layout, updated in place (rows with g1 == 1 keep theirs). Without
     an unconditional half (``model_out`` has B rows) m = m_cond and the state is not touched.
+    Per-row plans (each row its own solver plan): coef [B, NUM_COEF] with table_steps [B, 2], table_w [B],
+    hist_coef [B, K] and write_coef [B, W, 2 + K] (write_slots [W] and rule_params stay shared).
     Eager calls launch the kernel directly (the torch.library dispatch costs more host time than the launch).
     """
     hist = dict(history=history, hist_coef=hist_coef, write_slots=write_slots, write_coef=write_coef)

@@ -19,6 +19,11 @@ the cuobjdump that ships in triton's nvidia backend, and check, for every dtype 
   the rule plus the state's 128-bit read and write, and loads exactly NUM_M partials and the rule parameters it
   uses (4, and MOMENTUM with a state) more scalars. Registers <= 64 (50% occupancy, as the history variants),
   with the UniPC-3 history as well; no local memory.
+- per-row plans (``rows``: PER_ROW, each row its own solver plan, coef [B, NUM_COEF] and the other per-step operands
+  with a row axis), the twins of the lightest CFG and heaviest ReCFG steps (with and without history), the heaviest
+  REDUCE steps and the pre-pass: the row's scalars are per-program loads at the row's offset, so the accesses are
+  exactly the batch variant's (the same 128-bit loads and stores, the same scalar loads by width), no local memory
+  and registers within the batch variant's bound.
 """
 from __future__ import annotations
 
@@ -78,6 +83,17 @@ def test_every_rule_and_dtype_is_covered_on_both_arches(figures):
         for light in (f"reduce-cfg/{dtype}/noclip/noz/out1B", f"reduce-cfg/{dtype}/noclip/noz/out1B/state",
                       f"moments-cfg/{dtype}", f"moments-cfg/{dtype}/state", f"moments-recfg/{dtype}"):
             assert (90, light) in names
+    # per-row plans: the heaviest steps (with and without history or a rule) and the pre-pass on both arches, the
+    # lightest CFG step on sm_90
+    for dtype in ("fp32", "fp16", "bf16"):
+        heavy = f"recfg/{dtype}/clip/z-{dtype}/out2B/rows"
+        for arch in (90, 80):
+            assert {(arch, heavy), (arch, heavy + "/hist-K4W2"), (arch, f"reduce-{heavy}/state"),
+                    (arch, f"reduce-{heavy}/state/hist-K4W2"), (arch, f"moments-recfg/{dtype}/rows/state")} <= names
+        light = f"cfg/{dtype}/noclip/noz/out1B/rows"
+        assert {(90, light), (90, light + "/hist-K1W1")} <= names
+    for dtype in ("fp16", "bf16"):
+        assert {(90, f"recfg/{dtype}/table-fp32/clip/z-fp32/out2B/rows")} <= names
 
 
 def _history_scalars(r) -> int:
@@ -131,15 +147,17 @@ def test_streamed_operands_use_128_bit_accesses_at_the_floor(figures):
         assert moved == sum(r["read_bytes"]) + sum(r["write_bytes"]), r  # bytes per element = the floor
 
 
+def _register_bound(r) -> int:
+    if r["reduce"] or r["kernel"] == "moments":
+        return RULE_REGS
+    mixed = len(set(r["read_bytes"] + r["write_bytes"])) > 1
+    return HISTORY_REGS if r["hist_k"] else MIXED_WIDTH_REGS if mixed else FULL_OCCUPANCY_REGS
+
+
 def test_no_local_memory_and_registers_within_the_occupancy_bound(figures):
     for r in figures:
         assert r["local"] == 0 and r["local_accesses"] == 0 and r["stack"] == 0, r
-        mixed = len(set(r["read_bytes"] + r["write_bytes"])) > 1
-        if r["reduce"] or r["kernel"] == "moments":
-            bound = RULE_REGS
-        else:
-            bound = HISTORY_REGS if r["hist_k"] else MIXED_WIDTH_REGS if mixed else FULL_OCCUPANCY_REGS
-        assert r["reg"] <= bound, r
+        assert r["reg"] <= _register_bound(r), r
 
 
 def test_rule_steps_stream_the_state_once_each_way(figures):
@@ -182,3 +200,17 @@ def test_history_variants_stream_k_more_reads_and_w_more_writes(figures):
         per_operand = r["elems_per_thread"] * r["write_bytes"][0] // 16  # history shares the latent dtype
         assert r["loads"]["128"] == base["loads"]["128"] + r["hist_k"] * per_operand, (r, base)
         assert r["stores"]["128"] == base["stores"]["128"] + r["hist_w"] * per_operand, (r, base)
+
+
+def test_per_row_plans_make_the_same_accesses_as_one_plan_for_the_batch(figures):
+    """Per-row plans only move each per-step scalar's pointer to the program's row (once per program), so a per-row
+    variant makes exactly the accesses of its batch twin: the same LDG.128 / STG.128 counts, the same scalar loads
+    (count and width), no local memory, and registers within the twin's bound."""
+    per_row = [r for r in figures if r["per_row"]]
+    assert per_row
+    for r in per_row:
+        name = r["variant"].replace("/rows", "")
+        base = next(b for b in figures if b["arch"] == r["arch"] and b["variant"] == name and not b["per_row"])
+        assert r["loads"] == base["loads"] and r["stores"] == base["stores"], (r, base)
+        assert r["local"] == 0 and r["local_accesses"] == 0 and r["stack"] == 0, r
+        assert r["reg"] <= _register_bound(base), (r, base)
