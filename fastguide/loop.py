@@ -290,11 +290,6 @@ def draw_step_noise(plan, x: torch.Tensor, seeds: list[int] | None) -> torch.Ten
     latent dtype (the fused kernel's narrowest variant); None for a deterministic plan."""
     if not plan.stochastic:
         return None
-    if seeds is not None and getattr(plan, "per_row", False):  # each row's noise as its own plan draws it
-        z = torch.zeros((plan.steps, *x.shape), dtype=x.dtype, device=x.device)
-        for b, (seed, n) in enumerate(zip(seeds, plan.steps_per_row)):
-            z[:n, b] = step_noise([seed], n, x.shape[1:], x.dtype, x.device)[:, 0]
-        return z
     if seeds is not None:
         return step_noise(seeds, plan.steps, x.shape[1:], x.dtype, x.device)
     return torch.randn((plan.steps, *x.shape), dtype=x.dtype, device=x.device)

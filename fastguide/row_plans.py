@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from fastguide.guidance import StepGuidance, with_scale
+from fastguide.noise import step_noise
 from fastguide.solvers import History, coef_row
 
 IDENTITY_ROW = coef_row(A=1.0, CX=1.0)  # x_next = x in both forms (clip: C0 * clamp(0) + 1 * x)
@@ -40,9 +41,10 @@ class RowPlans:
     per_row = True
 
     @classmethod
-    def stack(cls, plans, steps: int | None = None) -> "RowPlans":
+    def stack(cls, plans, steps: int | None = None, write_slots: torch.Tensor | None = None) -> "RowPlans":
         """``steps``: the loop's length (default: the longest plan's; more pads every row with identity steps, so
-        batches of any mix have one length: one captured CUDA graph)."""
+        batches of any mix have one length: one captured CUDA graph). ``write_slots`` [steps, W]: the slots the loop
+        writes at each step when they are fixed (an exported graph's); each row's plan must write those."""
         plans = tuple(plans)
         if not plans:
             raise ValueError("solvers: expected one solver per row, got none")
@@ -62,7 +64,7 @@ class RowPlans:
         coef = torch.stack([_pad(p.coef, steps, identity) for p in plans], 1)
         scales = [float(p.init_scale) for p in plans]
         init_scale = 1.0 if all(s == 1.0 for s in scales) else torch.tensor(scales, dtype=torch.float64)
-        return cls(plans, t, coef, init_scale, _stack_histories(plans, steps), first.clip_range,
+        return cls(plans, t, coef, init_scale, _stack_histories(plans, steps, write_slots), first.clip_range,
                    first.prediction_type, first.kind)
 
     @property
@@ -94,12 +96,12 @@ def _pad(rows: torch.Tensor, steps: int, fill: torch.Tensor) -> torch.Tensor:
     return torch.cat([rows, fill.to(rows.dtype).expand(extra, *rows.shape[1:])])
 
 
-def _stack_histories(plans, steps: int) -> History | None:
+def _stack_histories(plans, steps: int, fixed_slots: torch.Tensor | None = None) -> History | None:
     first = plans[0].history
     if first is None:
         return None
     k, w = first.slots, first.write_slots.shape[1]
-    slots = torch.full((steps, w), -1, dtype=torch.int64)
+    slots = torch.full((steps, w), -1, dtype=torch.int64) if fixed_slots is None else fixed_slots.clone()
     for b, p in enumerate(plans):
         h = p.history
         if h.write_slots.shape[1] != w:
@@ -114,7 +116,8 @@ def _stack_histories(plans, steps: int) -> History | None:
                              f"another row's {mine[i].tolist()}; rows of one batch need one solver family")
         slots[:n] = h.write_slots
     longest = max(p.steps for p in plans)
-    slots[longest:] = slots[longest - 1]  # steps no row runs: any distinct slots, kept
+    if fixed_slots is None:
+        slots[longest:] = slots[longest - 1]  # steps no row runs: any distinct slots, kept
     keep = torch.zeros(steps, w, 2 + k, dtype=torch.float64)  # a finished row's writes keep their slots
     for i in range(steps):
         for j in range(w):
@@ -172,3 +175,12 @@ def merge_guidance(rule, plans: RowPlans, cond: torch.Tensor, latent_shape, scal
     if model_free is not None:
         guided = [g and not f for g, f in zip(guided, model_free)]
     return StepGuidance(g1, tuple(guided), table, rows, table_steps, table_w, rule_params, rule_state, model_free)
+
+
+def row_step_noise(plans: RowPlans, seeds, shape, dtype=torch.float32, device="cpu") -> torch.Tensor:
+    """[S, B, *shape] per-step noise: row b's first n_b steps as its own plan alone draws them from seeds[b]
+    (``fastguide.noise.step_noise``), zero on its identity steps."""
+    z = torch.zeros((plans.steps, len(seeds), *shape), dtype=dtype, device=device)
+    for b, (seed, n) in enumerate(zip(seeds, plans.steps_per_row)):
+        z[:n, b] = step_noise([seed], n, shape, dtype, device)[:, 0]
+    return z

@@ -11,7 +11,7 @@ from fastguide import loop
 from fastguide.backends import check_backend, step_impl
 from fastguide.checks import check_cond, check_int, check_label_range, check_noise, check_seeds
 from fastguide.guidance import NoGuidance, check_guidance, with_scale
-from fastguide.row_plans import RowPlans, merge_guidance
+from fastguide.row_plans import RowPlans, merge_guidance, row_step_noise
 
 MAX_CACHED_LOOPS = 8  # loop buffers (and captured graphs) kept per Sampler, least recently used dropped first
 MAX_CACHED_PLANS = 4  # plan tensors (incl. a device copy of each ReCFG table) kept per Sampler
@@ -159,7 +159,10 @@ class Sampler:
         else:
             plan = row_plans_for(solvers, x.shape[0], loop_steps)
             sg = merge_guidance(base_rule, plan, cond.cpu(), x.shape[1:], scale=None if scale is None else rule.scale)
-        z = loop.draw_step_noise(plan, x, seeds)
+        if solvers is not None and seeds is not None and plan.stochastic:
+            z = row_step_noise(plan, seeds, x.shape[1:], x.dtype, x.device)  # each row's as its own plan draws it
+        else:
+            z = loop.draw_step_noise(plan, x, seeds)
         pt = self._plan_tensors(plan, sg, x.device, x.dtype)
         config = self._loop_config(rule, plan, x.device, x.shape[0])
         use_graph = self.cuda_graph and x.device.type == "cuda" and callback is None and rule.traceable

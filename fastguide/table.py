@@ -106,23 +106,7 @@ class RatioTable:
                                  "(a table without timesteps is indexed by sampler step)")
             idx = np.arange(len(t))
             return torch.from_numpy(np.stack([idx, idx], 1)), torch.zeros(len(t), dtype=torch.float64)
-        grid = self.timesteps.numpy()
-        lo, hi = grid[0], grid[-1]
-        if out_of_range == "clamp":
-            t = np.clip(t, lo, hi)
-        elif out_of_range != "error":
-            raise ValueError(f"out_of_range: expected 'error' or 'clamp', got {out_of_range!r}")
-        outside = (t < lo - 1e-9 * max(1.0, abs(lo))) | (t > hi + 1e-9 * max(1.0, abs(hi)))
-        if outside.any():
-            raise ValueError(f"table: sampler timesteps {t[outside][:5].tolist()} are outside the table's range "
-                             f"[{lo:g}, {hi:g}] (rebuild the table on a wider grid, or pass out_of_range='clamp')")
-        t = np.clip(t, lo, hi)
-        i1 = np.clip(np.searchsorted(grid, t, side="left"), 0, len(grid) - 1)
-        exact = grid[i1] == t
-        i0 = np.where(exact, i1, np.maximum(i1 - 1, 0))
-        span = grid[i1] - grid[i0]
-        w = np.where(span > 0, (t - grid[i0]) / np.where(span > 0, span, 1.0), 0.0)
-        return torch.from_numpy(np.stack([i0, i1], 1).astype(np.int64)), torch.from_numpy(w)
+        return grid_rows(self.timesteps.numpy(), t, out_of_range)
 
     def lookup(self, labels: torch.Tensor, sampler_timesteps, unknown_label: str = "error",
                out_of_range: str = "error") -> torch.Tensor:
@@ -276,3 +260,26 @@ def flag(b: bool) -> str:
 def dtype_name(dtype: torch.dtype) -> str:
     """A torch dtype's name without the "torch." prefix ("float32")."""
     return str(dtype).removeprefix("torch.")
+
+
+def grid_rows(grid: np.ndarray, times, out_of_range: str = "error") -> tuple[torch.Tensor, torch.Tensor]:
+    """For each model time: the two rows (i0, i1) of an increasing time ``grid`` around it and the lerp weight w
+    between them (0 on grid points); times outside the grid raise, or with ``out_of_range='clamp'`` take the
+    nearest end."""
+    t = np.asarray(times, dtype=np.float64).reshape(-1)
+    lo, hi = grid[0], grid[-1]
+    if out_of_range == "clamp":
+        t = np.clip(t, lo, hi)
+    elif out_of_range != "error":
+        raise ValueError(f"out_of_range: expected 'error' or 'clamp', got {out_of_range!r}")
+    outside = (t < lo - 1e-9 * max(1.0, abs(lo))) | (t > hi + 1e-9 * max(1.0, abs(hi)))
+    if outside.any():
+        raise ValueError(f"table: sampler timesteps {t[outside][:5].tolist()} are outside the table's range "
+                         f"[{lo:g}, {hi:g}] (rebuild the table on a wider grid, or pass out_of_range='clamp')")
+    t = np.clip(t, lo, hi)
+    i1 = np.clip(np.searchsorted(grid, t, side="left"), 0, len(grid) - 1)
+    exact = grid[i1] == t
+    i0 = np.where(exact, i1, np.maximum(i1 - 1, 0))
+    span = grid[i1] - grid[i0]
+    w = np.where(span > 0, (t - grid[i0]) / np.where(span > 0, span, 1.0), 0.0)
+    return torch.from_numpy(np.stack([i0, i1], 1).astype(np.int64)), torch.from_numpy(w)

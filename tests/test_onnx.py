@@ -717,3 +717,84 @@ def test_cli_bad_arguments(tmp_path, capsys):
     assert "--opset" in capsys.readouterr().err
     assert cli.main(["export-onnx", "--out", str(tmp_path / "x.onnx"), "--assets", str(tmp_path / "none")]) == 2
     assert "--assets" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------- per-row plans
+def _row_families():
+    sch, v = digits_schedule(), "v_prediction"
+    return {
+        "ddim": lambda n: fg.DDIM(sch, steps=n, prediction_type=v),
+        "dpm++2": lambda n: fg.DPMSolver(sch, n, order=2, prediction_type=v),
+        "unipc3-bh1": lambda n: fg.UniPC(sch, n, order=3, solver_type="bh1", prediction_type=v),
+        "euler-ancestral": lambda n: fg.Euler(sch, n, ancestral=True, prediction_type=v),  # z, init_scale per row
+        "heun-clip": lambda n: fg.Heun(sch, n, prediction_type=v, clip_sample_range=1.0),
+    }
+
+
+ROW_MIX = [6, 3, 5, 6, 4]  # step counts per row (heun: intervals, 2n - 1 evaluations)
+
+
+@pytest.fixture(scope="module")
+def row_graphs(tmp_path_factory):
+    """row_graphs(family, rule) -> (sampler, {mode: path}): per_row=True graphs of the family's 6-step solver."""
+    d = tmp_path_factory.mktemp("onnx_rows")
+    model, families, cache = TinyNet().eval().requires_grad_(False), _row_families(), {}
+
+    def get(family: str, rule: str):
+        if (family, rule) not in cache:
+            guide = (fg.CFG(2.5, interval=(200, 800)) if rule == "cfg-interval"
+                     else fg.ReCFG(2.5, table=ratio_table(TINY_NULL, TINY_SHAPE)))
+            sampler = fg.Sampler(model, families[family](6), guide, null_cond=TINY_NULL, progress=False)
+            step = export(sampler, d / f"{family}_{rule}_step.onnx", TINY_SHAPE, per_row=True)
+            cache[family, rule] = (sampler, {"step": step, "loop": step_to_loop(step, d / f"{family}_{rule}_loop.onnx")})
+        return cache[family, rule]
+
+    return get
+
+
+@pytest.mark.parametrize("mode", ["step", "loop", "io_binding"])
+@pytest.mark.parametrize("rule", ["cfg-interval", "recfg"])
+@pytest.mark.parametrize("family", list(_row_families()))
+def test_per_row_graphs_match_torch_for_every_mix(row_graphs, family, rule, mode):
+    """A per_row graph (the rows' plans as inputs) gives Sampler.sample(solvers=...)'s samples for mixes of step
+    counts, per-sample scales and seeds: one graph, every mix."""
+    sampler, paths = row_graphs(family, rule)
+    onnx_sampler = OnnxSampler(paths["loop" if mode == "loop" else "step"], io_binding=mode == "io_binding")
+    make = _row_families()[family]
+    solvers = {n: make(n) for n in set(ROW_MIX)}
+    noise, labels, seeds = ms_inputs(len(ROW_MIX))
+    scale = torch.tensor([1.0, 2.0, 3.5, 1.5, 2.5], dtype=torch.float64)
+    for mix in (ROW_MIX, ROW_MIX[::-1], [3] * len(ROW_MIX)):
+        rows = [solvers[n] for n in mix]
+        with torch.no_grad():
+            want = sampler.sample(noise, labels, seeds=seeds, scale=scale, solvers=rows)
+        got = onnx_sampler.sample(noise, labels, seeds=seeds, scale=scale, solvers=rows)
+        close(got, want)
+
+
+def test_per_row_graph_inputs_are_checked(row_graphs, built):
+    sampler, paths = row_graphs("dpm++2", "recfg")
+    onnx_sampler = OnnxSampler(paths["loop"])
+    noise, labels, seeds = ms_inputs(3)
+    make = _row_families()["dpm++2"]
+    with pytest.raises(ValueError, match="solvers: this graph takes a plan per row"):
+        onnx_sampler.sample(noise, labels)
+    with pytest.raises(ValueError, match="solvers: row 1's plan has 7 steps; this graph runs at most 6"):
+        onnx_sampler.sample(noise, labels, solvers=[make(3), make(7), make(3)])
+    with pytest.raises(ValueError, match="solvers: row 2's plan has history_slots 4, the graph's 1"):
+        onnx_sampler.sample(noise, labels, solvers=[make(3), make(3), _row_families()["unipc3-bh1"](4)])
+    with pytest.raises(ValueError, match="solvers: expected a sequence of 3"):
+        onnx_sampler.sample(noise, labels, solvers=[make(3)])
+    with pytest.raises(ValueError, match="step: this graph takes a plan per row"):
+        OnnxSampler(paths["step"]).step(noise, 0, labels)
+    plain = OnnxSampler(built["cfg"][1]["loop"])
+    with pytest.raises(ValueError, match="solvers: this graph runs its exported plan for every row"):
+        plain.sample(torch.zeros(1, *IMAGE_SHAPE), torch.zeros(1, dtype=torch.long), solvers=[make(3)])
+
+
+def test_per_row_export_refuses_a_step_indexed_table(tmp_path):
+    model = TinyNet().eval().requires_grad_(False)
+    table = fg.RatioTable(1 + 0.1 * torch.rand(TINY_NULL + 1, 6, *TINY_SHAPE))  # indexed by sampler step
+    sampler = fg.Sampler(model, _row_families()["ddim"](6), fg.ReCFG(2.0, table=table), null_cond=TINY_NULL)
+    with pytest.raises(ValueError, match="per_row: this ReCFG table is indexed by sampler step"):
+        export(sampler, tmp_path / "x.onnx", TINY_SHAPE, per_row=True)

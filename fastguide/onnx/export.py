@@ -65,27 +65,35 @@ class GuidedGraph(nn.Module):
             return labels
         return torch.where((labels < 0) | (labels >= self.mean_row), torch.full_like(labels, self.mean_row), labels)
 
-    def step(self, x, i, labels, g1, z, history=None):
+    def step(self, x, i, labels, g1, z, history=None, rows: dict | None = None):
         """x_next for step ``i`` (a 0-d int64 tensor); ``g1`` is already this step's scale. With ``history``
         (a multistep plan's K slots [K, B, *shape]): (x_next, the slots after this step's writes), as
-        :func:`fastguide.kernels.reference.guided_step_into` computes them."""
+        :func:`fastguide.kernels.reference.guided_step_into` computes them. ``rows``: per-row plans (graph inputs
+        [S, B, ...] by ROW_INPUTS name) in place of the exported plan's per-step values."""
         batch, x2 = x.shape[0], torch.cat([x, x])
-        out = self.model(x2, self.t[i].expand(2 * batch), paired_conditions(labels, self.null_cond, self.cond_first))
+        plan = {"t": self.t[i].expand(batch), "coef": self.coef[i]}
+        if self.table is not None:
+            plan.update(table_steps=self.table_steps[i], table_w=self.table_w[i])
+        if history is not None:
+            plan.update(hist_w=self.hist_w[i], write_coef=self.write_coef[i])
+        if rows is not None:
+            plan.update({name: value[i] for name, value in rows.items()})
+        out = self.model(x2, torch.cat([plan["t"], plan["t"]]),
+                         paired_conditions(labels, self.null_cond, self.cond_first))
         check_model_output(out, x2)
         m_cond, m_uncond = reference.split_model_output(out, batch, self.cond_first)
         with_table = self.table is not None
         guide = dict(table=self.table if with_table else None, rows=self.rows(labels) if with_table else None,
-                     table_steps=self.table_steps[i] if with_table else None,
-                     table_w=self.table_w[i] if with_table else None)
+                     table_steps=plan.get("table_steps"), table_w=plan.get("table_w"))
         if history is None:
-            return reference.guided_step(x, m_cond, m_uncond, g1, self.coef[i], **guide, clip_range=self.clip_range,
+            return reference.guided_step(x, m_cond, m_uncond, g1, plan["coef"], **guide, clip_range=self.clip_range,
                                          z=z)
         dt = reference.compute_dtype_for(x.dtype)
         m = reference.guided_output(m_cond, m_uncond, g1, **guide, dt=dt)
         xf = x.to(dt)
-        x_next = reference.solver_update(xf, m, self.coef[i], clip_range=self.clip_range, z=z, history=history,
-                                         hist_coef=self.hist_w[i])
-        states = reference.history_writes(xf, m, history, self.write_coef[i])  # [W, B, ...], from the old slots
+        x_next = reference.solver_update(xf, m, plan["coef"], clip_range=self.clip_range, z=z, history=history,
+                                         hist_coef=plan["hist_w"])
+        states = reference.history_writes(xf, m, history, plan["write_coef"])  # [W, B, ...], from the old slots
         written = self.written[i].view(-1, *([1] * x.ndim))
         history_next = torch.where(written, states[self.write_source[i]].to(history.dtype), history)
         return x_next.to(x.dtype), history_next
@@ -115,14 +123,46 @@ class HistoryStepModule(StepModule):
         return g.step(x, step, labels, g1, z, history)
 
 
+class RowStepModule(nn.Module):
+    """ONNX step graph of per-row plans: (x, step, labels, g1 [S, B], row_t, row_coef[, row_table_steps,
+    row_table_w][, history, row_hist_w, row_write_coef][, z]) -> x_next (, history_next). The plans' per-step
+    values are inputs [S, B, ...] (fastguide.row_plans.RowPlans), so one graph serves every mix of step counts."""
+
+    def __init__(self, graph: GuidedGraph):
+        super().__init__()
+        self.core = graph
+
+    def forward(self, x, step, labels, g1, *rest):
+        g = self.core
+        names = row_input_names(g.table is not None, g.history_slots > 0)
+        rows = dict(zip((n.removeprefix("row_") for n in names), rest))
+        history = rows.pop("history", None)
+        z = rest[len(names)] if len(rest) > len(names) else None
+        return g.step(x, step, labels, g1[step], z, history, rows=rows)
+
+
+def row_input_names(table: bool, history: bool) -> list[str]:
+    """The per-row plan inputs of a per_row graph, in order (``history`` among them: the slots themselves)."""
+    names = ["row_t", "row_coef"]
+    if table:
+        names += ["row_table_steps", "row_table_w"]
+    if history:
+        names += [HISTORY_INPUT, "row_hist_w", "row_write_coef"]
+    return names
+
+
 def export(sampler, path, latent_shape=None, *, mode: str = "step", batch: int = 2, opset: int = DEFAULT_OPSET,
-           dynamic_batch: bool = True, external_data: bool = False) -> Path:
+           dynamic_batch: bool = True, external_data: bool = False, per_row: bool = False) -> Path:
     """Write ``sampler``'s guided step (mode="step") or whole fixed-NFE loop (mode="loop") as ONNX to ``path``.
 
     ``latent_shape`` (C, H, W) defaults to the ReCFG table's. ``batch`` is the batch traced with (the batch
     axis stays dynamic unless ``dynamic_batch=False``). The loop graph is the step graph as the body of an
     ONNX Loop over the S steps (see :func:`step_to_loop`). Uses ``torch.onnx.export(dynamo=True)``; needs
     the ``onnx`` and ``onnxscript`` packages. Returns the path.
+
+    ``per_row``: the graph takes each row's plan as inputs ([S, B, ...]: ``OnnxSampler.sample(solvers=...)``
+    stacks them), so requests with different step counts of the sampler's solver family share one graph of the
+    sampler's S steps; its g1 input is [S, B] (each row's scale at each of its steps).
     """
     from fastguide.sampler import Sampler
 
@@ -136,10 +176,13 @@ def export(sampler, path, latent_shape=None, *, mode: str = "step", batch: int =
     if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
         raise ValueError(f"batch: expected an int >= 1, got {batch!r}")
     path = _check_out_path(path)
+    if per_row and isinstance(sampler.guidance, ReCFG) and sampler.guidance.table.timesteps is None:
+        raise ValueError("per_row: this ReCFG table is indexed by sampler step, so it serves only its own step count; "
+                         "export per-row plans with a table on a timestep grid (RatioTable(..., timesteps=...))")
     graph = _graph_for(sampler, _check_latent_shape(latent_shape, sampler.guidance))
     trace_batch = max(batch, 2) if dynamic_batch else batch  # torch.export specializes a batch of 1
     module, args, names, dyn = _step_module_and_inputs(graph, trace_batch, sampler.solver.plan.stochastic,
-                                                       dynamic_batch)
+                                                       dynamic_batch, bool(per_row))
     outputs = ["x_next"] + ([HISTORY_OUTPUT] if graph.history_slots else [])
     device = _model_device(sampler.model)
     module, args = module.to(device), tuple(a.to(device) for a in args)  # traced where the weights are
@@ -148,7 +191,7 @@ def export(sampler, path, latent_shape=None, *, mode: str = "step", batch: int =
         program = torch.onnx.export(module, args, None, input_names=names, output_names=outputs, dynamo=True,
                                     opset_version=opset, dynamic_shapes=dyn, verbose=False)
     proto = program.model_proto
-    set_metadata(proto, {**_metadata(sampler, graph, opset), "inputs": names})
+    set_metadata(proto, {**_metadata(sampler, graph, opset, bool(per_row)), "inputs": names})
     if mode == "loop":
         proto = _loop_model(proto)
     _save(proto, path, external_data)
@@ -283,13 +326,16 @@ def _check_out_path(path) -> Path:
     return path
 
 
-def _step_module_and_inputs(graph: GuidedGraph, batch: int, stochastic: bool, dynamic_batch: bool):
+def _step_module_and_inputs(graph: GuidedGraph, batch: int, stochastic: bool, dynamic_batch: bool,
+                            per_row: bool = False):
     gen = torch.Generator().manual_seed(0)
     shape = (batch, *graph.latent_shape)
     args = [torch.randn(shape, generator=gen), torch.tensor(0, dtype=torch.int64),
             torch.zeros(batch, dtype=torch.int64), torch.full((batch,), 2.0)]
     names = ["x", "step", "labels", "g1"]
     module = StepModule(graph)
+    if per_row:
+        return _row_step_module_and_inputs(graph, args, names, shape, stochastic, dynamic_batch, gen)
     if graph.history_slots:
         args.append(torch.randn((graph.history_slots, *shape), generator=gen))
         names.append(HISTORY_INPUT)
@@ -304,7 +350,37 @@ def _step_module_and_inputs(graph: GuidedGraph, batch: int, stochastic: bool, dy
     return module.eval(), tuple(args), names, dyn
 
 
-def _metadata(sampler, graph: GuidedGraph, opset: int) -> dict:
+def _row_step_module_and_inputs(graph: GuidedGraph, args, names, shape, stochastic, dynamic_batch, gen):
+    """The per-row step graph's trace inputs: the exported plan's values repeated for every row."""
+    steps, batch = graph.t.shape[0], shape[0]
+
+    def per_row(v):  # [S, ...] -> [S, B, ...]
+        return v.unsqueeze(1).expand(steps, batch, *v.shape[1:]).contiguous()
+
+    args[3] = torch.full((steps, batch), 2.0)
+    values = {"row_t": per_row(graph.t), "row_coef": per_row(graph.coef)}
+    if graph.table is not None:
+        values.update(row_table_steps=per_row(graph.table_steps), row_table_w=per_row(graph.table_w))
+    if graph.history_slots:
+        values.update({HISTORY_INPUT: torch.randn((graph.history_slots, *shape), generator=gen),
+                       "row_hist_w": per_row(graph.hist_w), "row_write_coef": per_row(graph.write_coef)})
+    row_names = row_input_names(graph.table is not None, graph.history_slots > 0)
+    args += [values[n] for n in row_names]
+    names += row_names
+    if stochastic:
+        args.append(torch.randn(shape, generator=gen))
+        names.append("z")
+    module = RowStepModule(graph).eval()
+    if not dynamic_batch:
+        return module, tuple(args), names, None
+    batch_dim = torch.export.Dim("batch", min=1)
+    axis = {"x": 0, "labels": 0, "z": 0, "step": None}
+    spec = [None if axis.get(n, 1) is None else {axis.get(n, 1): batch_dim} for n in names]  # [S, B, ...]: 1
+    dyn = {"x": spec[0], "step": None, "labels": spec[2], "g1": spec[3], "rest": tuple(spec[4:])}  # (*rest)
+    return module, tuple(args), names, dyn
+
+
+def _metadata(sampler, graph: GuidedGraph, opset: int, per_row: bool = False) -> dict:
     from fastguide import __version__
 
     guidance, plan = sampler.guidance, sampler.solver.plan
@@ -319,6 +395,10 @@ def _metadata(sampler, graph: GuidedGraph, opset: int) -> dict:
         "table_classes": None if table is None else table.num_classes,
         "unknown_label": None if table is None else guidance.unknown_label,
         "history_slots": graph.history_slots, "init_scale": graph.init_scale,
+        "per_row": per_row, "kind": plan.kind, "interval": None if guidance.interval is None else list(guidance.interval),
+        "write_slots": None if plan.history is None else plan.history.write_slots.tolist(),
+        "table_timesteps": None if table is None or table.timesteps is None else table.timesteps.tolist(),
+        "out_of_range": None if table is None else guidance.out_of_range,
     }
 
 
@@ -353,6 +433,10 @@ def _loop_model(step):
         [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []), *carried_out],
         value_info=g.value_info)
     outer_inputs = [_renamed(inputs["x"], "noise"), inputs["labels"], inputs["g1"]]
+    per_row = bool(meta.get("per_row"))
+    if per_row:  # the rows' plans [S, B, ...], read by the body from the outer scope like labels and g1
+        outer_inputs += [inputs[n] for n in row_input_names("row_table_steps" in inputs, bool(slots))
+                         if n != HISTORY_INPUT]
     if "z" in inputs:
         z = _copy(inputs["z"], onnx.ValueInfoProto())
         z.type.tensor_type.shape.dim.insert(0, onnx.TensorShapeProto.Dimension(dim_value=int(meta["steps"])))
@@ -360,7 +444,16 @@ def _loop_model(step):
     inits = [numpy_helper.from_array(np.array(meta["steps"], dtype=np.int64), "loop_steps"),
              numpy_helper.from_array(np.array(True), "loop_true")]
     nodes, first = [], "noise"
-    if init_scale != 1.0:  # x_T = init_scale * noise, in float32 as the torch sampler's x * init_scale
+    if per_row:  # each row's x_T = init_scale[b] * noise[b]: init_scale [B, 1, 1, 1]
+        scale_shape = [inputs["x"].type.tensor_type.shape.dim[0]] + [1] * (len(inputs["x"].type.tensor_type.shape.dim) - 1)
+        scale = helper.make_tensor_value_info("init_scale", TensorProto.FLOAT, None)
+        scale.type.tensor_type.shape.dim.add().CopyFrom(scale_shape[0])
+        for _ in scale_shape[1:]:
+            scale.type.tensor_type.shape.dim.add().dim_value = 1
+        outer_inputs.append(scale)
+        nodes.append(helper.make_node("Mul", ["noise", "init_scale"], ["loop_x_first"]))
+        first = "loop_x_first"
+    elif init_scale != 1.0:  # x_T = init_scale * noise, in float32 as the torch sampler's x * init_scale
         inits.append(numpy_helper.from_array(np.array(init_scale, dtype=np.float32), "loop_init_scale"))
         nodes.append(helper.make_node("Mul", ["noise", "loop_init_scale"], ["loop_x_first"]))
         first = "loop_x_first"

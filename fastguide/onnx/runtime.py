@@ -67,6 +67,7 @@ class OnnxSampler:
         # graphs written before multistep export lack these keys: one-step plans starting from the noise itself
         self.history_slots = int(self.meta.get("history_slots", 0))
         self.init_scale = float(self.meta.get("init_scale", 1.0))
+        self.per_row = bool(self.meta.get("per_row", False))  # exported with per_row=True: sample(solvers=...)
 
     @staticmethod
     def _check_providers(providers, available) -> list[str]:
@@ -82,7 +83,7 @@ class OnnxSampler:
         return providers
 
     # ------------------------------------------------------------------ public
-    def sample(self, noise, labels, *, scale=None, seeds=None, step_noise=None):
+    def sample(self, noise, labels, *, scale=None, seeds=None, step_noise=None, solvers=None):
         """The fixed-NFE sample from ``noise`` [B, C, H, W] float32 with int64 ``labels`` [B].
 
         ``scale``: float or [B] (default: the exported rule's scale). Stochastic solvers draw their per-step
@@ -90,23 +91,43 @@ class OnnxSampler:
         [S, B, C, H, W] float32 is given. Returns a torch tensor for a torch input, else a numpy array.
         The first state is ``init_scale * noise`` (the plan's, from the metadata; the loop graph does it
         itself); a multistep plan's history slots start at zero and are carried from step to step.
+        ``solvers``: a graph exported with ``per_row=True`` takes B solvers, one per row, of the exported solver's
+        family with at most its steps (``Sampler.sample(solvers=...)``'s samples); other graphs take none.
         """
         x = self._float_input("noise", noise, (None, *self.latent_shape))
         batch = x.shape[0]
         lab = self._labels(labels, batch)
-        g1 = self._g1(scale, batch)
-        z = self._per_step_noise(step_noise, seeds, x.shape)
-        if self.mode == "loop":
-            out = self._run_once({"noise": x, "labels": lab, "g1": g1, **({} if z is None else {"z": z})})[0]
+        rows, init, plans = {}, None, None
+        if self.per_row:
+            if solvers is None:
+                raise ValueError("solvers: this graph takes a plan per row (exported with per_row=True); pass "
+                                 f"solvers=[...], {batch} solvers of the exported family")
+            plans = self._row_plans(solvers, batch)
+            rows, init = self._row_feeds(plans, lab, scale)
+            g1 = rows.pop("g1")
+        elif solvers is not None:
+            raise ValueError("solvers: this graph runs its exported plan for every row; export it with per_row=True "
+                             "to give each row its own solver")
         else:
-            if self.init_scale != 1.0:
+            g1 = self._g1(scale, batch)
+        z = self._per_step_noise(step_noise, seeds, x.shape, plans)
+        if self.mode == "loop":
+            feeds = {"noise": x, "labels": lab, "g1": g1, **rows, **({} if z is None else {"z": z})}
+            if init is not None:
+                feeds["init_scale"] = init
+            out = self._run_once(feeds)[0]
+        else:
+            if init is not None:
+                x = x * init
+            elif self.init_scale != 1.0:
                 x = x * np.float32(self.init_scale)  # float32, as the torch sampler's x * init_scale
             hist = np.zeros((self.history_slots, *x.shape), np.float32) if self.history_slots else None
             if self.io_binding:
-                out = self._steps_io_binding(x, lab, g1, z, hist)
+                out = self._steps_io_binding(x, lab, g1, z, hist, rows)
             else:
                 for i in range(self.steps):
-                    res = self._run_once(self._step_feeds(x, i, lab, g1, None if z is None else z[i], hist))
+                    res = self._run_once({**self._step_feeds(x, i, lab, g1, None if z is None else z[i], hist),
+                                          **rows})
                     x, hist = res[0], (res[1] if hist is not None else None)
                 out = x
         self._check_finite(out)
@@ -121,6 +142,8 @@ class OnnxSampler:
         if self.mode != "step":
             raise ValueError(f"step: this graph was exported with mode={self.mode!r}; use sample() or export "
                              "mode='step'")
+        if self.per_row:
+            raise ValueError("step: this graph takes a plan per row; use sample(solvers=...)")
         if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or not 0 <= step < self.steps:
             raise ValueError(f"step: expected a step index 0..{self.steps - 1}, got {step!r}")
         xa = self._float_input("x", x, (None, *self.latent_shape))
@@ -171,7 +194,7 @@ class OnnxSampler:
         self.session.run_with_iobinding(io)
         return io.copy_outputs_to_cpu()
 
-    def _steps_io_binding(self, x, labels, g1, z, history=None) -> np.ndarray:
+    def _steps_io_binding(self, x, labels, g1, z, history=None, rows=None) -> np.ndarray:
         """The step loop on the device: inputs copied once, x (and a multistep plan's history slots) ping-pong
         between two device buffers each."""
         ort = _import_ort()
@@ -180,8 +203,8 @@ class OnnxSampler:
             return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a), self.device_type, self.device_id)
 
         io = self.session.io_binding()
-        io.bind_ortvalue_input("labels", on_device(labels))
-        io.bind_ortvalue_input("g1", on_device(g1))
+        for name, value in {"labels": labels, "g1": g1, **(rows or {})}.items():
+            io.bind_ortvalue_input(name, on_device(value))
         step_ids = [on_device(np.array(i, dtype=np.int64)) for i in range(self.steps)]
         zs = None if z is None else [on_device(z[i]) for i in range(self.steps)]
 
@@ -263,7 +286,60 @@ class OnnxSampler:
             raise ValueError(f"scale: expected {batch} per-sample values (the batch), got {s.numel()}")
         return s.numpy().astype(np.float32)
 
-    def _per_step_noise(self, step_noise, seeds, x_shape) -> np.ndarray | None:
+    def _row_plans(self, solvers, batch: int):
+        """The rows' plans stacked to this graph's steps, checked against what the graph fixes."""
+        from fastguide.row_plans import RowPlans
+
+        if isinstance(solvers, (str, bytes)) or not hasattr(solvers, "__len__") or len(solvers) != batch:
+            raise ValueError(f"solvers: expected a sequence of {batch} fastguide solvers (one per row)")
+        for b, s in enumerate(solvers):
+            if not hasattr(s, "plan"):
+                raise TypeError(f"solvers: row {b} is a {type(s).__name__}, not a fastguide solver")
+            p = s.plan
+            wanted = {"kind": self.meta.get("kind", p.kind), "prediction_type": self.meta["prediction_type"],
+                      "clip_range": self.meta["clip_range"], "history_slots": self.history_slots}
+            for what, value in wanted.items():
+                if getattr(p, what) != value:
+                    raise ValueError(f"solvers: row {b}'s plan has {what} {getattr(p, what)!r}, the graph's "
+                                     f"{value!r}; give every row a solver of the exported family")
+            if p.steps > self.steps:
+                raise ValueError(f"solvers: row {b}'s plan has {p.steps} steps; this graph runs at most {self.steps}")
+        slots = self.meta.get("write_slots")
+        return RowPlans.stack([s.plan for s in solvers], self.steps,
+                              None if slots is None else torch.tensor(slots, dtype=torch.int64))
+
+    def _row_feeds(self, plans, labels, scale) -> tuple[dict, np.ndarray]:
+        """g1 [S, B] and the row_* inputs of a per-row graph, and each row's init_scale [B, 1, 1, 1]."""
+        from fastguide.guidance import CFG
+        from fastguide.row_plans import merge_guidance
+        from fastguide.table import grid_rows
+
+        default = self.meta.get("default_scale")
+        if scale is None and default is None:
+            raise ValueError("scale: this graph was exported with a per-sample scale; pass scale=")
+        if isinstance(scale, np.ndarray):
+            scale = torch.from_numpy(scale)
+        interval = self.meta.get("interval")
+        rule = CFG(1.0 if default is None else default, interval=None if interval is None else tuple(interval))
+        sg = merge_guidance(rule, plans, torch.from_numpy(labels), self.latent_shape,
+                            scale=None if scale is None else check_scale(scale))
+        f32 = lambda t: np.ascontiguousarray(t.to(torch.float32).numpy())  # noqa: E731
+        feeds = {"g1": f32(sg.g1), "row_t": f32(plans.timesteps), "row_coef": f32(plans.coef)}
+        if self.meta.get("table_classes") is not None:
+            grid = np.asarray(self.meta["table_timesteps"], dtype=np.float64)
+            steps = np.zeros((plans.steps, len(plans.plans), 2), np.int64)
+            w = np.zeros((plans.steps, len(plans.plans)), np.float32)
+            for b, p in enumerate(plans.plans):
+                i01, wb = grid_rows(grid, p.timesteps, self.meta.get("out_of_range") or "error")
+                steps[:p.steps, b], w[:p.steps, b] = i01.numpy(), wb.numpy()
+            feeds.update(row_table_steps=steps, row_table_w=w)
+        if self.history_slots:
+            feeds.update(row_hist_w=f32(plans.history.weights), row_write_coef=f32(plans.history.write_coef))
+        init = plans.init_scale
+        init = torch.full((len(plans.plans),), float(init)) if not isinstance(init, torch.Tensor) else init
+        return feeds, f32(init).reshape(-1, *([1] * len(self.latent_shape)))
+
+    def _per_step_noise(self, step_noise, seeds, x_shape, plans=None) -> np.ndarray | None:
         if not self.stochastic:
             if step_noise is not None:
                 raise ValueError("step_noise: this solver is deterministic; the graph has no z input")
@@ -272,7 +348,11 @@ class OnnxSampler:
             return None
         if step_noise is not None:
             return self._float_input("step_noise", step_noise, (self.steps, *x_shape))
-        if seeds is not None:
+        if seeds is not None and plans is not None:
+            from fastguide.row_plans import row_step_noise
+
+            z = row_step_noise(plans, check_seeds(seeds, x_shape[0]), x_shape[1:])
+        elif seeds is not None:
             z = seeded_step_noise(check_seeds(seeds, x_shape[0]), self.steps, x_shape[1:], torch.float32, "cpu")
         else:
             z = torch.randn((self.steps, *x_shape), dtype=torch.float32)
