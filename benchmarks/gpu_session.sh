@@ -36,7 +36,8 @@ case "${1:-}" in
 tests)
     FASTGUIDE_TEST_CUDA=1 python3 -m pytest -q -x tests/kernels/test_guided_step.py tests/test_sampler_compile.py \
         tests/kernels/test_torch_step.py tests/test_sampler.py tests/test_loop.py tests/test_multistep.py \
-        tests/kernels/test_guided_step_rules.py tests/test_guidance_rules.py 2>&1 | tee "$OUT/tests-cuda.log"
+        tests/kernels/test_guided_step_rules.py tests/test_guidance_rules.py tests/kernels/test_guided_step_rows.py \
+        tests/test_row_plans.py 2>&1 | tee "$OUT/tests-cuda.log"
     ;;
 kernel)
     python3 benchmarks/report_guided_step.py --write 2>&1 | tee "$OUT/kernel.log"
