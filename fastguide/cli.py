@@ -12,6 +12,7 @@ COMMAND_MODULES = [
     "fastguide.commands.demo",
     "fastguide.commands.bench",
     "fastguide.commands.sample",
+    "fastguide.commands.serve",
     "fastguide.commands.train",
     "fastguide.commands.build_table",
     "fastguide.commands.table_info",

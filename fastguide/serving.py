@@ -29,7 +29,7 @@ from typing import Callable, Mapping
 import numpy as np
 import torch
 
-from fastguide.checks import check_int, check_seed
+from fastguide.checks import check_int, check_seed, real
 from fastguide.loop import BufferCache
 from fastguide.noise import seeded_noise
 from fastguide.sampler import Sampler
@@ -132,7 +132,7 @@ def _prom_value(v) -> str:
 class Batcher:
     """Co-batches :meth:`submit`-ted requests into Sampler calls with a plan per row.
 
-    ``model``, ``null_cond``, ``backend``: as :class:`fastguide.Sampler`'s. ``solver_for(steps)``: the solver of a
+    ``model``, ``null_cond``, ``backend``, ``cond_first``: as :class:`fastguide.Sampler`'s. ``solver_for(steps)``: the solver of a
     request's step count (one solver family; each count's solver is made once). ``rules``: rule name -> guidance
     rule (its scale is the default; a request's scale overrides it); requests of different rules never share a
     batch. ``latent_shape``: one sample's shape. ``buckets``: the batch sizes a batch is padded to (increasing);
@@ -149,7 +149,8 @@ class Batcher:
     def __init__(self, model, solver_for: Callable[[int], object], rules: Mapping[str, object], *, null_cond,
                  latent_shape, buckets=DEFAULT_BUCKETS, max_wait_s: float = 0.01, max_queue: int = 1024,
                  steps_range=(1, 50), num_classes=None, device="cpu", dtype=torch.float32, backend: str = "auto",
-                 compile: bool = False, cuda_graph: bool = False, pad_cond: int = 0, step_buckets=None):
+                 compile: bool = False, cuda_graph: bool = False, pad_cond: int = 0, step_buckets=None,
+                 cond_first: bool = True):
         if not callable(solver_for):
             raise TypeError("solver_for: expected a callable steps -> fastguide solver")
         if not isinstance(rules, Mapping) or not rules:
@@ -176,7 +177,7 @@ class Batcher:
         self._solver_for, self._solvers = solver_for, {}
         first_rule = next(iter(self.rules.values()))
         self.sampler = Sampler(model, self.solver(lo), first_rule, null_cond=null_cond, backend=backend,
-                               progress=False, check_finite=False, num_classes=num_classes)
+                               cond_first=cond_first, progress=False, check_finite=False, num_classes=num_classes)
         for name, rule in self.rules.items():
             if not isinstance(name, str) or not name or not name.replace("-", "").replace("_", "").isalnum():
                 raise ValueError(f"rules: names must be non-empty strings of letters, digits, - and _, got {name!r}")
@@ -202,6 +203,11 @@ class Batcher:
         self.warmup_s: dict[str, float] = {}
 
     # ------------------------------------------------------------------ lifecycle
+    @property
+    def running(self) -> bool:
+        """Started and not closing: :meth:`submit` takes requests."""
+        return self._thread is not None and not self._closing
+
     def solver(self, steps: int):
         """The solver of ``steps`` (made once per count)."""
         s = self._solvers.get(steps)
@@ -273,6 +279,7 @@ class Batcher:
             scale = float(self.rules[rule].scale)
         if isinstance(scale, bool) or not isinstance(scale, (int, float, np.integer, np.floating)):
             raise TypeError(f"scale: expected a number, got {type(scale).__name__} {scale!r}")
+        scale = real(scale, "scale")
         if not math.isfinite(scale) or scale < 0:
             raise ValueError(f"scale: expected a finite number >= 0, got {scale}")
         return SampleRequest(int(cond), seed, int(steps), float(scale), rule)
@@ -418,7 +425,7 @@ def _quantile(sorted_values: list[float], q: float) -> float:
 
 def digits_batcher(*, buckets=DEFAULT_BUCKETS, max_wait_s: float = 0.01, max_queue: int = 1024, solver: str = "unipc",
                    steps_range=(2, 50), device="cpu", backend: str = "auto", compile: bool = False,
-                   scale: float = 3.0, tables: bool = True) -> Batcher:
+                   cuda_graph: bool = False, step_buckets=None, scale: float = 3.0, tables: bool = True) -> Batcher:
     """A batcher over the embedded digits model with ``solver`` (``fastguide.demo.digits.SOLVERS``; UniPC, the
     demo's default, needs 2 steps at least): rules "cfg", "cfg-zero-star", "apg" and, with ``tables``, the ReCFG
     rules "recfg-paper" and "recfg-ls" (the shipped tables), all at ``scale`` by default."""
@@ -430,4 +437,4 @@ def digits_batcher(*, buckets=DEFAULT_BUCKETS, max_wait_s: float = 0.01, max_que
     return Batcher(digits.load_digits_model(device=device), lambda n: digits.make_solver(solver, n), rules,
                    null_cond=digits.NULL_LABEL, latent_shape=digits.IMAGE_SHAPE, buckets=buckets,
                    max_wait_s=max_wait_s, max_queue=max_queue, steps_range=steps_range, device=device,
-                   backend=backend, compile=compile)
+                   backend=backend, compile=compile, cuda_graph=cuda_graph, step_buckets=step_buckets)
