@@ -1,7 +1,7 @@
 """A bounded load test of `fastguide serve` on loopback (the serving issue's goals).
 
     python benchmarks/load_test.py [--requests 2000] [--concurrency 64] [--malformed-fraction 0.05]
-        [--buckets 1,4,16,64] [--max-wait-ms 10] [--time-limit 600] [--out benchmarks/load-test-cpu.json]
+        [--buckets 1,2,4,8,16,32,64] [--max-wait-ms 10] [--time-limit 600] [--out benchmarks/load-test-cpu.json]
 
 Starts `python -m fastguide serve` on a free loopback port (warmed up unless --no-warmup) and sends --requests
 requests from --concurrency threads, each with one keep-alive http.client connection: --malformed-fraction of them
@@ -294,7 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--requests", type=int, default=2000)
     p.add_argument("--concurrency", type=int, default=64)
     p.add_argument("--malformed-fraction", type=float, default=0.05)
-    p.add_argument("--buckets", default="1,4,16,64")
+    p.add_argument("--buckets", default="1,2,4,8,16,32,64")
     p.add_argument("--max-wait-ms", type=float, default=10.0)
     p.add_argument("--time-limit", type=float, default=600.0, help="seconds for the load; later requests are not sent")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))

@@ -34,7 +34,7 @@ from fastguide.loop import BufferCache
 from fastguide.noise import seeded_noise
 from fastguide.sampler import Sampler
 
-DEFAULT_BUCKETS = (1, 4, 16, 64)
+DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 32, 64)  # fine steps: a batch is padded by less than 2x
 LATENCY_WINDOW = 4096  # completed requests the latency percentiles are taken over
 
 
@@ -218,14 +218,14 @@ class Batcher:
         return s
 
     def start(self, warmup: bool = True) -> "Batcher":
-        """Start the worker; with ``warmup``, first run one batch of every bucket size and rule (at the largest
-        step count, so compiled code and captured graphs exist before the first request), timing each."""
+        """Start the worker; with ``warmup``, first run one batch of every bucket size and rule (and loop length of
+        ``step_buckets``: compiled code and captured graphs exist before the first request), timing each."""
         if self._thread is not None:
             raise RuntimeError("start: the batcher is already started")
         if warmup:
             for name in self.rules:
                 for bucket in self.buckets:
-                    for steps in self.step_buckets or (self.steps_range[1],):
+                    for steps in self.step_buckets or (self.steps_range[0],):  # compiled code is per step
                         fill = [SampleRequest(self.pad_cond, 0, min(steps, self.steps_range[1]), 2.0, name)]
                         began = time.perf_counter()
                         self._run(fill, bucket)

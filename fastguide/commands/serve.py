@@ -30,7 +30,7 @@ def add_parser(sub):
                    help="address to listen on; 0.0.0.0 (or ::) exposes the server, which has no authentication, to "
                         "every network this machine is on")
     p.add_argument("--port", type=int, default=8000, help="TCP port (0: any free one; the listening line says which)")
-    p.add_argument("--buckets", default="1,4,16,64",
+    p.add_argument("--buckets", default="1,2,4,8,16,32,64",
                    help="increasing batch sizes a batch is padded to (each is a static shape, warmed up once)")
     p.add_argument("--max-wait-ms", type=float, default=10.0,
                    help="how long the oldest queued request waits for its batch to fill")
