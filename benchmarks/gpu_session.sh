@@ -5,7 +5,7 @@
 # but not diffusers (the bench's diffusers-style baseline and the DiT-XL/2-shaped network need it):
 #   echo /.whl/ >> .git/info/exclude
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-#       --platform manylinux2014_x86_64 -d .whl diffusers==0.42.1 importlib_metadata
+#       --platform manylinux2014_x86_64 -d .whl diffusers==0.42.1 importlib_metadata starlette uvicorn h11 click anyio
 # Then, on the device (carry [".whl"]), one part per command, in this order (results land in $OUT):
 #   bash benchmarks/gpu_session.sh tests      # the CUDA tests: kernel vs reference, graph replay == eager
 #   bash benchmarks/gpu_session.sh kernel     # fused-kernel roofline table -> $OUT/RESULTS.md
@@ -15,6 +15,7 @@
 #   bash benchmarks/gpu_session.sh digits     # the digits UNet, batch 1/8/64
 #   bash benchmarks/gpu_session.sh dit-dpm 8  # DiT-XL/2, NFE 8, DPM-Solver++ 2M and UniPC vs diffusers' own schedulers
 #   bash benchmarks/gpu_session.sh overhead   # per-step overhead of CFG, rescale, CFG-Zero*, APG vs diffusers' guiders
+#   bash benchmarks/gpu_session.sh serve      # the load test of `fastguide serve` on the GPU (2000 requests, mixed NFE)
 # (the kernel part's table includes the multistep steps: cfg-dpm2m reads 1 history slot and writes 1, cfg-unipc3
 # reads 4 and writes 2; and the reduction rules cfg-rescale, cfg-zero-star, apg: the moments pre-pass + the step)
 # Untimed estimate: each dit part compiles DiT-XL/2 about six times (inductor, max-autotune for the floor); if a
@@ -60,12 +61,15 @@ overhead)
     python3 -m fastguide.cli bench --overhead --device cuda --batch 1 --batch 64 --reps 7 --rule cfg --rule cfg-rescale \
         --rule cfg-zero-star --rule apg --json "$OUT/overhead-cuda-rules.json" 2>&1 | tee "$OUT/overhead-rules.log"
     ;;
+serve)
+    python3 benchmarks/load_test.py --device cuda --out "$OUT/load-test-cuda.json" 2>&1 | tee "$OUT/load-test.log"
+    ;;
 digits)
     python3 -m fastguide.cli bench --model digits --reps 7 --json "$OUT/bench-cuda-digits.json" 2>&1 \
         | tee "$OUT/bench-digits.log"
     ;;
 *)
-    echo "usage: bash benchmarks/gpu_session.sh tests|kernel|dit BATCH|dit-dpm BATCH|digits" >&2
+    echo "usage: bash benchmarks/gpu_session.sh tests|kernel|dit BATCH|dit-dpm BATCH|digits|overhead|serve" >&2
     exit 2
     ;;
 esac
