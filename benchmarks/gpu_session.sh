@@ -5,7 +5,7 @@
 # but not diffusers (the bench's diffusers-style baseline and the DiT-XL/2-shaped network need it):
 #   echo /.whl/ >> .git/info/exclude
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-#       --platform manylinux2014_x86_64 -d .whl diffusers==0.42.1 importlib_metadata starlette uvicorn h11 click anyio
+#       --platform manylinux2014_x86_64 -d .whl diffusers==0.42.1 importlib_metadata starlette uvicorn h11 click anyio idna sniffio typing_extensions
 # Then, on the device (carry [".whl"]), one part per command, in this order (results land in $OUT):
 #   bash benchmarks/gpu_session.sh tests      # the CUDA tests: kernel vs reference, graph replay == eager
 #   bash benchmarks/gpu_session.sh kernel     # fused-kernel roofline table -> $OUT/RESULTS.md
