@@ -71,4 +71,23 @@ def solver_from_diffusers(scheduler, steps: int, **kw):
     name = scheduler_class(scheduler)
     if name not in SOLVERS:
         raise ValueError(f"scheduler: {name} is not supported yet (supported: {', '.join(sorted(SOLVERS))})")
-    return SOLVERS[name](cfg, steps, **kw)
+    return SOLVERS[name](_keys_the_class_takes(cfg, name), steps, **kw)
+
+
+def _keys_the_class_takes(cfg: dict, name: str) -> dict:
+    """``cfg`` without the keys that diffusers' ``name`` class does not take: ``Scheduler.from_config(other.config)``
+    carries the other scheduler's keys along (a DDIM made from SD's PNDM config keeps ``skip_prk_steps``), and the
+    class ignores them, so they say nothing about how it steps. Without diffusers every key is kept (and checked)."""
+    import inspect
+
+    try:
+        import diffusers
+    except ImportError:
+        return cfg
+    cls = getattr(diffusers, name, None)
+    if cls is None:
+        return cfg
+    params = inspect.signature(cls.__init__).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return cfg
+    return {k: v for k, v in cfg.items() if k in params}

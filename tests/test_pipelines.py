@@ -1,0 +1,187 @@
+"""fastguide.pipelines: a diffusers pipeline's own call with fastguide's sampler, against ``pipe(...)`` itself.
+
+Tiny random-weight pipelines built offline from configs: Stable Diffusion (UNet2DConditionModel, a CLIP text
+encoder from a transformers config, a CLIP tokenizer from vocabulary files this module writes, AutoencoderKL) and
+DiT (DiTTransformer2DModel, AutoencoderKL). fastguide's images equal ``pipe(...).images`` for the same prompts,
+negative prompts, steps, scale and per-image generators within 1e-4 (float32), with the pipeline's default
+scheduler and with others; every output type; bad input named."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import fastguide as fg
+from fastguide.pipelines import from_pipe
+
+diffusers = pytest.importorskip("diffusers")
+transformers = pytest.importorskip("transformers")
+from diffusers import (AutoencoderKL, DDIMScheduler, DiTPipeline, DiTTransformer2DModel,  # noqa: E402
+                       DPMSolverMultistepScheduler, EulerDiscreteScheduler, PNDMScheduler, StableDiffusionPipeline,
+                       UNet2DConditionModel, UniPCMultistepScheduler)
+
+TOL = 1e-4
+PROMPTS, NEGATIVES = ["a cat", "low dog", "lower"], ["", "blurry", "low"]
+
+
+def clip_byte_characters() -> list[str]:
+    """GPT-2 / CLIP's byte-to-unicode table: the 256 characters byte-level BPE vocabularies are built from."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return [chr(c) for c in cs]
+
+
+@pytest.fixture(scope="module")
+def sd_pipe(tmp_path_factory):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    d = tmp_path_factory.mktemp("clip_vocab")
+    chars = clip_byte_characters()
+    tokens = chars + [c + "</w>" for c in chars] + ["lo", "low</w>", "<|startoftext|>", "<|endoftext|>"]
+    (d / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}))
+    (d / "merges.txt").write_text("#version: 0.2\nl o\nlo w</w>\n")
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(block_out_channels=(4, 8), layers_per_block=1, sample_size=8, in_channels=4,
+                                out_channels=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32,
+                                norm_num_groups=2)
+    vae = AutoencoderKL(block_out_channels=[4, 8], in_channels=3, out_channels=3, latent_channels=4,
+                        down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
+                        norm_num_groups=2)
+    text = CLIPTextModel(CLIPTextConfig(bos_token_id=0, eos_token_id=2, hidden_size=32, intermediate_size=37,
+                                        num_attention_heads=4, num_hidden_layers=2, pad_token_id=1, vocab_size=1000,
+                                        max_position_embeddings=77))
+    tokenizer = CLIPTokenizer(str(d / "vocab.json"), str(d / "merges.txt"), model_max_length=77)
+    scheduler = PNDMScheduler(skip_prk_steps=True, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                              steps_offset=1, set_alpha_to_one=False)  # SD 1.x's shipped scheduler
+    pipe = StableDiffusionPipeline(unet=unet.eval(), vae=vae.eval(), text_encoder=text.eval(), tokenizer=tokenizer,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def generators(seeds=(1, 2, 3)):
+    return [torch.Generator().manual_seed(s) for s in seeds]
+
+
+def as_tensor(images):
+    if isinstance(images, list):  # PIL images
+        return torch.stack([torch.from_numpy(np.asarray(im).astype(np.float32)) for im in images])
+    return torch.as_tensor(np.asarray(images) if not isinstance(images, torch.Tensor) else images)
+
+
+def assert_close(got, want, tol=TOL):
+    got, want = as_tensor(got), as_tensor(want)
+    assert got.shape == want.shape
+    err = float((got - want).abs().max() / max(1.0, float(want.abs().max())))
+    assert err <= tol, f"max |fastguide - pipe| / max(1, |pipe|) = {err:.3g} > {tol}"
+
+
+@pytest.mark.parametrize("scheduler", ["pndm (shipped)", "ddim", "dpm++2m", "unipc", "euler"])
+def test_sd_images_equal_the_pipelines_own(sd_pipe, scheduler):
+    classes = {"ddim": DDIMScheduler, "dpm++2m": DPMSolverMultistepScheduler, "unipc": UniPCMultistepScheduler,
+               "euler": EulerDiscreteScheduler}
+    shipped = sd_pipe.scheduler
+    try:
+        if scheduler in classes:
+            sd_pipe.scheduler = classes[scheduler].from_config(shipped.config)
+        fast = from_pipe(sd_pipe)
+        for steps, scale in ((4, 5.0), (6, 1.0)):
+            kw = dict(negative_prompt=NEGATIVES, num_inference_steps=steps, guidance_scale=scale, output_type="np")
+            want = sd_pipe(PROMPTS, generator=generators(), **kw).images
+            got = fast(PROMPTS, generator=generators(), **kw)
+            assert_close(got, want)
+            assert as_tensor(want).std() > 0.01  # not a constant image
+    finally:
+        sd_pipe.scheduler = shipped
+
+
+def test_sd_every_output_type_and_a_single_generator(sd_pipe):
+    fast = from_pipe(sd_pipe)
+    kw = dict(num_inference_steps=3, guidance_scale=4.0)
+    for output_type in ("pil", "pt", "latent"):
+        want = sd_pipe(PROMPTS[:2], generator=torch.Generator().manual_seed(9), output_type=output_type, **kw).images
+        got = fast(PROMPTS[:2], generator=torch.Generator().manual_seed(9), output_type=output_type, **kw)
+        assert type(got) is type(want)
+        assert_close(got, want, tol=1.0 / 255 if output_type == "pil" else TOL)  # PIL: one 8-bit level of rounding
+
+
+def test_sd_negative_prompts_matter_and_rules_and_seeds(sd_pipe):
+    fast = from_pipe(sd_pipe)
+    kw = dict(num_inference_steps=4, guidance_scale=5.0, output_type="latent")
+    plain = fast(PROMPTS, generator=generators(), **kw)
+    negated = fast(PROMPTS, negative_prompt=NEGATIVES, generator=generators(), **kw)
+    assert torch.equal(plain[0], negated[0])  # "" is the default negative prompt
+    assert not torch.allclose(plain[1], negated[1], atol=1e-3)
+    apg = fast(PROMPTS, guidance=fg.APG(5.0, eta=0.0), generator=generators(), **kw)
+    assert not torch.allclose(apg, plain, atol=1e-3)
+    seeded = fast(PROMPTS, seeds=[4, 5, 6], **kw)
+    alone = fast([PROMPTS[1]], seeds=[5], **kw)[0]  # per-prompt seeds: the same noise in any batch (the network's
+    assert_close(alone, seeded[1])  # floats can move with the batch size, so not bit for bit)
+    assert not torch.allclose(alone, seeded[2], atol=1e-2)
+
+
+def test_sd_bad_input(sd_pipe):
+    fast = from_pipe(sd_pipe)
+    with pytest.raises(ValueError, match="negative_prompt: expected a string or 3 strings"):
+        fast(PROMPTS, negative_prompt=["a", "b"], num_inference_steps=2)
+    with pytest.raises(ValueError, match="generator: a list of 2 generators for 3 images"):
+        fast(PROMPTS, generator=generators((1, 2)), num_inference_steps=2)
+    with pytest.raises(ValueError, match="seeds: pass seeds or generator, not both"):
+        fast(PROMPTS, generator=generators(), seeds=[1, 2, 3], num_inference_steps=2)
+    with pytest.raises(ValueError, match="seeds: expected 3 seeds"):
+        fast(PROMPTS, seeds=[1], num_inference_steps=2)
+    with pytest.raises(ValueError, match="output_type: expected one of"):
+        fast(PROMPTS, output_type="jpeg", num_inference_steps=2)
+    with pytest.raises(ValueError, match="num_inference_steps: expected an int >= 1"):
+        fast(PROMPTS, num_inference_steps=0)
+    with pytest.raises(TypeError, match="prompt: expected a string or a non-empty list"):
+        fast([], num_inference_steps=2)
+    with pytest.raises(ValueError, match="height, width: expected multiples of 2"):
+        fast(PROMPTS, height=15, num_inference_steps=2)
+
+
+@pytest.fixture(scope="module")
+def dit_pipe():
+    torch.manual_seed(12)
+    dit = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8,
+                                num_layers=2, sample_size=8, patch_size=2, num_embeds_ada_norm=1000).eval()
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8,),
+                        down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",),
+                        norm_num_groups=4).eval()
+    pipe = DiTPipeline(transformer=dit, vae=vae, scheduler=DDIMScheduler())
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.mark.parametrize("scheduler", ["ddim", "dpm++2m"])
+def test_dit_images_equal_the_pipelines_own(dit_pipe, scheduler):
+    shipped = dit_pipe.scheduler
+    try:
+        if scheduler == "dpm++2m":
+            dit_pipe.scheduler = DPMSolverMultistepScheduler.from_config(shipped.config)
+        fast = from_pipe(dit_pipe)
+        labels = [3, 999, 41]
+        for output_type in ("np", "pt", "pil"):
+            kw = dict(num_inference_steps=5, guidance_scale=4.0, output_type=output_type)
+            want = dit_pipe(labels, generator=generators(), **kw).images
+            got = fast(labels, generator=generators(), **kw)
+            assert_close(got, want, tol=1.0 / 255 if output_type == "pil" else TOL)
+    finally:
+        dit_pipe.scheduler = shipped
+
+
+def test_unsupported_pipelines_are_refused(dit_pipe):
+    class SomePipeline:
+        pass
+
+    with pytest.raises(ValueError, match="pipe: SomePipeline is not supported"):
+        from_pipe(SomePipeline())
+    with pytest.raises(TypeError, match="class_labels: expected a non-empty list"):
+        from_pipe(dit_pipe)(7)
