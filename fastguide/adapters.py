@@ -11,6 +11,8 @@ the scheduler config it came with (``solver(steps)``).
 - :class:`DiTAdapter`: ``DiTTransformer2DModel``; cond = class ids, null = ``num_embeds_ada_norm``.
 - :class:`UNet2DConditionAdapter`: ``UNet2DConditionModel``; cond = prompt embeddings [N, L, D], null = the
   negative / empty-prompt embedding.
+- :class:`SDXLAdapter`: SDXL's ``UNet2DConditionModel``; cond = packed prompt embeddings, pooled vector and time
+  ids [N, L + k, D] (below), null = the packed negative.
 - :class:`SD3Adapter`: ``SD3Transformer2DModel``; cond = packed [N, L + k, D] (below), null = the packed negative /
   empty prompt; FlowEuler (velocity).
 
@@ -253,6 +255,57 @@ class UNet2DConditionAdapter(_TextAdapter):
         _check_t(t, x.shape[0])
         _check_embeddings(cond, x.shape[0], tuple(self.null_cond.shape))
         out = self.model(x, t, encoder_hidden_states=cond.to(x.dtype)).sample
+        return _output_half(out, x.shape[1])
+
+
+class SDXLAdapter(_TextAdapter):
+    """``UNet2DConditionModel`` with SDXL's added conditions (``addition_embed_type="text_time"``): cond =
+    :meth:`pack` (prompt embeddings [N, L, D], pooled [N, P], time ids [N, T]) -> [N, L + k, D], the pooled vector
+    and the time ids zero-padded into k extra rows, so each sample carries its own (as SD3's pooled vector);
+    ``null_cond`` the packed negative. Batch layout as StableDiffusionXLPipeline: [negative | prompt]."""
+
+    def __init__(self, unet, null_cond: torch.Tensor, pooled_dim: int, scheduler_config=None):
+        _check_model(unet, "UNet2DConditionModel", "unet")
+        cfg = unet.config
+        if cfg.addition_embed_type != "text_time":
+            raise ValueError(f"unet: expected SDXL's added conditions (addition_embed_type 'text_time'), got "
+                             f"{cfg.addition_embed_type!r}; use UNet2DConditionAdapter for SD 1.x / 2.x")
+        if cfg.time_cond_proj_dim is not None or cfg.class_embed_type is not None:
+            raise ValueError("unet: needs a guidance embedding or class embeddings this adapter does not pass "
+                             f"(time_cond_proj_dim={cfg.time_cond_proj_dim!r}, class_embed_type={cfg.class_embed_type!r})")
+        in_features = unet.add_embedding.linear_1.in_features
+        ids, rest = divmod(in_features - int(pooled_dim), int(cfg.addition_time_embed_dim))
+        if ids < 1 or rest:
+            raise ValueError(f"pooled_dim: {pooled_dim} does not fit the UNet's added embedding ({in_features} inputs "
+                             f"= {cfg.addition_time_embed_dim} x time ids + the pooled dim)")
+        self.joint_dim, self.pooled_dim, self.time_ids = int(cfg.cross_attention_dim), int(pooled_dim), ids
+        self.vector_dim = self.pooled_dim + ids
+        self.pooled_rows = math.ceil(self.vector_dim / self.joint_dim)
+        null = _check_null_tensor(null_cond, "null_cond")
+        if null.ndim != 2 or null.shape[1] != self.joint_dim or null.shape[0] <= self.pooled_rows:
+            raise ValueError(f"null_cond: expected a packed condition [L + {self.pooled_rows}, {self.joint_dim}] "
+                             f"(SDXLAdapter.pack), got {tuple(null.shape)}")
+        super().__init__(unet, null, scheduler_config)
+
+    def pack(self, embeds: torch.Tensor, pooled: torch.Tensor, time_ids: torch.Tensor) -> torch.Tensor:
+        if not isinstance(time_ids, torch.Tensor) or tuple(time_ids.shape) != (embeds.shape[0], self.time_ids):
+            raise ValueError(f"time_ids: expected [{embeds.shape[0]}, {self.time_ids}], got "
+                             f"{tuple(time_ids.shape) if isinstance(time_ids, torch.Tensor) else type(time_ids).__name__}")
+        vector = torch.cat([pooled.to(embeds), time_ids.to(embeds)], dim=1)
+        return pack_tokens_and_pooled(embeds, vector, self.joint_dim, self.vector_dim)
+
+    def unpack(self, cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The inverse of :meth:`pack`: (embeddings, pooled, time ids)."""
+        k = self.pooled_rows
+        vector = cond[:, -k:].reshape(cond.shape[0], -1)
+        return cond[:, :-k], vector[:, :self.pooled_dim], vector[:, self.pooled_dim:self.vector_dim]
+
+    def forward(self, x, t, cond):
+        _check_t(t, x.shape[0])
+        _check_embeddings(cond, x.shape[0], tuple(self.null_cond.shape))
+        embeds, pooled, time_ids = self.unpack(cond.to(x.dtype))
+        out = self.model(x, t, encoder_hidden_states=embeds,
+                         added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample
         return _output_half(out, x.shape[1])
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from fastguide.adapters import DiTAdapter, UNet2DConditionAdapter
+from fastguide.adapters import DiTAdapter, SDXLAdapter, UNet2DConditionAdapter, pack_tokens_and_pooled
 from fastguide.diffusers_schedulers import solver_from_diffusers
 from fastguide.guidance import CFG, check_guidance
 from fastguide.noise import seeded_noise
@@ -107,6 +107,33 @@ def _check_steps(steps) -> int:
     return steps
 
 
+def _prompts(prompt) -> list[str]:
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt) if isinstance(prompt, (list, tuple)) else None
+    if not prompts or not all(isinstance(p, str) for p in prompts):
+        raise TypeError(f"prompt: expected a string or a non-empty list of strings, got {type(prompt).__name__}")
+    return prompts
+
+
+def _negatives(negative_prompt, count: int, default=""):
+    """One negative prompt per prompt (``default`` for None: "" or, where the pipeline treats None its own way,
+    None itself)."""
+    if negative_prompt is None:
+        return default if default is None else [default] * count
+    if isinstance(negative_prompt, str):
+        return [negative_prompt] * count
+    negatives = list(negative_prompt)
+    if len(negatives) != count or not all(isinstance(n, str) for n in negatives):
+        raise ValueError(f"negative_prompt: expected a string or {count} strings (one per prompt), got {len(negatives)}")
+    return negatives
+
+
+def _latent_shape(pipe, height, width, channels: int, batch: int) -> tuple:
+    f = pipe.vae_scale_factor
+    if height % f or width % f:
+        raise ValueError(f"height, width: expected multiples of {f}, got {height} x {width}")
+    return batch, channels, height // f, width // f
+
+
 class StableDiffusion(FastPipeline):
     """``StableDiffusionPipeline`` (SD 1.x / 2.x: UNet2DConditionModel, CLIP text encoder, AutoencoderKL)."""
 
@@ -125,26 +152,15 @@ class StableDiffusion(FastPipeline):
         output_type).images``, with ``guidance`` any fastguide rule (default CFG(guidance_scale)) and ``seeds``
         per-image seeds instead of ``generator``."""
         pipe = self.pipe
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt) if isinstance(prompt, (list, tuple)) else None
-        if not prompts or not all(isinstance(p, str) for p in prompts):
-            raise TypeError(f"prompt: expected a string or a non-empty list of strings, got {type(prompt).__name__}")
-        if negative_prompt is None or isinstance(negative_prompt, str):
-            negatives = [negative_prompt or ""] * len(prompts)
-        else:
-            negatives = list(negative_prompt)
-            if len(negatives) != len(prompts) or not all(isinstance(n, str) for n in negatives):
-                raise ValueError(f"negative_prompt: expected a string or {len(prompts)} strings (one per prompt), got "
-                                 f"{len(negatives)}")
+        prompts = _prompts(prompt)
+        negatives = _negatives(negative_prompt, len(prompts))
         steps, output_type = _check_steps(num_inference_steps), _check_output_type(output_type)
         rule = self._rule(guidance, guidance_scale)
         device = pipe._execution_device
         cond, null = pipe.encode_prompt(prompts, device, 1, True, negative_prompt=negatives)
         size = pipe.unet.config.sample_size * pipe.vae_scale_factor
         height, width = height or size, width or size
-        if height % pipe.vae_scale_factor or width % pipe.vae_scale_factor:
-            raise ValueError(f"height, width: expected multiples of {pipe.vae_scale_factor}, got {height} x {width}")
-        shape = (len(prompts), pipe.unet.config.in_channels, height // pipe.vae_scale_factor,
-                 width // pipe.vae_scale_factor)
+        shape = _latent_shape(pipe, height, width, pipe.unet.config.in_channels, len(prompts))
         noise = self._noise(shape, generator, seeds, device, cond.dtype)
         latents = self._sample(noise, cond, null, steps, rule, seeds)
         if output_type == "latent":
@@ -153,6 +169,80 @@ class StableDiffusion(FastPipeline):
             image = pipe.vae.decode(latents / pipe.vae.config.scaling_factor, return_dict=False,
                                     generator=generator)[0]
         return pipe.image_processor.postprocess(image, output_type=output_type, do_denormalize=[True] * len(prompts))
+
+
+class StableDiffusionXL(FastPipeline):
+    """``StableDiffusionXLPipeline`` (two CLIP text encoders; pooled embeddings and time ids as added conditions,
+    carried per sample in the packed condition of :class:`fastguide.adapters.SDXLAdapter`)."""
+
+    def __init__(self, pipe, *, backend: str = "auto", progress: bool = False):
+        if pipe.text_encoder_2 is None:
+            raise ValueError("pipe: needs text_encoder_2 (its projection dim sizes the pooled condition)")
+        self.projection_dim = int(pipe.text_encoder_2.config.projection_dim)
+        ids = self._time_ids(pipe, 1, (8, 8), None, None, (0, 0), torch.float32)
+        null = self._encode(pipe, [""], None, ids)[1][0]  # the shape of a packed negative (each call packs its own)
+        adapter = SDXLAdapter(pipe.unet, null, self.projection_dim, pipe.scheduler)
+        super().__init__(pipe, adapter, null, cond_first=False, backend=backend, progress=progress)
+
+    def _time_ids(self, pipe, batch, size, original_size, target_size, crops, dtype) -> torch.Tensor:
+        ids = pipe._get_add_time_ids(tuple(original_size or size), tuple(crops), tuple(target_size or size),
+                                     dtype=dtype, text_encoder_projection_dim=self.projection_dim)
+        return ids.repeat(batch, 1)
+
+    @staticmethod
+    def _encode(pipe, prompts, negatives, time_ids):
+        """(cond, null): the packed prompt and negative conditions [B, L + k, D]."""
+        embeds, neg, pooled, neg_pooled = pipe.encode_prompt(prompt=prompts, device=pipe._execution_device,
+                                                             num_images_per_prompt=1,
+                                                             do_classifier_free_guidance=True,
+                                                             negative_prompt=negatives)
+        def pack(e, p, t):  # SDXLAdapter.pack, also before the adapter (which needs the packed null) exists
+            vector = torch.cat([p.to(e), t.to(e)], dim=1)
+            return pack_tokens_and_pooled(e, vector, e.shape[2], vector.shape[1])
+
+        time_ids = time_ids.to(embeds.device)
+        return pack(embeds, pooled, time_ids), pack(neg, neg_pooled, time_ids)
+
+    def __call__(self, prompt, negative_prompt=None, *, num_inference_steps: int = 50, guidance_scale: float = 5.0,
+                 guidance=None, generator=None, seeds=None, height: int | None = None, width: int | None = None,
+                 original_size=None, target_size=None, crops_coords_top_left=(0, 0), output_type: str = "pil"):
+        """``pipe(prompt, negative_prompt, num_inference_steps, guidance_scale, generator, height, width,
+        original_size, target_size, crops_coords_top_left, output_type).images`` (a None negative prompt is the
+        pipeline's: zeros with ``force_zeros_for_empty_prompt``)."""
+        pipe = self.pipe
+        prompts = _prompts(prompt)
+        negatives = _negatives(negative_prompt, len(prompts), default=None)
+        steps, output_type = _check_steps(num_inference_steps), _check_output_type(output_type)
+        rule = self._rule(guidance, guidance_scale)
+        size = pipe.default_sample_size * pipe.vae_scale_factor
+        height, width = height or size, width or size
+        shape = _latent_shape(pipe, height, width, pipe.unet.config.in_channels, len(prompts))
+        time_ids = self._time_ids(pipe, len(prompts), (height, width), original_size, target_size,
+                                  crops_coords_top_left, pipe.unet.dtype)
+        cond, null = self._encode(pipe, prompts, negatives, time_ids)
+        noise = self._noise(shape, generator, seeds, pipe._execution_device, cond.dtype)
+        latents = self._sample(noise, cond, null, steps, rule, seeds)
+        if output_type == "latent":
+            return latents
+        vae = pipe.vae
+        upcast = vae.dtype == torch.float16 and vae.config.force_upcast
+        if upcast:
+            vae.to(torch.float32)
+        latents = latents.to(next(iter(vae.post_quant_conv.parameters())).dtype)
+        mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
+        if mean is not None and std is not None:
+            view = dict(device=latents.device, dtype=latents.dtype)
+            latents = (latents * torch.tensor(std).view(1, -1, 1, 1).to(**view) / vae.config.scaling_factor
+                       + torch.tensor(mean).view(1, -1, 1, 1).to(**view))
+        else:
+            latents = latents / vae.config.scaling_factor
+        with torch.no_grad():
+            image = vae.decode(latents, return_dict=False)[0]
+        if upcast:
+            vae.to(torch.float16)
+        if getattr(pipe, "watermark", None) is not None:
+            image = pipe.watermark.apply_watermark(image)
+        return pipe.image_processor.postprocess(image, output_type=output_type)
 
 
 class DiT(FastPipeline):
@@ -187,4 +277,5 @@ class DiT(FastPipeline):
         return pipe.numpy_to_pil(samples) if output_type == "pil" else samples
 
 
-PIPELINES = {"StableDiffusionPipeline": StableDiffusion, "DiTPipeline": DiT}
+PIPELINES = {"StableDiffusionPipeline": StableDiffusion, "StableDiffusionXLPipeline": StableDiffusionXL,
+             "DiTPipeline": DiT}

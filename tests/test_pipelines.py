@@ -185,3 +185,54 @@ def test_unsupported_pipelines_are_refused(dit_pipe):
         from_pipe(SomePipeline())
     with pytest.raises(TypeError, match="class_labels: expected a non-empty list"):
         from_pipe(dit_pipe)(7)
+
+
+@pytest.fixture(scope="module")
+def sdxl_pipe(sd_pipe):
+    from diffusers import StableDiffusionXLPipeline
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(1)
+    unet = UNet2DConditionModel(block_out_channels=(4, 8), layers_per_block=1, sample_size=8, in_channels=4,
+                                out_channels=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(2, 4),
+                                use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=8,
+                                transformer_layers_per_block=(1, 1), projection_class_embeddings_input_dim=6 * 8 + 32,
+                                cross_attention_dim=64, norm_num_groups=2)
+    config = dict(bos_token_id=0, eos_token_id=2, hidden_size=32, intermediate_size=37, num_attention_heads=4,
+                  num_hidden_layers=2, pad_token_id=1, vocab_size=1000, hidden_act="gelu", projection_dim=32,
+                  max_position_embeddings=77)
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, steps_offset=1,
+                                       beta_schedule="scaled_linear", timestep_spacing="leading")  # SDXL's shipped
+    pipe = StableDiffusionXLPipeline(vae=sd_pipe.vae, text_encoder=CLIPTextModel(CLIPTextConfig(**config)).eval(),
+                                     text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**config)).eval(),
+                                     tokenizer=sd_pipe.tokenizer, tokenizer_2=sd_pipe.tokenizer, unet=unet.eval(),
+                                     scheduler=scheduler, add_watermarker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.mark.parametrize("scheduler", ["euler (shipped)", "dpm++2m"])
+def test_sdxl_images_equal_the_pipelines_own(sdxl_pipe, scheduler):
+    shipped = sdxl_pipe.scheduler
+    try:
+        if scheduler == "dpm++2m":
+            sdxl_pipe.scheduler = DPMSolverMultistepScheduler.from_config(shipped.config)
+        fast = from_pipe(sdxl_pipe)
+        cases = [dict(negative_prompt=NEGATIVES), dict(negative_prompt=None),  # None: zeros (force_zeros_for_empty)
+                 dict(negative_prompt="blurry", original_size=(64, 48), crops_coords_top_left=(4, 2))]
+        for extra in cases:
+            kw = dict(num_inference_steps=4, guidance_scale=5.0, output_type="np", **extra)
+            want = sdxl_pipe(PROMPTS, generator=generators(), **kw).images
+            got = fast(PROMPTS, generator=generators(), **kw)
+            assert_close(got, want)
+    finally:
+        sdxl_pipe.scheduler = shipped
+
+
+def test_sdxl_time_ids_reach_the_unet(sdxl_pipe):
+    fast = from_pipe(sdxl_pipe)
+    kw = dict(num_inference_steps=3, guidance_scale=3.0, output_type="latent")
+    plain = fast(PROMPTS[:1], seeds=[3], **kw)
+    cropped = fast(PROMPTS[:1], seeds=[3], crops_coords_top_left=(8, 8), **kw)
+    assert not torch.allclose(plain, cropped, atol=1e-4)
