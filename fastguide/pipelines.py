@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import torch
 
-from fastguide.adapters import DiTAdapter, SDXLAdapter, UNet2DConditionAdapter, pack_tokens_and_pooled
+from fastguide.adapters import (DiTAdapter, SD3Adapter, SDXLAdapter, UNet2DConditionAdapter,
+                                pack_tokens_and_pooled)
 from fastguide.diffusers_schedulers import solver_from_diffusers
 from fastguide.guidance import CFG, check_guidance
 from fastguide.noise import seeded_noise
@@ -245,6 +246,51 @@ class StableDiffusionXL(FastPipeline):
         return pipe.image_processor.postprocess(image, output_type=output_type)
 
 
+class StableDiffusion3(FastPipeline):
+    """``StableDiffusion3Pipeline`` (SD3Transformer2DModel, two CLIP text encoders and an optional T5; rectified
+    flow, stepped by :class:`fastguide.FlowEuler` from its FlowMatchEuler scheduler)."""
+
+    def __init__(self, pipe, *, backend: str = "auto", progress: bool = False):
+        null = self._encode(pipe, [""], [""])[1][0]
+        super().__init__(pipe, SD3Adapter(pipe.transformer, null, pipe.scheduler), null, cond_first=False,
+                         backend=backend, progress=progress)
+
+    @staticmethod
+    def _encode(pipe, prompts, negatives, **kw):
+        """(cond, null): the packed prompt and negative conditions [B, L + k, D] (SD3Adapter.pack)."""
+        embeds, neg, pooled, neg_pooled = pipe.encode_prompt(prompt=prompts, prompt_2=None, prompt_3=None,
+                                                             device=pipe._execution_device, num_images_per_prompt=1,
+                                                             do_classifier_free_guidance=True,
+                                                             negative_prompt=negatives, **kw)
+        return (SD3Adapter.pack_for(pipe.transformer, embeds, pooled),
+                SD3Adapter.pack_for(pipe.transformer, neg, neg_pooled))
+
+    def __call__(self, prompt, negative_prompt=None, *, num_inference_steps: int = 28, guidance_scale: float = 7.0,
+                 guidance=None, generator=None, seeds=None, height: int | None = None, width: int | None = None,
+                 max_sequence_length: int = 256, output_type: str = "pil"):
+        """``pipe(prompt, negative_prompt, num_inference_steps, guidance_scale, generator, height, width,
+        max_sequence_length, output_type).images``."""
+        pipe = self.pipe
+        prompts = _prompts(prompt)
+        negatives = _negatives(negative_prompt, len(prompts))
+        steps, output_type = _check_steps(num_inference_steps), _check_output_type(output_type)
+        rule = self._rule(guidance, guidance_scale)
+        size = pipe.default_sample_size * pipe.vae_scale_factor
+        height, width = height or size, width or size
+        shape = _latent_shape(pipe, height, width, pipe.transformer.config.in_channels, len(prompts))
+        cond, null = self._encode(pipe, prompts, negatives, max_sequence_length=max_sequence_length)
+        if tuple(null.shape[1:]) != tuple(self.model.null_cond.shape):  # another max_sequence_length
+            self.model, self.sampler = SD3Adapter(pipe.transformer, null[0], pipe.scheduler), None
+        noise = self._noise(shape, generator, seeds, pipe._execution_device, cond.dtype)
+        latents = self._sample(noise, cond, null, steps, rule, seeds)
+        if output_type == "latent":
+            return latents
+        latents = latents / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor
+        with torch.no_grad():
+            image = pipe.vae.decode(latents, return_dict=False)[0]
+        return pipe.image_processor.postprocess(image, output_type=output_type)
+
+
 class DiT(FastPipeline):
     """``DiTPipeline`` (class-conditional DiTTransformer2DModel, AutoencoderKL)."""
 
@@ -278,4 +324,4 @@ class DiT(FastPipeline):
 
 
 PIPELINES = {"StableDiffusionPipeline": StableDiffusion, "StableDiffusionXLPipeline": StableDiffusionXL,
-             "DiTPipeline": DiT}
+             "StableDiffusion3Pipeline": StableDiffusion3, "DiTPipeline": DiT}

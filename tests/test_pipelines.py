@@ -236,3 +236,37 @@ def test_sdxl_time_ids_reach_the_unet(sdxl_pipe):
     plain = fast(PROMPTS[:1], seeds=[3], **kw)
     cropped = fast(PROMPTS[:1], seeds=[3], crops_coords_top_left=(8, 8), **kw)
     assert not torch.allclose(plain, cropped, atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def sd3_pipe(sd_pipe):
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    torch.manual_seed(2)
+    transformer = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8,
+                                        num_attention_heads=2, joint_attention_dim=64, caption_projection_dim=16,
+                                        pooled_projection_dim=64, out_channels=4, pos_embed_max_size=8).eval()
+    config = dict(bos_token_id=0, eos_token_id=2, hidden_size=32, intermediate_size=37, num_attention_heads=4,
+                  num_hidden_layers=2, pad_token_id=1, vocab_size=1000, hidden_act="gelu", projection_dim=32,
+                  max_position_embeddings=77)
+    vae = AutoencoderKL(block_out_channels=[4, 8], in_channels=3, out_channels=3, latent_channels=4,
+                        down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
+                        norm_num_groups=2, shift_factor=0.1, scaling_factor=1.5).eval()
+    pipe = StableDiffusion3Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+                                    vae=vae, text_encoder=CLIPTextModelWithProjection(CLIPTextConfig(**config)).eval(),
+                                    tokenizer=sd_pipe.tokenizer,
+                                    text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**config)).eval(),
+                                    tokenizer_2=sd_pipe.tokenizer, text_encoder_3=None, tokenizer_3=None)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_sd3_images_equal_the_pipelines_own(sd3_pipe):
+    fast = from_pipe(sd3_pipe)
+    for output_type in ("np", "latent"):
+        kw = dict(negative_prompt=NEGATIVES, num_inference_steps=4, guidance_scale=5.0, output_type=output_type,
+                  max_sequence_length=16)
+        want = sd3_pipe(PROMPTS, generator=generators(), **kw).images
+        got = fast(PROMPTS, generator=generators(), **kw)
+        assert_close(got, want)
