@@ -91,3 +91,19 @@ def _keys_the_class_takes(cfg: dict, name: str) -> dict:
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         return cfg
     return {k: v for k, v in cfg.items() if k in params}
+
+
+def generator_draws(scheduler, plan) -> list[bool] | None:
+    """For each step of ``plan`` (made from ``scheduler`` by :func:`solver_from_diffusers`): whether the diffusers
+    scheduler's ``step`` draws its noise there (``randn_tensor(shape, generator)``, once per step, in step order), so
+    a pipeline's generator can give the plan the same per-step noise; None for a scheduler whose draws are not
+    known here (its stochastic plans then take fastguide's seeded noise)."""
+    name = scheduler_class(scheduler)
+    config = scheduler.config if hasattr(scheduler, "set_timesteps") else scheduler
+    if name == "EulerAncestralDiscreteScheduler":
+        return [True] * plan.steps
+    if name == "DDPMScheduler":
+        return [float(t) > 0 for t in plan.timesteps]
+    if name == "DPMSolverMultistepScheduler" and str(config.get("algorithm_type", "")).startswith("sde-"):
+        return [True] * plan.steps
+    return None

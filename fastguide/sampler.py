@@ -133,7 +133,7 @@ class Sampler:
         return time.perf_counter() - start
 
     def sample(self, noise: torch.Tensor, cond, *, seeds=None, scale=None, guidance=None, callback=None,
-               progress=None, solvers=None, loop_steps: int | None = None) -> torch.Tensor:
+               progress=None, solvers=None, loop_steps: int | None = None, step_noise=None) -> torch.Tensor:
         """Run the fixed-NFE loop from ``noise`` [B, C, H, W] (x_T) with conditions ``cond`` [B].
 
         ``seeds`` (B ints) make stochastic solvers' per-step noise a function of each sample's own seed;
@@ -144,6 +144,8 @@ class Sampler:
         solver family in one loop: fastguide/row_plans.py; each row's sample is its own plan's); ``loop_steps``: that
         loop's length (default: the longest row plan's; a fixed length serves every mix with one set of buffers
         and, with cuda_graph=True, one captured graph).
+        ``step_noise`` [S, B, C, H, W]: a stochastic solver's per-step noise, given (e.g. drawn from a diffusers
+        pipeline's generator in its scheduler's order) instead of drawn from ``seeds``.
         """
         x = check_noise(noise, values=not self.check_finite)  # else checked with the sample, after the loop
         cond = check_cond(cond, x.shape[0], x.device)
@@ -159,7 +161,9 @@ class Sampler:
         else:
             plan = row_plans_for(solvers, x.shape[0], loop_steps)
             sg = merge_guidance(base_rule, plan, cond.cpu(), x.shape[1:], scale=None if scale is None else rule.scale)
-        if solvers is not None and seeds is not None and plan.stochastic:
+        if step_noise is not None:
+            z = self._check_step_noise(step_noise, plan, x)
+        elif solvers is not None and seeds is not None and plan.stochastic:
             z = row_step_noise(plan, seeds, x.shape[1:], x.dtype, x.device)  # each row's as its own plan draws it
         else:
             z = loop.draw_step_noise(plan, x, seeds)
@@ -182,6 +186,18 @@ class Sampler:
             if self.check_finite:
                 loop.raise_if_not_finite(b, sums, x)
             return b.x2[:b.batch].clone()
+
+    @staticmethod
+    def _check_step_noise(step_noise, plan, x: torch.Tensor) -> torch.Tensor | None:
+        if not plan.stochastic:
+            raise ValueError("step_noise: this solver is deterministic; it takes no per-step noise")
+        want = (plan.steps, *x.shape)
+        if not isinstance(step_noise, torch.Tensor) or tuple(step_noise.shape) != want:
+            got = tuple(step_noise.shape) if isinstance(step_noise, torch.Tensor) else type(step_noise).__name__
+            raise ValueError(f"step_noise: expected a tensor of shape {want} (steps, batch, *latent), got {got}")
+        if not step_noise.is_floating_point() or not bool(torch.isfinite(step_noise).all()):
+            raise ValueError("step_noise: expected finite floating-point values")
+        return step_noise.to(x.device, x.dtype)
 
     # ------------------------------------------------------------------ what a call runs
     def _loop_config(self, rule, plan, device: torch.device, batch: int) -> loop.LoopConfig:

@@ -83,14 +83,20 @@ def assert_close(got, want, tol=TOL):
     assert err <= tol, f"max |fastguide - pipe| / max(1, |pipe|) = {err:.3g} > {tol}"
 
 
-@pytest.mark.parametrize("scheduler", ["pndm (shipped)", "ddim", "dpm++2m", "unipc", "euler"])
+@pytest.mark.parametrize("scheduler", ["pndm (shipped)", "ddim", "dpm++2m", "unipc", "euler", "euler-ancestral",
+                                       "ddpm", "sde-dpm++2m"])
 def test_sd_images_equal_the_pipelines_own(sd_pipe, scheduler):
+    """Stochastic schedulers too: their per-step noise is drawn from the pipeline's generator in its order."""
+    from diffusers import DDPMScheduler, EulerAncestralDiscreteScheduler
+
     classes = {"ddim": DDIMScheduler, "dpm++2m": DPMSolverMultistepScheduler, "unipc": UniPCMultistepScheduler,
-               "euler": EulerDiscreteScheduler}
+               "euler": EulerDiscreteScheduler, "euler-ancestral": EulerAncestralDiscreteScheduler,
+               "ddpm": DDPMScheduler, "sde-dpm++2m": DPMSolverMultistepScheduler}
     shipped = sd_pipe.scheduler
     try:
         if scheduler in classes:
-            sd_pipe.scheduler = classes[scheduler].from_config(shipped.config)
+            extra = {"algorithm_type": "sde-dpmsolver++"} if scheduler.startswith("sde") else {}
+            sd_pipe.scheduler = classes[scheduler].from_config(shipped.config, **extra)
         fast = from_pipe(sd_pipe)
         for steps, scale in ((4, 5.0), (6, 1.0)):
             kw = dict(negative_prompt=NEGATIVES, num_inference_steps=steps, guidance_scale=scale, output_type="np")
