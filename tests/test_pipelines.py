@@ -1,12 +1,10 @@
 """fastguide.pipelines: a diffusers pipeline's own call with fastguide's sampler, against ``pipe(...)`` itself.
 
 Tiny random-weight pipelines built offline from configs: Stable Diffusion (UNet2DConditionModel, a CLIP text
-encoder from a transformers config, a CLIP tokenizer from vocabulary files this module writes, AutoencoderKL) and
+encoder from a transformers config, conftest's CLIP tokenizer from vocabulary files it writes, AutoencoderKL) and
 DiT (DiTTransformer2DModel, AutoencoderKL). fastguide's images equal ``pipe(...).images`` for the same prompts,
 negative prompts, steps, scale and per-image generators within 1e-4 (float32), with the pipeline's default
 scheduler and with others; every output type; bad input named."""
-import json
-
 import numpy as np
 import pytest
 import torch
@@ -24,27 +22,10 @@ TOL = 1e-4
 PROMPTS, NEGATIVES = ["a cat", "low dog", "lower"], ["", "blurry", "low"]
 
 
-def clip_byte_characters() -> list[str]:
-    """GPT-2 / CLIP's byte-to-unicode table: the 256 characters byte-level BPE vocabularies are built from."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs, n = bs[:], 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return [chr(c) for c in cs]
-
-
 @pytest.fixture(scope="module")
-def sd_pipe(tmp_path_factory):
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+def sd_pipe(clip_tokenizer):
+    from transformers import CLIPTextConfig, CLIPTextModel
 
-    d = tmp_path_factory.mktemp("clip_vocab")
-    chars = clip_byte_characters()
-    tokens = chars + [c + "</w>" for c in chars] + ["lo", "low</w>", "<|startoftext|>", "<|endoftext|>"]
-    (d / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}))
-    (d / "merges.txt").write_text("#version: 0.2\nl o\nlo w</w>\n")
     torch.manual_seed(0)
     unet = UNet2DConditionModel(block_out_channels=(4, 8), layers_per_block=1, sample_size=8, in_channels=4,
                                 out_channels=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
@@ -56,7 +37,7 @@ def sd_pipe(tmp_path_factory):
     text = CLIPTextModel(CLIPTextConfig(bos_token_id=0, eos_token_id=2, hidden_size=32, intermediate_size=37,
                                         num_attention_heads=4, num_hidden_layers=2, pad_token_id=1, vocab_size=1000,
                                         max_position_embeddings=77))
-    tokenizer = CLIPTokenizer(str(d / "vocab.json"), str(d / "merges.txt"), model_max_length=77)
+    tokenizer = clip_tokenizer
     scheduler = PNDMScheduler(skip_prk_steps=True, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
                               steps_offset=1, set_alpha_to_one=False)  # SD 1.x's shipped scheduler
     pipe = StableDiffusionPipeline(unet=unet.eval(), vae=vae.eval(), text_encoder=text.eval(), tokenizer=tokenizer,
