@@ -257,3 +257,106 @@ def test_sd3_images_equal_the_pipelines_own(sd3_pipe):
         want = sd3_pipe(PROMPTS, generator=generators(), **kw).images
         got = fast(PROMPTS, generator=generators(), **kw)
         assert_close(got, want)
+
+
+# ---------------------------------------------------------------------------------------- ReCFG through each family
+def reference_recfg_loop(scheduler, steps, latents, forward, scale, ratios, cond_first):
+    """The pipelines' denoising loop written out with ReCFG's rule m = g m_c + (1 - g) R m_u, R = ``ratios[:, i]``
+    (each sample's table row at step i): the by-hand reference."""
+    scheduler.set_timesteps(steps)
+    latents = latents * scheduler.init_noise_sigma
+    for i, t in enumerate(scheduler.timesteps):
+        model_in = scheduler.scale_model_input(torch.cat([latents] * 2), t)
+        first, second = forward(model_in, t).chunk(2)
+        m_c, m_u = (first, second) if cond_first else (second, first)
+        latents = scheduler.step(scale * m_c + (1 - scale) * ratios[:, i] * m_u, t, latents, return_dict=False)[0]
+    return latents
+
+
+def step_table(scheduler, steps, classes, shape, seed=4):
+    """A ratio table whose grid is the scheduler's timesteps (each step reads one row, no interpolation), random
+    ratios near 1; returns (table, ratios by sampler step [K + 1, S, ...])."""
+    scheduler.set_timesteps(steps)
+    times = scheduler.timesteps.double().flip(0)  # increasing
+    ratios = 1 + 0.3 * torch.rand(classes + 1, steps, *shape, generator=torch.Generator().manual_seed(seed),
+                                  dtype=torch.float64)
+    return fg.RatioTable(ratios, timesteps=times), ratios.flip(1).float()
+
+
+@torch.no_grad()
+def test_sd_recfg_equals_the_loop_written_out(sd_pipe):
+    shipped = sd_pipe.scheduler
+    try:
+        sd_pipe.scheduler = DDIMScheduler.from_config(shipped.config)
+        fast, ids, steps = from_pipe(sd_pipe), [2, 0, 1], 4
+        table, by_step = step_table(sd_pipe.scheduler, steps, 3, (4, 8, 8))
+        got = fast(PROMPTS, negative_prompt="blurry", num_inference_steps=steps, guidance=fg.ReCFG(3.0, table=table),
+                   condition_ids=ids, generator=generators(), output_type="latent")
+        pos, neg = sd_pipe.encode_prompt(PROMPTS, "cpu", 1, True, negative_prompt=["blurry"] * 3)
+        embeds = torch.cat([neg, pos])  # StableDiffusionPipeline: [negative | prompt]
+        latents = torch.stack([torch.randn((4, 8, 8), generator=g) for g in generators()])
+        want = reference_recfg_loop(sd_pipe.scheduler, steps, latents,
+                                    lambda x, t: sd_pipe.unet(x, t, encoder_hidden_states=embeds).sample, 3.0,
+                                    by_step[ids], cond_first=False)
+        assert_close(got, want)
+        cfg = fast(PROMPTS, negative_prompt="blurry", num_inference_steps=steps, guidance_scale=3.0,
+                   generator=generators(), output_type="latent")
+        assert not torch.allclose(got, cfg, atol=1e-3)  # the table entries are used
+        ones = fg.ReCFG(3.0, table=fg.RatioTable(torch.ones_like(table.ratios), timesteps=table.timesteps))
+        same = fast(PROMPTS, negative_prompt="blurry", num_inference_steps=steps, guidance=ones, condition_ids=ids,
+                    generator=generators(), output_type="latent")
+        assert_close(same, cfg)
+    finally:
+        sd_pipe.scheduler = shipped
+
+
+def test_condition_ids_bad_input(sd_pipe):
+    fast = from_pipe(sd_pipe)
+    table = fg.RatioTable(torch.ones(4, 2, 4, 8, 8), timesteps=[0.0, 999.0])
+    kw = dict(num_inference_steps=2, guidance=fg.ReCFG(2.0, table=table))
+    with pytest.raises(ValueError, match="negative_prompt: with condition_ids every prompt needs the same"):
+        fast(PROMPTS, negative_prompt=NEGATIVES, condition_ids=[0, 1, 2], **kw)
+    with pytest.raises(ValueError, match="condition_ids: expected 3 ints"):
+        fast(PROMPTS, condition_ids=[0, 1], **kw)
+    with pytest.raises(ValueError, match=r"condition_ids: 5 is outside the ratio table's conditions \[0, 3\)"):
+        fast(PROMPTS, condition_ids=[0, 1, 5], **kw)
+    with pytest.raises(ValueError, match="condition_ids: id 1 is given to two different prompts"):
+        fast(PROMPTS, condition_ids=[0, 1, 1], **kw)
+    with pytest.raises(TypeError, match="cond: ReCFG needs integer condition ids"):
+        fast(PROMPTS, **kw)
+
+
+@torch.no_grad()
+def test_dit_recfg_equals_the_loop_written_out(dit_pipe):
+    fast, labels, steps = from_pipe(dit_pipe), [3, 999, 41], 5
+    table, by_step = step_table(dit_pipe.scheduler, steps, 1000, (4, 8, 8))
+    got = fast(labels, num_inference_steps=steps, guidance=fg.ReCFG(4.0, table=table), generator=generators(),
+               output_type="latent")
+    latents = torch.stack([torch.randn((4, 8, 8), generator=g) for g in generators()])
+    class_in = torch.tensor(labels + [1000] * 3)  # DiTPipeline: [cond | null]
+
+    def forward(x, t):
+        return dit_pipe.transformer(x, timestep=t.expand(x.shape[0]), class_labels=class_in).sample[:, :4]
+
+    want = reference_recfg_loop(dit_pipe.scheduler, steps, latents, forward, 4.0, by_step[labels], cond_first=True)
+    assert_close(got, want)
+
+
+@pytest.mark.parametrize("family", ["sdxl", "sd3"])
+def test_recfg_runs_through_sdxl_and_sd3(family, sdxl_pipe, sd3_pipe):
+    """ReCFG with a table of ones is CFG; a random table changes the sample (its rows are read)."""
+    pipe = sdxl_pipe if family == "sdxl" else sd3_pipe
+    fast, steps = from_pipe(pipe), 3
+    solver = fast.solver(steps)
+    times = solver.plan.timesteps.double().flip(0)
+    shape = (4, 8, 8)
+    rand = 1 + 0.3 * torch.rand(4, steps, *shape, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+    kw = dict(negative_prompt="blurry", num_inference_steps=steps, condition_ids=[0, 2, 1], seeds=[1, 2, 3],
+              output_type="latent")
+    if family == "sd3":
+        kw["max_sequence_length"] = 16
+    cfg = fast(PROMPTS, guidance_scale=3.0, **{k: v for k, v in kw.items() if k != "condition_ids"})
+    ones = fast(PROMPTS, guidance=fg.ReCFG(3.0, table=fg.RatioTable(torch.ones_like(rand), timesteps=times)), **kw)
+    recfg = fast(PROMPTS, guidance=fg.ReCFG(3.0, table=fg.RatioTable(rand, timesteps=times)), **kw)
+    assert_close(ones, cfg)
+    assert not torch.allclose(recfg, cfg, atol=1e-3)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from fastguide.adapters import ConditionIdModel
 from fastguide.diffusers_schedulers import generator_draws, solver_from_diffusers
 from fastguide.guidance import CFG, check_guidance
 from fastguide.noise import seeded_noise
@@ -78,6 +79,35 @@ class FastPipeline:
             if draw:
                 z[i] = randn_tensor(tuple(noise.shape), generator=generator, device=noise.device, dtype=noise.dtype)
         return z
+
+    def _sample_text(self, noise, cond, null, steps, rule, seeds, generator, condition_ids, negatives=None):
+        """:meth:`_sample` for embedding conditions; with ``condition_ids`` (one int per prompt: rows of a ReCFG
+        table) the model reads them through a :class:`fastguide.adapters.ConditionIdModel` (id i -> its prompt's
+        embedding, the id after the last -> the negative), which needs one negative for every prompt
+        (``negatives``: the call's negative prompts, or None for the pipeline's default)."""
+        if condition_ids is None:
+            return self._sample(noise, cond, null, steps, rule, seeds, generator)
+        ids = list(condition_ids)
+        if len(ids) != cond.shape[0] or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+            raise ValueError(f"condition_ids: expected {cond.shape[0]} ints >= 0 (one per prompt), got {condition_ids!r}")
+        if negatives is not None and len(set(negatives)) > 1:
+            raise ValueError("negative_prompt: with condition_ids every prompt needs the same negative prompt (the null "
+                             "condition is one id)")
+        table = getattr(rule, "table", None)
+        count = table.num_classes if table is not None else max(ids) + 1
+        if max(ids) >= count:
+            raise ValueError(f"condition_ids: {max(ids)} is outside the ratio table's conditions [0, {count})")
+        embeddings = torch.zeros((count, *cond.shape[1:]), dtype=cond.dtype, device=cond.device)
+        for i, row in zip(ids, cond):
+            if embeddings[i].any() and not torch.equal(embeddings[i], row):
+                raise ValueError(f"condition_ids: id {i} is given to two different prompts")
+            embeddings[i] = row
+        model = ConditionIdModel(self.model, embeddings, null[0])
+        sampler = Sampler(model, self.solver(steps), rule, null_cond=model.null_id, **self._sampler_kw)
+        z = self._step_noise(sampler.solver, noise, generator, seeds)
+        with torch.no_grad():
+            return sampler.sample(noise, torch.tensor(ids, device=cond.device), guidance=rule, seeds=seeds,
+                                  step_noise=z)
 
     def _sample(self, noise, cond, null, steps, rule, seeds, generator=None):
         if self.sampler is None:

@@ -21,10 +21,11 @@ class StableDiffusion(FastPipeline):
 
     def __call__(self, prompt, negative_prompt=None, *, num_inference_steps: int = 50, guidance_scale: float = 7.5,
                  guidance=None, generator=None, seeds=None, height: int | None = None, width: int | None = None,
-                 output_type: str = "pil"):
+                 output_type: str = "pil", condition_ids=None):
         """``pipe(prompt, negative_prompt, num_inference_steps, guidance_scale, generator, height, width,
-        output_type).images``, with ``guidance`` any fastguide rule (default CFG(guidance_scale)) and ``seeds``
-        per-image seeds instead of ``generator``."""
+        output_type).images``, with ``guidance`` any fastguide rule (default CFG(guidance_scale)), ``seeds``
+        per-image seeds instead of ``generator``, and ``condition_ids`` the prompts' rows of a ReCFG table (for
+        ``guidance=fg.ReCFG(...)``; one negative prompt for all then)."""
         pipe = self.pipe
         prompts = prompt_list(prompt)
         negatives = negative_prompt_list(negative_prompt, len(prompts))
@@ -36,7 +37,7 @@ class StableDiffusion(FastPipeline):
         height, width = height or size, width or size
         shape = latent_shape(pipe, height, width, pipe.unet.config.in_channels, len(prompts))
         noise = self._noise(shape, generator, seeds, device, cond.dtype)
-        latents = self._sample(noise, cond, null, steps, rule, seeds, generator)
+        latents = self._sample_text(noise, cond, null, steps, rule, seeds, generator, condition_ids, negatives)
         if output_type == "latent":
             return latents
         with torch.no_grad():
@@ -79,7 +80,8 @@ class StableDiffusionXL(FastPipeline):
 
     def __call__(self, prompt, negative_prompt=None, *, num_inference_steps: int = 50, guidance_scale: float = 5.0,
                  guidance=None, generator=None, seeds=None, height: int | None = None, width: int | None = None,
-                 original_size=None, target_size=None, crops_coords_top_left=(0, 0), output_type: str = "pil"):
+                 original_size=None, target_size=None, crops_coords_top_left=(0, 0), output_type: str = "pil",
+                 condition_ids=None):
         """``pipe(prompt, negative_prompt, num_inference_steps, guidance_scale, generator, height, width,
         original_size, target_size, crops_coords_top_left, output_type).images`` (a None negative prompt is the
         pipeline's: zeros with ``force_zeros_for_empty_prompt``)."""
@@ -95,7 +97,7 @@ class StableDiffusionXL(FastPipeline):
                                   crops_coords_top_left, pipe.unet.dtype)
         cond, null = self._encode(pipe, prompts, negatives, time_ids)
         noise = self._noise(shape, generator, seeds, pipe._execution_device, cond.dtype)
-        latents = self._sample(noise, cond, null, steps, rule, seeds, generator)
+        latents = self._sample_text(noise, cond, null, steps, rule, seeds, generator, condition_ids, negatives)
         if output_type == "latent":
             return latents
         vae = pipe.vae
@@ -140,7 +142,7 @@ class StableDiffusion3(FastPipeline):
 
     def __call__(self, prompt, negative_prompt=None, *, num_inference_steps: int = 28, guidance_scale: float = 7.0,
                  guidance=None, generator=None, seeds=None, height: int | None = None, width: int | None = None,
-                 max_sequence_length: int = 256, output_type: str = "pil"):
+                 max_sequence_length: int = 256, output_type: str = "pil", condition_ids=None):
         """``pipe(prompt, negative_prompt, num_inference_steps, guidance_scale, generator, height, width,
         max_sequence_length, output_type).images``."""
         pipe = self.pipe
@@ -155,7 +157,7 @@ class StableDiffusion3(FastPipeline):
         if tuple(null.shape[1:]) != tuple(self.model.null_cond.shape):  # another max_sequence_length
             self.model, self.sampler = SD3Adapter(pipe.transformer, null[0], pipe.scheduler), None
         noise = self._noise(shape, generator, seeds, pipe._execution_device, cond.dtype)
-        latents = self._sample(noise, cond, null, steps, rule, seeds, generator)
+        latents = self._sample_text(noise, cond, null, steps, rule, seeds, generator, condition_ids, negatives)
         if output_type == "latent":
             return latents
         latents = latents / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor
