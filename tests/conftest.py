@@ -176,44 +176,19 @@ def split():
 
 
 # ------------------------------------------------------------------ tokenizers for tiny offline pipelines
-def _clip_byte_characters() -> list[str]:
-    """GPT-2 / CLIP's byte-to-unicode table: the 256 characters byte-level BPE vocabularies are built from."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs, n = bs[:], 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return [chr(c) for c in cs]
-
-
 @pytest.fixture(scope="session")
 def clip_tokenizer(tmp_path_factory):
-    """A CLIPTokenizer (77 tokens) from vocabulary files written here: the 256 byte characters, their end-of-word
-    forms, two merges and the special tokens (ids < 520: fits a text encoder with vocab_size 1000)."""
-    import json
+    """A CLIPTokenizer (77 tokens) from vocabulary files written here (fastguide/bench/tiny_pipelines.py: ids < 520,
+    so it fits a text encoder with vocab_size 1000)."""
+    from fastguide.bench.tiny_pipelines import clip_tokenizer
 
-    from transformers import CLIPTokenizer
-
-    d = tmp_path_factory.mktemp("clip_vocab")
-    chars = _clip_byte_characters()
-    tokens = chars + [c + "</w>" for c in chars] + ["lo", "low</w>", "<|startoftext|>", "<|endoftext|>"]
-    (d / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}))
-    (d / "merges.txt").write_text("#version: 0.2\nl o\nlo w</w>\n")
-    return CLIPTokenizer(str(d / "vocab.json"), str(d / "merges.txt"), model_max_length=77)
+    return clip_tokenizer(tmp_path_factory.mktemp("clip_vocab"))
 
 
 @pytest.fixture(scope="session")
 def t5_tokenizer():
-    """A T5TokenizerFast over a small word-level vocabulary (<pad> 0, </s> 1, <unk> 2, then a few words), built in
-    memory: what T5-conditioned pipelines (Flux, PixArt, SD3's third encoder) call as their tokenizer."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import T5TokenizerFast
+    """A T5TokenizerFast over a small word-level vocabulary (<pad> 0, </s> 1, <unk> 2, then a few words; ids < 12),
+    built in memory: what T5-conditioned pipelines (Flux, PixArt, SD3's third encoder) call as their tokenizer."""
+    from fastguide.bench.tiny_pipelines import t5_tokenizer
 
-    words = ["<pad>", "</s>", "<unk>"] + "a cat dog low lower blurry photo of the".split()
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
-    return T5TokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
-                           model_max_length=512)
+    return t5_tokenizer()

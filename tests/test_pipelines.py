@@ -1,8 +1,7 @@
 """fastguide.pipelines: a diffusers pipeline's own call with fastguide's sampler, against ``pipe(...)`` itself.
 
-Tiny random-weight pipelines built offline from configs: Stable Diffusion (UNet2DConditionModel, a CLIP text
-encoder from a transformers config, conftest's CLIP tokenizer from vocabulary files it writes, AutoencoderKL) and
-DiT (DiTTransformer2DModel, AutoencoderKL). fastguide's images equal ``pipe(...).images`` for the same prompts,
+Tiny random-weight pipelines built offline from configs (fastguide/bench/tiny_pipelines.py: SD, SDXL, SD3 with CLIP
+text encoders from transformers configs and a CLIP tokenizer from vocabulary files it writes; DiT). fastguide's images equal ``pipe(...).images`` for the same prompts,
 negative prompts, steps, scale and per-image generators within 1e-4 (float32), with the pipeline's default
 scheduler and with others; every output type; bad input named."""
 import numpy as np
@@ -10,13 +9,13 @@ import pytest
 import torch
 
 import fastguide as fg
+from fastguide.bench import tiny_pipelines
 from fastguide.pipelines import from_pipe
 
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
-from diffusers import (AutoencoderKL, DDIMScheduler, DiTPipeline, DiTTransformer2DModel,  # noqa: E402
-                       DPMSolverMultistepScheduler, EulerDiscreteScheduler, PNDMScheduler, StableDiffusionPipeline,
-                       UNet2DConditionModel, UniPCMultistepScheduler)
+from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler,  # noqa: E402
+                       UniPCMultistepScheduler)
 
 TOL = 1e-4
 PROMPTS, NEGATIVES = ["a cat", "low dog", "lower"], ["", "blurry", "low"]
@@ -24,27 +23,7 @@ PROMPTS, NEGATIVES = ["a cat", "low dog", "lower"], ["", "blurry", "low"]
 
 @pytest.fixture(scope="module")
 def sd_pipe(clip_tokenizer):
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(block_out_channels=(4, 8), layers_per_block=1, sample_size=8, in_channels=4,
-                                out_channels=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32,
-                                norm_num_groups=2)
-    vae = AutoencoderKL(block_out_channels=[4, 8], in_channels=3, out_channels=3, latent_channels=4,
-                        down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
-                        norm_num_groups=2)
-    text = CLIPTextModel(CLIPTextConfig(bos_token_id=0, eos_token_id=2, hidden_size=32, intermediate_size=37,
-                                        num_attention_heads=4, num_hidden_layers=2, pad_token_id=1, vocab_size=1000,
-                                        max_position_embeddings=77))
-    tokenizer = clip_tokenizer
-    scheduler = PNDMScheduler(skip_prk_steps=True, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-                              steps_offset=1, set_alpha_to_one=False)  # SD 1.x's shipped scheduler
-    pipe = StableDiffusionPipeline(unet=unet.eval(), vae=vae.eval(), text_encoder=text.eval(), tokenizer=tokenizer,
-                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return tiny_pipelines.tiny_sd(clip_tokenizer)
 
 
 def generators(seeds=(1, 2, 3)):
@@ -136,15 +115,7 @@ def test_sd_bad_input(sd_pipe):
 
 @pytest.fixture(scope="module")
 def dit_pipe():
-    torch.manual_seed(12)
-    dit = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8,
-                                num_layers=2, sample_size=8, patch_size=2, num_embeds_ada_norm=1000).eval()
-    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8,),
-                        down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",),
-                        norm_num_groups=4).eval()
-    pipe = DiTPipeline(transformer=dit, vae=vae, scheduler=DDIMScheduler())
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return tiny_pipelines.tiny_dit()
 
 
 @pytest.mark.parametrize("scheduler", ["ddim", "dpm++2m"])
@@ -175,28 +146,8 @@ def test_unsupported_pipelines_are_refused(dit_pipe):
 
 
 @pytest.fixture(scope="module")
-def sdxl_pipe(sd_pipe):
-    from diffusers import StableDiffusionXLPipeline
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
-    torch.manual_seed(1)
-    unet = UNet2DConditionModel(block_out_channels=(4, 8), layers_per_block=1, sample_size=8, in_channels=4,
-                                out_channels=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(2, 4),
-                                use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=8,
-                                transformer_layers_per_block=(1, 1), projection_class_embeddings_input_dim=6 * 8 + 32,
-                                cross_attention_dim=64, norm_num_groups=2)
-    config = dict(bos_token_id=0, eos_token_id=2, hidden_size=32, intermediate_size=37, num_attention_heads=4,
-                  num_hidden_layers=2, pad_token_id=1, vocab_size=1000, hidden_act="gelu", projection_dim=32,
-                  max_position_embeddings=77)
-    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, steps_offset=1,
-                                       beta_schedule="scaled_linear", timestep_spacing="leading")  # SDXL's shipped
-    pipe = StableDiffusionXLPipeline(vae=sd_pipe.vae, text_encoder=CLIPTextModel(CLIPTextConfig(**config)).eval(),
-                                     text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**config)).eval(),
-                                     tokenizer=sd_pipe.tokenizer, tokenizer_2=sd_pipe.tokenizer, unet=unet.eval(),
-                                     scheduler=scheduler, add_watermarker=False)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+def sdxl_pipe(clip_tokenizer):
+    return tiny_pipelines.tiny_sdxl(clip_tokenizer)
 
 
 @pytest.mark.parametrize("scheduler", ["euler (shipped)", "dpm++2m"])
@@ -226,27 +177,8 @@ def test_sdxl_time_ids_reach_the_unet(sdxl_pipe):
 
 
 @pytest.fixture(scope="module")
-def sd3_pipe(sd_pipe):
-    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
-
-    torch.manual_seed(2)
-    transformer = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8,
-                                        num_attention_heads=2, joint_attention_dim=64, caption_projection_dim=16,
-                                        pooled_projection_dim=64, out_channels=4, pos_embed_max_size=8).eval()
-    config = dict(bos_token_id=0, eos_token_id=2, hidden_size=32, intermediate_size=37, num_attention_heads=4,
-                  num_hidden_layers=2, pad_token_id=1, vocab_size=1000, hidden_act="gelu", projection_dim=32,
-                  max_position_embeddings=77)
-    vae = AutoencoderKL(block_out_channels=[4, 8], in_channels=3, out_channels=3, latent_channels=4,
-                        down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
-                        norm_num_groups=2, shift_factor=0.1, scaling_factor=1.5).eval()
-    pipe = StableDiffusion3Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
-                                    vae=vae, text_encoder=CLIPTextModelWithProjection(CLIPTextConfig(**config)).eval(),
-                                    tokenizer=sd_pipe.tokenizer,
-                                    text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**config)).eval(),
-                                    tokenizer_2=sd_pipe.tokenizer, text_encoder_3=None, tokenizer_3=None)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+def sd3_pipe(clip_tokenizer):
+    return tiny_pipelines.tiny_sd3(clip_tokenizer)
 
 
 def test_sd3_images_equal_the_pipelines_own(sd3_pipe):
