@@ -292,3 +292,24 @@ def test_recfg_runs_through_sdxl_and_sd3(family, sdxl_pipe, sd3_pipe):
     recfg = fast(PROMPTS, guidance=fg.ReCFG(3.0, table=fg.RatioTable(rand, timesteps=times)), **kw)
     assert_close(ones, cfg)
     assert not torch.allclose(recfg, cfg, atol=1e-3)
+
+
+# ---------------------------------------------------------------------------------------- precision
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("family", ["sd", "dit"])
+def test_low_precision_components_are_as_close_to_float32_as_the_pipeline(family, dtype):
+    """The pipeline in bf16 / fp16: fastguide's images (its step computes in float32) are about as close to the
+    float32 pipeline's as the pipeline's own half-precision images: within 1.5x their error plus the dtype's
+    epsilon (measured: 0.7-1.2x)."""
+    pipe = tiny_pipelines.tiny_sd() if family == "sd" else tiny_pipelines.tiny_dit()
+    if family == "sd":
+        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    args = (PROMPTS,) if family == "sd" else ([1, 5, 9],)
+    kw = dict(num_inference_steps=4, guidance_scale=4.0, output_type="np")
+    reference = as_tensor(pipe(*args, generator=generators(), **kw).images)
+    pipe.to(dtype)
+    theirs = as_tensor(pipe(*args, generator=generators(), **kw).images).float()
+    ours = as_tensor(from_pipe(pipe)(*args, generator=generators(), **kw)).float()
+    their_error, our_error = float((theirs - reference).abs().max()), float((ours - reference).abs().max())
+    assert their_error > 0  # the half-precision run really is one
+    assert our_error <= 1.5 * their_error + torch.finfo(dtype).eps, (our_error, their_error)
