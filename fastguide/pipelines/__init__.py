@@ -17,10 +17,12 @@ from __future__ import annotations
 
 from fastguide.pipelines.common import FastPipeline
 from fastguide.pipelines.dit import DiT
+from fastguide.pipelines.pixart import PixArtAlpha, PixArtSigma
 from fastguide.pipelines.stable_diffusion import StableDiffusion, StableDiffusion3, StableDiffusionXL
 
 PIPELINES = {"StableDiffusionPipeline": StableDiffusion, "StableDiffusionXLPipeline": StableDiffusionXL,
-             "StableDiffusion3Pipeline": StableDiffusion3, "DiTPipeline": DiT}
+             "StableDiffusion3Pipeline": StableDiffusion3, "DiTPipeline": DiT, "PixArtAlphaPipeline": PixArtAlpha,
+             "PixArtSigmaPipeline": PixArtSigma}
 
 
 def from_pipe(pipe, *, backend: str = "auto", progress: bool = False) -> FastPipeline:
@@ -33,4 +35,5 @@ def from_pipe(pipe, *, backend: str = "auto", progress: bool = False) -> FastPip
     return cls(pipe, backend=backend, progress=progress)
 
 
-__all__ = ["PIPELINES", "FastPipeline", "from_pipe", "StableDiffusion", "StableDiffusionXL", "StableDiffusion3", "DiT"]
+__all__ = ["PIPELINES", "FastPipeline", "from_pipe", "StableDiffusion", "StableDiffusionXL", "StableDiffusion3", "DiT",
+           "PixArtAlpha", "PixArtSigma"]
