@@ -4,6 +4,7 @@ from fastguide.edm import EDM
 from fastguide.euler import Euler
 from fastguide.guidance import APG, CFG, CFGZeroStar, ClassifierGuidance, GuideNetwork, NoGuidance, ReCFG
 from fastguide.heun import Heun
+from fastguide.lcm import LCM
 from fastguide.multistep import DPMSolver, UniPC
 from fastguide.pndm import PLMS
 from fastguide.noise import seeded_noise, step_noise
@@ -14,6 +15,6 @@ from fastguide.table import RatioTable
 from fastguide.table_build import RatioSums, accumulate_ratio_sums
 
 __version__ = "0.1.0"
-__all__ = ["APG", "CFG", "CFGZeroStar", "ClassifierGuidance", "DDIM", "DDPM", "DPMSolver", "EDM", "Euler", "FlowEuler", "FlowSchedule", "GuideNetwork", "Heun", "NoGuidance",
+__all__ = ["APG", "CFG", "CFGZeroStar", "ClassifierGuidance", "DDIM", "DDPM", "DPMSolver", "EDM", "Euler", "FlowEuler", "FlowSchedule", "GuideNetwork", "Heun", "LCM", "NoGuidance",
            "NoiseSchedule", "PLMS", "Plan", "RatioSums", "RatioTable", "ReCFG", "Sampler", "UniPC", "__version__",
            "accumulate_ratio_sums", "seeded_noise", "solver_from_diffusers", "step_noise"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 from fastguide.edm import EDM
 from fastguide.euler import Euler
 from fastguide.heun import Heun
+from fastguide.lcm import LCM
 from fastguide.multistep import DPMSolver, UniPC
 from fastguide.pndm import PLMS
 from fastguide.schedule import NoiseSchedule, config_items
@@ -20,11 +21,12 @@ def _ddpm(cfg, steps, **kw):
     return DDPM(NoiseSchedule.from_diffusers(cfg, float32_arithmetic=True), steps=steps, **kw)
 
 
-def _no_options(build):
+def _no_options(build, takes=()):
+    """``build(cfg, steps)``: options come from the config, except ``takes`` (arguments of ``set_timesteps``)."""
     def make(cfg, steps, **kw):
-        if kw:
+        if set(kw) - set(takes):
             raise ValueError(f"kw: this solver takes its options from the scheduler config, got {sorted(kw)}")
-        return build(cfg, steps)
+        return build(cfg, steps, **kw)
     return make
 
 
@@ -33,12 +35,13 @@ SOLVERS = {
     "DDPMScheduler": _ddpm,
     "DPMSolverMultistepScheduler": _no_options(DPMSolver.from_diffusers),
     "UniPCMultistepScheduler": _no_options(UniPC.from_diffusers),
-    "FlowMatchEulerDiscreteScheduler": _no_options(FlowEuler.from_diffusers),
+    "FlowMatchEulerDiscreteScheduler": _no_options(FlowEuler.from_diffusers, takes=("mu", "sigmas")),
     "EulerDiscreteScheduler": _no_options(Euler.from_diffusers),
     "EulerAncestralDiscreteScheduler": _no_options(lambda cfg, steps: Euler.from_diffusers(cfg, steps, ancestral=True)),
     "HeunDiscreteScheduler": _no_options(Heun.from_diffusers),
     "EDMEulerScheduler": _no_options(EDM.from_diffusers),
     "PNDMScheduler": _no_options(PLMS.from_diffusers),
+    "LCMScheduler": LCM.from_diffusers,
 }
 
 
@@ -47,7 +50,7 @@ SOLVERS = {
 SIGNATURES = [("shift", "FlowMatchEulerDiscreteScheduler"), ("sigma_data", "EDMEulerScheduler"), ("predict_x0", "UniPCMultistepScheduler"),
               ("algorithm_type", "DPMSolverMultistepScheduler"), ("interpolation_type", "EulerDiscreteScheduler"),
               (("use_karras_sigmas", "clip_sample"), "HeunDiscreteScheduler"), ("skip_prk_steps", "PNDMScheduler"),
-              ("set_alpha_to_one", "DDIMScheduler"),
+              ("original_inference_steps", "LCMScheduler"), ("set_alpha_to_one", "DDIMScheduler"),
               ("variance_type", "DDPMScheduler")]
 
 
@@ -65,7 +68,7 @@ def scheduler_class(scheduler) -> str:
 
 def solver_from_diffusers(scheduler, steps: int, **kw):
     """The solver for ``scheduler`` (a diffusers scheduler, or its config / ``scheduler.config``); ``kw`` go to
-    DDIM / DDPM (eta, spacing, ...)."""
+    DDIM / DDPM (eta, spacing, ...) and FlowEuler (``mu``, ``sigmas``: what ``set_timesteps`` takes)."""
     config = scheduler.config if hasattr(scheduler, "set_timesteps") else scheduler
     cfg = config_items(config)
     name = scheduler_class(scheduler)
@@ -106,4 +109,6 @@ def generator_draws(scheduler, plan) -> list[bool] | None:
         return [float(t) > 0 for t in plan.timesteps]
     if name == "DPMSolverMultistepScheduler" and str(config.get("algorithm_type", "")).startswith("sde-"):
         return [True] * plan.steps
+    if name == "LCMScheduler":  # noise after every consistency step but the last
+        return [i < plan.steps - 1 for i in range(plan.steps)]
     return None

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from fastguide.checks import check_int, check_steps
+from fastguide.checks import check_choices, check_int, check_steps
 from fastguide.kernels.reference import NUM_COEF, Coef
 from fastguide.schedule import PREDICTION_TYPES, NoiseSchedule, config_items, config_value
 
@@ -278,21 +278,52 @@ class DDPM:
         return f"DDPM(steps={self.steps}, variance_type={self.variance_type!r})"
 
 
-def flow_sigmas(steps: int, shift: float = 1.0, num_train_timesteps: int = 1000) -> np.ndarray:
-    """Sigmas of diffusers' FlowMatchEulerDiscreteScheduler (static shift), with the final 0 appended.
+TIME_SHIFT_TYPES = ("exponential", "linear")
 
-    diffusers shifts sigma_min once at construction and again in set_timesteps; we reproduce that.
+
+def flow_sigmas(steps: int, shift: float = 1.0, num_train_timesteps: int = 1000, *, mu: float | None = None,
+                time_shift_type: str = "exponential", sigmas=None) -> np.ndarray:
+    """Sigmas of diffusers' FlowMatchEulerDiscreteScheduler after ``set_timesteps(steps, sigmas=sigmas, mu=mu)``,
+    with the final 0 appended, in its arithmetic: float32 values, as its ``scheduler.sigmas`` holds them.
+
+    ``mu`` None: the static ``shift``; otherwise dynamic shifting (``use_dynamic_shifting``): the time shift
+    ``exp(mu) / (exp(mu) + (1/s - 1))`` ("exponential") or ``mu / (mu + (1/s - 1))`` ("linear").
+    ``sigmas``: the unshifted grid the scheduler is given (FluxPipeline passes ``linspace(1, 1/steps, steps)``);
+    None is the scheduler's own, ``steps`` points from its largest to its smallest training sigma (which
+    construction already shifts with a static shift, so the smallest is shifted twice; we reproduce that).
     """
-    def shifted(s):
-        return shift * s / (1 + (shift - 1) * s)
+    if sigmas is None:
+        n = num_train_timesteps
+        ends = torch.tensor([float(n), 1.0]) / n  # the first and last of the constructed float32 training sigmas
+        if mu is None:
+            ends = shift * ends / (1 + (shift - 1) * ends)
+        base = np.linspace(ends[0].item() * n, ends[1].item() * n, steps) / n  # float64, as diffusers
+    else:
+        base = np.asarray(sigmas).astype(np.float32)  # given sigmas are shifted in float32, as diffusers
+    if mu is None:
+        shifted = shift * base / (1 + (shift - 1) * base)
+    elif time_shift_type == "exponential":
+        shifted = math.exp(mu) / (math.exp(mu) + (1 / base - 1) ** 1.0)
+    else:
+        shifted = mu / (mu + (1 / base - 1) ** 1.0)
+    return np.concatenate([np.asarray(shifted).astype(np.float32).astype(np.float64), [0.0]])
 
-    sigma_min = shifted(1.0 / num_train_timesteps)
-    base = np.linspace(1.0 * num_train_timesteps, sigma_min * num_train_timesteps, steps) / num_train_timesteps
-    return np.concatenate([shifted(base), [0.0]])
+
+def _check_base_sigmas(sigmas, steps: int) -> np.ndarray:
+    try:
+        values = np.asarray(sigmas, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise TypeError(f"sigmas: expected {steps} numbers (the unshifted sigma grid), got {type(sigmas).__name__}"
+                        ) from None
+    if values.shape != (steps,) or not np.isfinite(values).all() or not ((values > 0) & (values <= 1)).all():
+        raise ValueError(f"sigmas: expected {steps} finite values in (0, 1] (one per step, unshifted), got "
+                         f"{np.asarray(sigmas).tolist() if values.size <= 8 else values.shape}")
+    return values
 
 
-# FlowMatchEulerDiscreteScheduler config keys; those other than the first two must keep their inert defaults
-# (checked in FlowEuler.from_diffusers) or only matter with dynamic shifting.
+# FlowMatchEulerDiscreteScheduler config keys; those other than num_train_timesteps, shift and the dynamic-shifting
+# ones (use_dynamic_shifting, time_shift_type; base/max shift and image sequence lengths give a pipeline its mu)
+# must keep their inert defaults (checked in FlowEuler.from_diffusers).
 _FLOW_DIFFUSERS_KEYS = {
     "num_train_timesteps", "shift", "use_dynamic_shifting", "base_shift", "max_shift", "base_image_seq_len",
     "max_image_seq_len", "invert_sigmas", "shift_terminal", "use_karras_sigmas", "use_exponential_sigmas",
@@ -305,15 +336,32 @@ class FlowEuler:
 
     x_t = (1 - sigma) x0 + sigma * noise, model predicts v = noise - x0; x <- x + (sigma_next - sigma) v.
     The model receives flow time sigma in [0, 1] (adapters rescale to 0..1000 where a model expects it).
+    The sigma grid is diffusers' (:func:`flow_sigmas`): a static ``shift``, or with ``mu`` the resolution-dependent
+    time shift of ``use_dynamic_shifting`` (``time_shift_type`` "exponential" or "linear"); ``sigmas`` an unshifted
+    grid of ``steps`` values in (0, 1] in place of the scheduler's own (``set_timesteps(sigmas=...)``).
     """
 
-    def __init__(self, steps: int, shift: float = 1.0, num_train_timesteps: int = 1000):
+    def __init__(self, steps: int, shift: float = 1.0, num_train_timesteps: int = 1000, *, mu: float | None = None,
+                 time_shift_type: str = "exponential", sigmas=None):
         check_steps(steps)
         if isinstance(shift, bool) or not isinstance(shift, (int, float)) or not math.isfinite(shift) or not shift > 0:
             raise ValueError(f"shift: expected a finite float > 0, got {shift!r}")
         check_int(num_train_timesteps, "num_train_timesteps", low=1)
+        check_choices(("time_shift_type", time_shift_type, TIME_SHIFT_TYPES))
+        if mu is not None:
+            if isinstance(mu, bool) or not isinstance(mu, (int, float, np.integer, np.floating)) \
+                    or not math.isfinite(mu) or (time_shift_type == "linear" and not mu > 0):
+                bound = " > 0 (linear time shift)" if time_shift_type == "linear" else ""
+                raise ValueError(f"mu: expected a finite float{bound}, got {mu!r}")
+            if shift != 1.0:
+                raise ValueError(f"shift: {shift!r} with mu: a static shift and dynamic shifting (mu) exclude "
+                                 "each other")
+            mu = float(mu)
+        base = None if sigmas is None else _check_base_sigmas(sigmas, steps)
         self.steps, self.shift, self.num_train_timesteps = steps, float(shift), int(num_train_timesteps)
-        sig = flow_sigmas(steps, self.shift, self.num_train_timesteps)
+        self.mu, self.time_shift_type = mu, time_shift_type
+        sig = flow_sigmas(steps, self.shift, self.num_train_timesteps, mu=mu, time_shift_type=time_shift_type,
+                          sigmas=base)
         dt = sig[1:] - sig[:-1]
         # x <- x + dt v; x0 = x - sigma v (what a clip would clamp)
         coef = np.array([coef_row(A=1.0, B=d, PX=1.0, PM=-s, CX=1.0, CM=d) for d, s in zip(dt, sig[:-1])])
@@ -321,19 +369,31 @@ class FlowEuler:
                          torch.full((steps,), math.nan, dtype=torch.float64), None, "flow", "flow")
 
     @classmethod
-    def from_diffusers(cls, config: dict, steps: int) -> "FlowEuler":
-        """From a FlowMatchEulerDiscreteScheduler config (static shift only)."""
+    def from_diffusers(cls, config: dict, steps: int, mu: float | None = None, sigmas=None) -> "FlowEuler":
+        """From a FlowMatchEulerDiscreteScheduler config: the scheduler after ``set_timesteps(steps, sigmas=sigmas,
+        mu=mu)``. With ``use_dynamic_shifting`` the config's ``shift`` is unused and ``mu`` is required; without it
+        ``mu`` is ignored, as ``set_timesteps`` ignores it."""
         cfg = config_items(config)
         unknown = set(cfg) - _FLOW_DIFFUSERS_KEYS
         if unknown:
             raise ValueError(f"config: unsupported FlowMatchEulerDiscreteScheduler keys {sorted(unknown)}")
-        for key, inert in (("use_dynamic_shifting", False), ("invert_sigmas", False), ("shift_terminal", None),
+        for key, inert in (("invert_sigmas", False), ("shift_terminal", None),
                            ("use_karras_sigmas", False), ("use_exponential_sigmas", False),
                            ("use_beta_sigmas", False), ("stochastic_sampling", False)):
             if cfg.get(key, inert) not in (inert, None) and cfg.get(key) != inert:
                 raise ValueError(f"config: {key}={cfg[key]!r} is not supported by FlowEuler")
-        return cls(steps, shift=config_value(cfg, "shift", float, 1.0),
-                   num_train_timesteps=config_value(cfg, "num_train_timesteps", int, 1000))
+        ntt = config_value(cfg, "num_train_timesteps", int, 1000)
+        if not config_value(cfg, "use_dynamic_shifting", bool, False):
+            return cls(steps, shift=config_value(cfg, "shift", float, 1.0), num_train_timesteps=ntt, sigmas=sigmas)
+        if mu is None:
+            raise ValueError("mu: the config sets use_dynamic_shifting=True, so the sigma grid needs mu (as "
+                             "set_timesteps(steps, mu=mu) does; pipelines compute it from the image size)")
+        time_shift_type = cfg.get("time_shift_type") or "exponential"
+        if time_shift_type not in TIME_SHIFT_TYPES:
+            raise ValueError(f"config: time_shift_type: expected one of {TIME_SHIFT_TYPES}, got {time_shift_type!r}")
+        return cls(steps, num_train_timesteps=ntt, mu=mu, time_shift_type=time_shift_type, sigmas=sigmas)
 
     def __repr__(self):
-        return f"FlowEuler(steps={self.steps}, shift={self.shift})"
+        shifting = f"mu={self.mu}, time_shift_type={self.time_shift_type!r}" if self.mu is not None \
+            else f"shift={self.shift}"
+        return f"FlowEuler(steps={self.steps}, {shifting})"

@@ -17,12 +17,15 @@ from __future__ import annotations
 
 from fastguide.pipelines.common import FastPipeline
 from fastguide.pipelines.dit import DiT
+from fastguide.pipelines.flux import Flux
+from fastguide.pipelines.lcm import LatentConsistency
 from fastguide.pipelines.pixart import PixArtAlpha, PixArtSigma
 from fastguide.pipelines.stable_diffusion import StableDiffusion, StableDiffusion3, StableDiffusionXL
 
 PIPELINES = {"StableDiffusionPipeline": StableDiffusion, "StableDiffusionXLPipeline": StableDiffusionXL,
              "StableDiffusion3Pipeline": StableDiffusion3, "DiTPipeline": DiT, "PixArtAlphaPipeline": PixArtAlpha,
-             "PixArtSigmaPipeline": PixArtSigma}
+             "PixArtSigmaPipeline": PixArtSigma, "LatentConsistencyModelPipeline": LatentConsistency,
+             "FluxPipeline": Flux}
 
 
 def from_pipe(pipe, *, backend: str = "auto", progress: bool = False) -> FastPipeline:
@@ -36,4 +39,4 @@ def from_pipe(pipe, *, backend: str = "auto", progress: bool = False) -> FastPip
 
 
 __all__ = ["PIPELINES", "FastPipeline", "from_pipe", "StableDiffusion", "StableDiffusionXL", "StableDiffusion3", "DiT",
-           "PixArtAlpha", "PixArtSigma"]
+           "PixArtAlpha", "PixArtSigma", "LatentConsistency", "Flux"]

@@ -109,12 +109,13 @@ class FastPipeline:
             return sampler.sample(noise, torch.tensor(ids, device=cond.device), guidance=rule, seeds=seeds,
                                   step_noise=z)
 
-    def _sample(self, noise, cond, null, steps, rule, seeds, generator=None):
+    def _sample(self, noise, cond, null, steps, rule, seeds, generator=None, solver=None):
+        """The latents of one call: ``solver`` (default: the scheduler's for ``steps``) under ``rule``."""
+        solver = self.solver(steps) if solver is None else solver
         if self.sampler is None:
-            self.sampler = Sampler(self.model, self.solver(steps), rule, null_cond=null, **self._sampler_kw)
+            self.sampler = Sampler(self.model, solver, rule, null_cond=null, **self._sampler_kw)
             if self._compile_kw is not None:
                 self.sampler.compile(**self._compile_kw)
-        solver = self.solver(steps)
         self.sampler.null_cond, self.sampler.solver = null, solver
         z = self._step_noise(solver, noise, generator, seeds)
         with torch.no_grad():
