@@ -296,9 +296,8 @@ class SDXLAdapter(_TextAdapter):
 
     def unpack(self, cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The inverse of :meth:`pack`: (embeddings, pooled, time ids)."""
-        k = self.pooled_rows
-        vector = cond[:, -k:].reshape(cond.shape[0], -1)
-        return cond[:, :-k], vector[:, :self.pooled_dim], vector[:, self.pooled_dim:self.vector_dim]
+        embeds, vector = unpack_tokens_and_pooled(cond, self.vector_dim)
+        return embeds, vector[:, :self.pooled_dim], vector[:, self.pooled_dim:]
 
     def forward(self, x, t, cond):
         _check_t(t, x.shape[0])
@@ -361,8 +360,7 @@ class SD3Adapter(_TextAdapter):
 
     def unpack(self, cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The inverse of :meth:`pack`: ([N, L, D] token embeddings, [N, P] pooled)."""
-        k = self.pooled_rows
-        return cond[:, :-k], cond[:, -k:].reshape(cond.shape[0], -1)[:, :self.pooled_dim]
+        return unpack_tokens_and_pooled(cond, self.pooled_dim)
 
     def forward(self, x, t, cond):
         _check_t(t, x.shape[0])
@@ -386,3 +384,9 @@ def pack_tokens_and_pooled(embeds: torch.Tensor, pooled: torch.Tensor, joint_dim
     rows = torch.zeros(embeds.shape[0], k * joint_dim, dtype=embeds.dtype, device=embeds.device)
     rows[:, :pooled_dim] = pooled.to(embeds)
     return torch.cat([embeds, rows.view(-1, k, joint_dim)], dim=1)
+
+
+def unpack_tokens_and_pooled(cond: torch.Tensor, pooled_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The inverse of :func:`pack_tokens_and_pooled`: ([N, L, D] token embeddings, [N, P] pooled)."""
+    k = math.ceil(pooled_dim / cond.shape[2])
+    return cond[:, :-k], cond[:, -k:].reshape(cond.shape[0], -1)[:, :pooled_dim]

@@ -4,43 +4,25 @@ Tiny random-weight pipelines built offline from configs (fastguide/bench/tiny_pi
 text encoders from transformers configs and a CLIP tokenizer from vocabulary files it writes; DiT). fastguide's images equal ``pipe(...).images`` for the same prompts,
 negative prompts, steps, scale and per-image generators within 1e-4 (float32), with the pipeline's default
 scheduler and with others; every output type; bad input named."""
-import numpy as np
 import pytest
 import torch
 
 import fastguide as fg
 from fastguide.bench import tiny_pipelines
 from fastguide.pipelines import from_pipe
+from pipeline_checks import TOL, as_tensor, assert_close, generators  # noqa: E402
 
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
 from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler,  # noqa: E402
                        UniPCMultistepScheduler)
 
-TOL = 1e-4
 PROMPTS, NEGATIVES = ["a cat", "low dog", "lower"], ["", "blurry", "low"]
 
 
 @pytest.fixture(scope="module")
 def sd_pipe(clip_tokenizer):
     return tiny_pipelines.tiny_sd(clip_tokenizer)
-
-
-def generators(seeds=(1, 2, 3)):
-    return [torch.Generator().manual_seed(s) for s in seeds]
-
-
-def as_tensor(images):
-    if isinstance(images, list):  # PIL images
-        return torch.stack([torch.from_numpy(np.asarray(im).astype(np.float32)) for im in images])
-    return torch.as_tensor(np.asarray(images) if not isinstance(images, torch.Tensor) else images)
-
-
-def assert_close(got, want, tol=TOL):
-    got, want = as_tensor(got), as_tensor(want)
-    assert got.shape == want.shape
-    err = float((got - want).abs().max() / max(1.0, float(want.abs().max())))
-    assert err <= tol, f"max |fastguide - pipe| / max(1, |pipe|) = {err:.3g} > {tol}"
 
 
 @pytest.mark.parametrize("scheduler", ["pndm (shipped)", "ddim", "dpm++2m", "unipc", "euler", "euler-ancestral",

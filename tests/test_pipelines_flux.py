@@ -21,8 +21,8 @@ from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipel
                        FluxTransformer2DModel)
 
 from fastguide.pipelines.flux import Flux, FluxAdapter  # noqa: E402
+from pipeline_checks import TOL, as_tensor, assert_close, generators  # noqa: E402
 
-TOL = 1e-4
 PROMPTS, NEGATIVES = ["a cat", "a photo of the dog", "low"], ["blurry", "", "a dog"]
 SIZE = dict(height=16, width=16, max_sequence_length=12)  # 8 x 8 latents: 16 packed tokens
 FLUX_DEV_SCHEDULER = dict(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
@@ -160,24 +160,6 @@ def distilled_pipe(flux_parts):
 def plain_pipe(flux_parts):
     """No guidance embedding (FLUX.1-schnell-like, and what true CFG is for): a static shift by default."""
     return _pipe(flux_parts, _transformer(False, 2), FlowMatchEulerDiscreteScheduler(shift=3.0))
-
-
-def generators(seeds=(1, 2, 3)):
-    return [torch.Generator().manual_seed(s) for s in seeds]
-
-
-def as_tensor(images):
-    if isinstance(images, list):  # PIL images
-        return torch.stack([torch.from_numpy(np.asarray(im).astype(np.float32)) for im in images])
-    return torch.as_tensor(np.asarray(images) if not isinstance(images, torch.Tensor) else images)
-
-
-def assert_close(got, want, tol=TOL):
-    assert type(got) is type(want)
-    got, want = as_tensor(got), as_tensor(want)
-    assert got.shape == want.shape
-    err = float((got - want).abs().max() / max(1.0, float(want.abs().max())))
-    assert err <= tol, f"max |fastguide - pipe| / max(1, |pipe|) = {err:.3g} > {tol}"
 
 
 def both(pipe, fast, prompts=PROMPTS, **kw):

@@ -8,7 +8,6 @@ scheduler's per-step noise drawn from them in its order), every output type; per
 alone; per-prompt seeds; the bound can fail; bad input named."""
 import types
 
-import numpy as np
 import pytest
 import torch
 
@@ -20,8 +19,8 @@ from diffusers import (AutoencoderKL, DDIMScheduler, LatentConsistencyModelPipel
                        UNet2DConditionModel)
 
 from fastguide.pipelines.lcm import LatentConsistency, LatentConsistencyAdapter  # noqa: E402
+from pipeline_checks import TOL, as_tensor, assert_close, generators, relative_error  # noqa: E402
 
-TOL = 1e-4
 PROMPTS = ["a cat", "low dog", "lower"]
 UNET = dict(block_out_channels=(4, 8), layers_per_block=1, sample_size=8, in_channels=4, out_channels=4,
             down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
@@ -59,27 +58,6 @@ def lcm_pipe(clip_tokenizer):
 @pytest.fixture(scope="module")
 def fast(lcm_pipe):
     return LatentConsistency(lcm_pipe)
-
-
-def generators(seeds=(1, 2, 3)):
-    return [torch.Generator().manual_seed(s) for s in seeds]
-
-
-def as_tensor(images):
-    if isinstance(images, list):  # PIL images
-        return torch.stack([torch.from_numpy(np.asarray(im).astype(np.float32)) for im in images])
-    return torch.as_tensor(np.asarray(images) if not isinstance(images, torch.Tensor) else images)
-
-
-def relative_error(got, want) -> float:
-    got, want = as_tensor(got), as_tensor(want)
-    assert got.shape == want.shape
-    return float((got - want).abs().max() / max(1.0, float(want.abs().max())))
-
-
-def assert_close(got, want, tol=TOL):
-    err = relative_error(got, want)
-    assert err <= tol, f"max |fastguide - pipe| / max(1, |pipe|) = {err:.3g} > {tol}"
 
 
 @pytest.mark.parametrize("steps", [1, 2, 4])

@@ -6,7 +6,6 @@ fastguide's images equal ``pipe(..., clean_caption=False).images`` within 1e-4 (
 lengths (so their T5 attention masks differ), per-prompt negative prompts and generators, with the shipped
 DPM-Solver++ and with DDIM and SDE-DPM-Solver++; every output type; the resolution / aspect-ratio conditions of a
 sample-size-128 transformer; resolution binning; bad input named."""
-import numpy as np
 import pytest
 import torch
 
@@ -18,8 +17,8 @@ from diffusers import (AutoencoderKL, DDIMScheduler, DPMSolverMultistepScheduler
                        PixArtSigmaPipeline, PixArtTransformer2DModel)
 
 from fastguide.pipelines.pixart import PixArtAdapter, PixArtAlpha, PixArtSigma  # noqa: E402
+from pipeline_checks import TOL, as_tensor, assert_close, generators  # noqa: E402
 
-TOL = 1e-4
 # 3, 8 and 2 T5 tokens (with </s>): three different attention masks; "low" / "blurry" as negatives
 PROMPTS, NEGATIVES = ["a cat", "a low dog of the blurry photo", "lower"], ["", "blurry", "low dog"]
 FAMILIES = {"alpha": (PixArtAlphaPipeline, PixArtAlpha), "sigma": (PixArtSigmaPipeline, PixArtSigma)}
@@ -63,23 +62,6 @@ def make_pipe(family, parts, transformer, **replace):
 def pipes(parts):
     """One tiny pipeline per family (sample size 8: 16 px with the 2x VAE; no binning table, so binning is off)."""
     return {family: make_pipe(family, parts, tiny_transformer(seed)) for seed, family in enumerate(FAMILIES)}
-
-
-def generators(seeds=(1, 2, 3)):
-    return [torch.Generator().manual_seed(s) for s in seeds]
-
-
-def as_tensor(images):
-    if isinstance(images, list):  # PIL images
-        return torch.stack([torch.from_numpy(np.asarray(im).astype(np.float32)) for im in images])
-    return torch.as_tensor(np.asarray(images) if not isinstance(images, torch.Tensor) else images)
-
-
-def assert_close(got, want, tol=TOL):
-    got, want = as_tensor(got), as_tensor(want)
-    assert got.shape == want.shape
-    err = float((got - want).abs().max() / max(1.0, float(want.abs().max())))
-    assert err <= tol, f"max |fastguide - pipe| / max(1, |pipe|) = {err:.3g} > {tol}"
 
 
 def both(pipe, fast, prompts, **kw):

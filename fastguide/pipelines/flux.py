@@ -13,7 +13,7 @@ import math
 import numpy as np
 import torch
 
-from fastguide.adapters import pack_tokens_and_pooled
+from fastguide.adapters import pack_tokens_and_pooled, unpack_tokens_and_pooled
 from fastguide.diffusers_schedulers import scheduler_class, solver_from_diffusers
 from fastguide.guidance import CFG, GuidanceRule, NoGuidance, check_guidance
 from fastguide.pipelines.common import FastPipeline, check_output_type, check_steps, negative_prompt_list, prompt_list
@@ -136,8 +136,7 @@ class FluxAdapter(torch.nn.Module):
 
     def unpack(self, cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The inverse of :meth:`pack`: ([N, L, D] token embeddings, [N, P] pooled)."""
-        k = self.pooled_rows
-        return cond[:, :-k], cond[:, -k:].reshape(cond.shape[0], -1)[:, :self.pooled_dim]
+        return unpack_tokens_and_pooled(cond, self.pooled_dim)
 
     def solver(self, steps: int, image_seq_len: int):
         """The solver FluxPipeline's scheduler steps with for ``image_seq_len`` = (H/2)(W/2) packed tokens."""
