@@ -61,7 +61,8 @@ class PlanTensors:
         table_parts = {}
         if guidance.table is not None:
             table_parts = dict(
-                table=guidance.table.to(device) if device_table is None else device_table, table_steps=guidance.table_steps.to(device),
+                table=guidance.table.to(device) if device_table is None else device_table,
+                table_steps=guidance.table_steps.to(device),
                 table_steps_host=[tuple(r) for r in guidance.table_steps.tolist()],
                 table_w=guidance.table_w.to(device, cdt), table_w_host=guidance.table_w.tolist(),
                 table_w_source=guidance.table_w)

@@ -445,12 +445,10 @@ def _loop_model(step):
              numpy_helper.from_array(np.array(True), "loop_true")]
     nodes, first = [], "noise"
     if per_row:  # each row's x_T = init_scale[b] * noise[b]: init_scale [B, 1, 1, 1]
-        scale_shape = [inputs["x"].type.tensor_type.shape.dim[0]] + [1] * (len(inputs["x"].type.tensor_type.shape.dim) - 1)
-        scale = helper.make_tensor_value_info("init_scale", TensorProto.FLOAT, None)
-        scale.type.tensor_type.shape.dim.add().CopyFrom(scale_shape[0])
-        for _ in scale_shape[1:]:
-            scale.type.tensor_type.shape.dim.add().dim_value = 1
-        outer_inputs.append(scale)
+        dims = inputs["x"].type.tensor_type.shape.dim
+        batch = dims[0].dim_param or dims[0].dim_value
+        outer_inputs.append(helper.make_tensor_value_info("init_scale", TensorProto.FLOAT,
+                                                          [batch] + [1] * (len(dims) - 1)))
         nodes.append(helper.make_node("Mul", ["noise", "init_scale"], ["loop_x_first"]))
         first = "loop_x_first"
     elif init_scale != 1.0:  # x_T = init_scale * noise, in float32 as the torch sampler's x * init_scale

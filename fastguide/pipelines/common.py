@@ -104,10 +104,7 @@ class FastPipeline:
             embeddings[i] = row
         model = ConditionIdModel(self.model, embeddings, null[0])
         sampler = Sampler(model, self.solver(steps), rule, null_cond=model.null_id, **self._sampler_kw)
-        z = self._step_noise(sampler.solver, noise, generator, seeds)
-        with torch.no_grad():
-            return sampler.sample(noise, torch.tensor(ids, device=cond.device), guidance=rule, seeds=seeds,
-                                  step_noise=z)
+        return self._run(sampler, noise, torch.tensor(ids, device=cond.device), rule, seeds, generator)
 
     def _sample(self, noise, cond, null, steps, rule, seeds, generator=None, solver=None):
         """The latents of one call: ``solver`` (default: the scheduler's for ``steps``) under ``rule``."""
@@ -117,9 +114,13 @@ class FastPipeline:
             if self._compile_kw is not None:
                 self.sampler.compile(**self._compile_kw)
         self.sampler.null_cond, self.sampler.solver = null, solver
-        z = self._step_noise(solver, noise, generator, seeds)
+        return self._run(self.sampler, noise, cond, rule, seeds, generator)
+
+    def _run(self, sampler, noise, cond, rule, seeds, generator):
+        """``sampler``'s sample, with the pipeline's per-step noise for a stochastic scheduler."""
+        z = self._step_noise(sampler.solver, noise, generator, seeds)
         with torch.no_grad():
-            return self.sampler.sample(noise, cond, guidance=rule, seeds=seeds, step_noise=z)
+            return sampler.sample(noise, cond, guidance=rule, seeds=seeds, step_noise=z)
 
 
 def check_output_type(output_type, allowed=OUTPUT_TYPES) -> str:
