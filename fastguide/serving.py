@@ -14,6 +14,12 @@ rule) is its own static shape, compiled once and, on CUDA with ``cuda_graph``, c
 every one up. A request's sample depends only on the request and its bucket size, never on its companions or
 its row (tested): row b of the loop reads only row b's inputs, and a network's float results can depend on the
 batch size but not on the other rows' values.
+
+With ``continuous=True`` the batcher schedules steps, not batches (fastguide/step_pool.py): requests of any rule
+join the running rows between any two steps and leave after their own last step, so a short request never pays
+for a long companion's steps and a new one never waits for a batch to end. Each step's forward is padded to the next
+bucket; a request's sample is its plan's alone, bit-identical to :meth:`sample_alone` when there is one bucket
+size (every forward then has that size) and equal to it within the network's batch-size rounding otherwise.
 """
 from __future__ import annotations
 
@@ -33,6 +39,7 @@ from fastguide.checks import check_int, check_seed, real
 from fastguide.loop import BufferCache
 from fastguide.noise import seeded_noise
 from fastguide.sampler import Sampler
+from fastguide.step_pool import StepPool
 
 DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 32, 64)  # fine steps: a batch is padded by less than 2x
 LATENCY_WINDOW = 4096  # completed requests the latency percentiles are taken over
@@ -143,14 +150,18 @@ class Batcher:
     (the smallest >= its most steps; the last >= the most steps accepted): with ``cuda_graph``, one captured
     graph per rule, bucket and length, all captured by :meth:`start`; None (the default, best without graphs)
     runs each batch for its own most steps. Padding rows sample condition ``pad_cond`` at scale 1 with the
-    batch's smallest step count; their results are dropped.
+    batch's smallest step count; their results are dropped. ``continuous``: schedule steps instead of batches
+    (module docstring): up to ``buckets[-1]`` requests run at once, each at its own step; the metrics' batches
+    then count steps (forwards) and batch fill is the mean of running rows / bucket per step. It runs the
+    reference step eagerly around the model (compiled alone with ``compile``); no CUDA graphs, no
+    ``step_buckets``.
     """
 
     def __init__(self, model, solver_for: Callable[[int], object], rules: Mapping[str, object], *, null_cond,
                  latent_shape, buckets=DEFAULT_BUCKETS, max_wait_s: float = 0.01, max_queue: int = 1024,
                  steps_range=(1, 50), num_classes=None, device="cpu", dtype=torch.float32, backend: str = "auto",
                  compile: bool = False, cuda_graph: bool = False, pad_cond: int = 0, step_buckets=None,
-                 cond_first: bool = True):
+                 cond_first: bool = True, continuous: bool = False):
         if not callable(solver_for):
             raise TypeError("solver_for: expected a callable steps -> fastguide solver")
         if not isinstance(rules, Mapping) or not rules:
@@ -168,7 +179,10 @@ class Batcher:
             if not step_buckets or list(step_buckets) != sorted(set(step_buckets)) or step_buckets[-1] < hi:
                 raise ValueError(f"step_buckets: expected increasing loop lengths, the last >= the most steps {hi}, "
                                  f"got {step_buckets}")
-        self.step_buckets = step_buckets
+        if continuous and (cuda_graph or step_buckets is not None):
+            raise ValueError("continuous: steps are scheduled one at a time, so there is no whole loop to capture as a "
+                             "CUDA graph or pad to step_buckets; leave cuda_graph and step_buckets unset")
+        self.step_buckets, self.continuous = step_buckets, bool(continuous)
         self.latent_shape = tuple(check_int(n, "latent_shape", low=1) for n in latent_shape)
         self.buckets, self.max_wait_s, self.steps_range = buckets, float(max_wait_s), (lo, hi)
         self.max_queue = check_int(max_queue, "max_queue", low=1)
@@ -187,6 +201,17 @@ class Batcher:
         self.sampler.guidance = first_rule
         if compile:
             self.sampler.compile(cuda_graph=cuda_graph and self.device.type == "cuda")
+        self._pool = None
+        if self.continuous:
+            forward = model if not compile else torch.compile(model, **self.sampler.compile_options(self.device))
+            self._pool = StepPool(forward, null_cond=null_cond, latent_shape=self.latent_shape, buckets=buckets,
+                                  device=self.device, dtype=dtype, cond_first=cond_first)
+            for name, rule in self.rules.items():
+                self._pool.check_rule(rule)
+                if self._pool.own_forward(rule):
+                    raise ValueError(f"rules: {name!r} runs a network of its own (a guide network), which cannot share "
+                                     "the forwards of continuous batching; use continuous=False")
+            self._running: dict[int, tuple[_Pending, float, int]] = {}  # id -> (pending, admitted at, step number)
         # one loop per (rule, bucket, loop length): keep them all (the Sampler's default keeps 8)
         lengths = len(step_buckets) if step_buckets is not None else hi - lo + 1
         self.sampler.buffers = BufferCache(max(8, len(self.rules) * len(buckets) * min(lengths, 4)))
@@ -222,7 +247,9 @@ class Batcher:
         ``step_buckets``: compiled code and captured graphs exist before the first request), timing each."""
         if self._thread is not None:
             raise RuntimeError("start: the batcher is already started")
-        if warmup:
+        if warmup and self.continuous:
+            self._warm_pool()
+        elif warmup:
             for name in self.rules:
                 for bucket in self.buckets:
                     for steps in self.step_buckets or (self.steps_range[0],):  # compiled code is per step
@@ -232,7 +259,8 @@ class Batcher:
                         key = f"{name}/{bucket}" + (f"/{steps}" if self.step_buckets else "")
                         self.warmup_s[key] = time.perf_counter() - began
         self._started = time.perf_counter()
-        self._thread = threading.Thread(target=self._worker, name="fastguide-batcher", daemon=True)
+        worker = self._continuous_worker if self.continuous else self._worker
+        self._thread = threading.Thread(target=worker, name="fastguide-batcher", daemon=True)
         self._thread.start()
         return self
 
@@ -338,9 +366,10 @@ class Batcher:
                        else None for i, p in enumerate(batch)]
             self._finish(batch, results, fill=len(batch) / bucket)
 
-    def _next_batch(self) -> list[_Pending] | None:
-        """The oldest request and those behind it with its rule (up to the largest bucket), once the largest bucket
-        is full, the oldest has waited max_wait_s, or the batcher is closing; None when closed and drained."""
+    def _next_batch(self, any_rule: bool = False) -> list[_Pending] | None:
+        """The oldest request and those behind it with its rule (``any_rule``: of any rule; up to the largest
+        bucket), once the largest bucket is full, the oldest has waited max_wait_s, or the batcher is closing; None
+        when closed and drained."""
         most = self.buckets[-1]
         with self._cv:
             while True:
@@ -353,7 +382,8 @@ class Batcher:
                     self._cv.wait()
                     continue
                 oldest = self._queue[0]
-                same = [p for p in self._queue if p.request.rule == oldest.request.rule]
+                same = list(self._queue) if any_rule else [p for p in self._queue
+                                                           if p.request.rule == oldest.request.rule]
                 wait = oldest.submitted + self.max_wait_s - time.perf_counter()
                 if len(same) < most and wait > 0 and not self._closing:
                     self._cv.wait(wait)
@@ -367,6 +397,76 @@ class Batcher:
                         self._counts["cancelled"] += 1
                 if taken:
                     return taken
+
+    # ------------------------------------------------------------------ the continuous worker
+    def _warm_pool(self) -> None:
+        """Full forwards of every bucket size and rule through the step pool (compiled code exists before the
+        first request), timed per rule and bucket."""
+        pool, lo = self._pool, self.steps_range[0]
+        noise = seeded_noise([0], self.latent_shape, dtype=self.dtype, device=self.device)[0]
+        for name, rule in self.rules.items():
+            for bucket in self.buckets:
+                began = time.perf_counter()
+                for b in range(bucket):
+                    pool.admit(b, noise, cond=self.pad_cond, plan=self.solver(lo).plan, rule=rule, scale=2.0, seed=0)
+                while len(pool):
+                    pool.step()
+                self.warmup_s[f"{name}/{bucket}"] = time.perf_counter() - began
+
+    def _continuous_worker(self) -> None:
+        pool, number = self._pool, 0
+        while True:
+            taken = self._admissions()
+            if taken is None:
+                return
+            now = time.perf_counter()
+            for p in taken:
+                r = p.request
+                try:
+                    noise = seeded_noise([r.seed], self.latent_shape, dtype=self.dtype, device=self.device)[0]
+                    pool.admit(id(p), noise, cond=r.cond, plan=self.solver(r.steps).plan, rule=self.rules[r.rule],
+                               scale=r.scale, seed=r.seed)
+                except Exception as e:  # this request cannot join: it fails alone
+                    self._finish([p], [None], error=e)
+                    continue
+                self._running[id(p)] = (p, now, number)
+            running = len(pool)
+            bucket = next(b for b in self.buckets if b >= running)
+            try:
+                done = pool.step()
+            except Exception as e:  # a failed step fails the rows running, never the worker
+                failed = [self._running.pop(k)[0] for k in pool.clear()]
+                self._finish(failed, [None] * len(failed), error=e)
+                continue
+            self._count_batch(running / bucket)
+            number += 1
+            finished_at = time.perf_counter()
+            batch, results = [], []
+            for key, sample, largest in done:
+                p, admitted, first = self._running.pop(key)
+                sample = sample.cpu()
+                batch.append(p)
+                results.append(SampleResult(sample, p.request, largest, first, admitted - p.submitted,
+                                            finished_at - admitted) if bool(torch.isfinite(sample).all()) else None)
+            if batch:
+                self._finish(batch, results)
+
+    def _admissions(self) -> list[_Pending] | None:
+        """The requests that join the running rows before the next step, oldest first, any rule: while rows run,
+        as many as there are free slots, at once; with no rows, waiting like :meth:`_next_batch` (up to
+        ``max_wait_s`` for a full bucket). None when closed, drained and no row is left."""
+        pool = self._pool
+        if not len(pool):
+            return self._next_batch(any_rule=True)
+        taken = []
+        with self._cv:
+            while self._queue and len(taken) < pool.free:
+                p = self._queue.popleft()
+                if p.future.set_running_or_notify_cancel():
+                    taken.append(p)
+                else:
+                    self._counts["cancelled"] += 1
+        return taken
 
     def sample_alone(self, request: SampleRequest, bucket: int | None = None) -> torch.Tensor:
         """``request``'s sample as it runs alone in a batch of ``bucket`` rows (default: the smallest bucket), in the
@@ -393,13 +493,17 @@ class Batcher:
         finite = torch.isfinite(out.flatten(1)).all(1).tolist()
         return out.cpu(), finite
 
+    def _count_batch(self, fill: float) -> None:
+        with self._cv:
+            self._counts["batches"] += 1
+            self._fill_sum += fill
+
     def _finish(self, batch: list[_Pending], results: list, *, fill: float | None = None,
                 error: Exception | None = None) -> None:
+        if fill is not None:
+            self._count_batch(fill)
         now = time.perf_counter()
         with self._cv:
-            if fill is not None:
-                self._counts["batches"] += 1
-                self._fill_sum += fill
             for p, result in zip(batch, results):
                 if result is not None:
                     self._latencies.append(now - p.submitted)
@@ -425,7 +529,8 @@ def _quantile(sorted_values: list[float], q: float) -> float:
 
 def digits_batcher(*, buckets=DEFAULT_BUCKETS, max_wait_s: float = 0.01, max_queue: int = 1024, solver: str = "unipc",
                    steps_range=(2, 50), device="cpu", backend: str = "auto", compile: bool = False,
-                   cuda_graph: bool = False, step_buckets=None, scale: float = 3.0, tables: bool = True) -> Batcher:
+                   cuda_graph: bool = False, step_buckets=None, scale: float = 3.0, tables: bool = True,
+                   continuous: bool = False) -> Batcher:
     """A batcher over the embedded digits model with ``solver`` (``fastguide.demo.digits.SOLVERS``; UniPC, the
     demo's default, needs 2 steps at least): rules "cfg", "cfg-zero-star", "apg" and, with ``tables``, the ReCFG
     rules "recfg-paper" and "recfg-ls" (the shipped tables), all at ``scale`` by default."""
@@ -437,4 +542,5 @@ def digits_batcher(*, buckets=DEFAULT_BUCKETS, max_wait_s: float = 0.01, max_que
     return Batcher(digits.load_digits_model(device=device), lambda n: digits.make_solver(solver, n), rules,
                    null_cond=digits.NULL_LABEL, latent_shape=digits.IMAGE_SHAPE, buckets=buckets,
                    max_wait_s=max_wait_s, max_queue=max_queue, steps_range=steps_range, device=device,
-                   backend=backend, compile=compile, cuda_graph=cuda_graph, step_buckets=step_buckets)
+                   backend=backend, compile=compile, cuda_graph=cuda_graph, step_buckets=step_buckets,
+                   continuous=continuous)

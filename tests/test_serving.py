@@ -96,9 +96,10 @@ def test_a_nan_request_fails_alone(digits_model):
     assert (m.completed, m.failed) == (4, 1)
 
 
-def test_full_queue_rejects_cancel_withdraws_and_close_drains(digits_model):
+@pytest.mark.parametrize("continuous", [False, True], ids=["batches", "continuous"])
+def test_full_queue_rejects_cancel_withdraws_and_close_drains(digits_model, continuous):
     model = GatedModel(digits_model)
-    batcher = _batcher(model, max_queue=3, max_wait_s=0.0).start(warmup=False)
+    batcher = _batcher(model, max_queue=3, max_wait_s=0.0, continuous=continuous).start(warmup=False)
     model.gate.clear()
     running = batcher.submit(0, seed=0, steps=3)
     model.entered.wait(10)  # the worker is inside the first batch: the next ones wait in the queue
@@ -121,9 +122,10 @@ def test_full_queue_rejects_cancel_withdraws_and_close_drains(digits_model):
     assert (m.completed, m.rejected, m.cancelled, m.queue_depth) == (3, 1, 1, 0)
 
 
-def test_close_without_drain_fails_what_waits(digits_model):
+@pytest.mark.parametrize("continuous", [False, True], ids=["batches", "continuous"])
+def test_close_without_drain_fails_what_waits(digits_model, continuous):
     model = GatedModel(digits_model)
-    batcher = _batcher(model, max_wait_s=0.0).start(warmup=False)
+    batcher = _batcher(model, max_wait_s=0.0, continuous=continuous).start(warmup=False)
     model.gate.clear()
     running = batcher.submit(0, seed=0, steps=3)
     model.entered.wait(10)
@@ -137,8 +139,10 @@ def test_close_without_drain_fails_what_waits(digits_model):
     assert running.result(timeout=60).request.cond == 0
 
 
-def test_asyncio_callers(digits_model):
-    batcher = _batcher(digits_model).start(warmup=False)
+@pytest.mark.parametrize("continuous", [False, True], ids=["batches", "continuous"])
+def test_asyncio_callers(digits_model, continuous):
+    # continuous: one bucket size, so each sample is bit-identical to sample_alone at it
+    batcher = _batcher(digits_model, continuous=continuous, buckets=(4,) if continuous else (1, 4)).start(warmup=False)
 
     async def main():
         return await asyncio.gather(*(batcher.asubmit(c, seed=50 + c, steps=3 + c % 4, scale=2.0) for c in range(10)))
@@ -148,6 +152,53 @@ def test_asyncio_callers(digits_model):
     assert [r.request.cond for r in results] == list(range(10))
     for r in results:
         assert torch.equal(r.sample, batcher.sample_alone(r.request, r.bucket))
+
+
+def test_continuous_requests_join_running_rows_and_equal_each_alone():
+    """continuous=True: requests join the running rows between steps (a request starts while others of other step
+    counts and rules are mid-loop) and leave after their own last step; with one bucket size each equals its
+    request alone in a batch of that size, bit for bit."""
+    batcher = digits_batcher(buckets=(8,), max_wait_s=0.02, continuous=True).start(warmup=False)
+    rng = random.Random(1)
+    rules = ["cfg", "apg", "recfg-ls", "cfg-zero-star"]
+    asks = [dict(cond=rng.randrange(10), seed=2000 + i, steps=rng.randint(4, 10), scale=round(rng.uniform(1, 5), 3),
+                 rule=rng.choice(rules)) for i in range(80)]
+    with ThreadPoolExecutor(16) as pool:
+        futures = list(pool.map(lambda a: batcher.submit(**a), asks))
+        results = [f.result(timeout=120) for f in futures]
+    batcher.close()
+    spans = [(r.batch, r.batch + r.request.steps, r.request) for r in results]  # the steps each one ran
+    joined_mid_loop = sum(any(a0 < b0 < a1 and ra.steps != rb.steps for a0, a1, ra in spans) for b0, _, rb in spans)
+    assert joined_mid_loop >= 10, "requests did not join running rows: the test did not exercise continuous batching"
+    shared = sum(any(rb.rule != ra.rule for b0, b1, rb in spans if b0 < a1 and a0 < b1) for a0, a1, ra in spans)
+    assert shared >= 10, "no rows of two rules ran at the same steps"
+    for ask, res in zip(asks, results):
+        assert res.request == SampleRequest(**ask) and res.bucket == 8
+        assert torch.equal(res.sample, batcher.sample_alone(res.request, 8)), f"{res.request} differs from itself alone"
+    m = batcher.metrics()
+    assert (m.submitted, m.completed, m.failed, m.queue_depth) == (80, 80, 0, 0)
+    assert m.batches >= max(a1 for _, a1, _ in spans) and 0 < m.batch_fill <= 1
+
+
+def test_continuous_a_nan_request_fails_alone(digits_model):
+    model = GatedModel(digits_model, nan_label=7)
+    batcher = _batcher(model, buckets=(4,), max_wait_s=0.0, continuous=True).start(warmup=False)
+    model.gate.clear()
+    first = batcher.submit(1, seed=0, steps=6)  # its first step holds the worker: the next ones join it later
+    model.entered.wait(10)
+    asks = [dict(cond=c, seed=s, steps=st) for c, s, st in ((3, 1, 4), (7, 2, 6), (5, 3, 3))]
+    futures = [batcher.submit(**a) for a in asks]
+    model.gate.set()
+    with pytest.raises(ValueError, match=r"sample: .*cond 7, seed 2.*NaN"):
+        futures[1].result(timeout=60)
+    good = [first.result(timeout=60)] + [futures[i].result(timeout=60) for i in (0, 2)]
+    batcher.close()
+    assert good[1].batch == good[2].batch == 1 and good[0].batch == 0  # they joined the first row at its step 1
+    for r in good:
+        assert torch.isfinite(r.sample).all()
+        assert torch.equal(r.sample, batcher.sample_alone(r.request, 4))
+    m = batcher.metrics()
+    assert (m.completed, m.failed) == (3, 1)
 
 
 def test_step_buckets_pad_every_batch_to_one_loop_length(digits_model):
@@ -209,6 +260,9 @@ def test_bad_batcher_arguments_and_lifecycle(digits_model):
                       (dict(steps_range=(5, 3)), "steps_range:")]:
         with pytest.raises(ValueError, match=error):
             Batcher(digits_model, make, rules, **{**common, **kw})
+    for kw in (dict(cuda_graph=True), dict(step_buckets=(8,))):
+        with pytest.raises(ValueError, match="continuous: steps are scheduled one at a time"):
+            Batcher(digits_model, make, rules, continuous=True, **common, **kw)
     with pytest.raises(ValueError, match="rules: expected a non-empty mapping"):
         Batcher(digits_model, make, {}, **common)
     with pytest.raises(TypeError, match="solver_for:"):

@@ -46,6 +46,9 @@ def add_parser(sub):
     p.add_argument("--step-buckets", default=None, metavar="N,N,...",
                    help="loop lengths a batch is padded to (the last >= 50, the most steps accepted); default: each "
                         "batch runs its own most steps")
+    p.add_argument("--continuous", action="store_true",
+                   help="schedule steps instead of batches: requests of any rule join the running rows between steps "
+                        "and leave after their own last step (no --cuda-graph / --step-buckets)")
     p.add_argument("--no-warmup", action="store_true",
                    help="open the port without first running a batch of every bucket and rule (the first requests "
                         "of each shape then pay for it)")
@@ -81,7 +84,8 @@ def run(args) -> int:
     try:
         batcher = digits_batcher(buckets=buckets, max_wait_s=args.max_wait_ms / 1e3, max_queue=args.max_queue,
                                  solver=args.solver, device=device, backend=args.backend, compile=args.compile,
-                                 cuda_graph=args.cuda_graph, step_buckets=step_buckets, scale=scale)
+                                 cuda_graph=args.cuda_graph, step_buckets=step_buckets, scale=scale,
+                                 continuous=args.continuous)
         began = time.perf_counter()
         batcher.start(warmup=not args.no_warmup)
         if not args.no_warmup:

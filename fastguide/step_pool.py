@@ -1,0 +1,281 @@
+"""Rows that join and leave a running loop: iteration-level batching of sampling requests.
+
+    pool = StepPool(model, null_cond=10, latent_shape=(1, 8, 8), buckets=(1, 2, 4, 8, 16, 32, 64))
+    pool.admit("a", noise_a, cond=7, plan=solver_6.plan, rule=CFG(3.0), scale=4.0, seed=1)
+    finished = pool.step()             # one step of every row: [(key, sample, largest batch it ran in), ...]
+    pool.admit("b", noise_b, ...)       # a new row joins between any two steps
+
+A fixed loop (fastguide/row_plans.py) runs a batch of rows for its longest row's steps, so a 4-step row in a
+10-step batch costs 10 network rows and a request that arrives after the batch started waits for it to end.
+Here every row is at its own step of its own plan: each :meth:`step` gathers the rows (padded to the next
+bucket size), runs one batched forward and the per-row guided update (the reference step of per-row plans,
+``kernels/reference.py``, one call per group of rows with one rule and one step form), and scatters x, the
+multistep history and the rule's state back into each row's slot; a row leaves after its last step and a new one
+can take its slot at once. Rows of different rules share every forward (a rule acts only in the update), except
+a rule with a network of its own (a guide network), which needs the pool to itself.
+
+Each row's arithmetic is its plan's alone (the same per-row operands, the same reference step as
+``Sampler.sample(solvers=...)``); only the network's batch size can differ between steps (a network's float
+results can depend on the batch size, not on other rows). With one bucket size every forward has that size,
+and a row's sample is bit-identical to the same request run alone in a batch of that size (tested).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from fastguide.checks import check_model_output
+from fastguide.conditions import paired_conditions
+from fastguide.kernels.reference import compute_dtype_for, guided_step_into
+from fastguide.noise import step_noise
+from fastguide.row_plans import RowPlans, merge_guidance
+
+MAX_RULES = 16  # rules whose device tensors (a ReCFG table) a pool keeps
+
+
+@dataclass(eq=False)
+class _RuleTensors:
+    """What the rows of one rule share on the device: its table and its per-call reduction parameters."""
+
+    rule: object
+    table_source: torch.Tensor | None = None
+    table: torch.Tensor | None = None
+    params_source: torch.Tensor | None = None
+    params: torch.Tensor | None = None
+
+
+@dataclass(eq=False)
+class _Row:
+    """One admitted row: its slot and its own plan's per-step operands (host lists / device tensors)."""
+
+    key: object
+    slot: int
+    rule: _RuleTensors
+    steps: int
+    cond: int
+    t: torch.Tensor  # [S] model times (compute dtype, device)
+    coef: torch.Tensor  # [S, NUM_COEF]
+    g1: torch.Tensor  # [S]
+    guided: tuple
+    model_free: tuple
+    z: torch.Tensor | None  # [S, *shape] per-step noise
+    table_row: torch.Tensor | None  # [1] int64
+    table_steps: torch.Tensor | None  # [S, 2]
+    table_w: torch.Tensor | None  # [S]
+    hist_w: torch.Tensor | None  # [S, K]
+    write_slots: tuple | None  # [S] tuples of the slots each step writes
+    write_coef: torch.Tensor | None  # [S, W, 2 + K]
+    pos: int = 0
+    largest_batch: int = 0
+
+
+class StepPool:
+    """Up to ``buckets[-1]`` rows of one solver family, each at its own step of its own plan and rule.
+
+    ``model``, ``null_cond``, ``cond_first``: as :class:`fastguide.Sampler`'s (``model(x, t, cond)``, the
+    conditional rows first in the batched forward when ``cond_first``). ``buckets``: the batch sizes a step's
+    forward is padded to (increasing). ``latent_shape``: one sample's shape.
+    """
+
+    def __init__(self, model, *, null_cond, latent_shape, buckets, device="cpu", dtype=torch.float32,
+                 cond_first: bool = True):
+        if not callable(model):
+            raise TypeError("model: expected a callable model(x, t, cond) -> tensor")
+        self.model, self.null_cond, self.cond_first = model, null_cond, cond_first
+        self.latent_shape, self.buckets = tuple(latent_shape), tuple(buckets)
+        self.device, self.dtype, self.cdt = torch.device(device), dtype, compute_dtype_for(dtype)
+        self.capacity = self.buckets[-1]
+        self.x = torch.zeros((self.capacity, *self.latent_shape), dtype=dtype, device=self.device)
+        self.rows: dict[int, _Row] = {}  # slot -> row
+        self.history = self.rule_state = None
+        self._family = None  # (kind, prediction_type, clip_range, history slots, write count) of the rows' plans
+        self._rules: dict[int, _RuleTensors] = {}  # id(rule) -> its device tensors (the entry holds the rule)
+
+    # ------------------------------------------------------------------ rows in
+    def check_rule(self, rule) -> None:
+        """A ValueError unless ``rule`` can run rows here: traceable (no autograd in the step), and a rule with a
+        network of its own only in a pool of its own rows."""
+        if not getattr(rule, "traceable", False) or not hasattr(rule, "prepare"):
+            raise ValueError(f"rule: {type(rule).__name__} cannot run rows with plans of their own")
+        others = {id(r.rule.rule): r.rule.rule for r in self.rows.values() if r.rule.rule is not rule}
+        if others and (self.own_forward(rule) or any(self.own_forward(o) for o in others.values())):
+            raise ValueError(f"rule: {type(rule).__name__} runs a network of its own (or a running row's rule "
+                             "does), so its rows cannot share forwards with another rule's; wait for the pool to empty")
+
+    def own_forward(self, rule) -> bool:
+        """Whether ``rule`` runs a network of its own (a guide network): its rows need forwards of their own."""
+        return rule.wrap_model(self.model, None, self.null_cond, cond_first=self.cond_first, batch=1) is not self.model
+
+    @property
+    def free(self) -> int:
+        return self.capacity - len(self.rows)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def admit(self, key, noise: torch.Tensor, *, cond: int, plan, rule, scale: float, seed: int) -> None:
+        """Start a row from x_T = ``noise`` [*latent_shape] (times the plan's initial scale) with its own ``plan``
+        (one solver family for every row of the pool), guidance ``rule`` at ``scale``, and ``seed`` (its per-step
+        noise, as :func:`fastguide.row_plans.row_step_noise` draws it)."""
+        if not self.free:
+            raise RuntimeError("admit: the pool is full")
+        self.check_rule(rule)
+        family = (plan.kind, plan.prediction_type, plan.clip_range, plan.history_slots,
+                  None if plan.history is None else plan.history.write_slots.shape[1])
+        if self.rows and family != self._family:
+            raise ValueError(f"plan: this row's plan is of another solver family ({family}) than the rows running "
+                             f"({self._family})")
+        stacked = RowPlans.stack([plan])
+        sg = merge_guidance(rule, stacked, torch.tensor([cond]), self.latent_shape,
+                            scale=torch.tensor([float(scale)], dtype=torch.float64))
+        shared = self._rule_tensors(rule, sg)
+        self._family = family
+        self._allocate_state(plan.history_slots, sg.rule_state)
+        slot = next(s for s in range(self.capacity) if s not in self.rows)
+        dev, cdt, h = self.device, self.cdt, stacked.history
+        row = _Row(
+            key, slot, shared, plan.steps, int(cond), stacked.timesteps[:, 0].to(dev, cdt), stacked.coef[:, 0].to(dev, cdt),
+            sg.g1[:, 0].to(dev, cdt), tuple(bool(g) for g in sg.guided),
+            tuple(sg.model_free) if sg.model_free else (False,) * plan.steps,
+            step_noise([seed], plan.steps, self.latent_shape, self.dtype, dev)[:, 0] if plan.stochastic else None,
+            None if sg.table is None else sg.rows.to(dev),
+            None if sg.table is None else sg.table_steps[:, 0].to(dev),
+            None if sg.table is None else sg.table_w[:, 0].to(dev, cdt),
+            None if h is None else h.weights[:, 0].to(dev, cdt),
+            None if h is None else tuple(tuple(s) for s in h.write_slots.tolist()),
+            None if h is None else h.write_coef[:, 0].to(dev, cdt))
+        scale0 = torch.tensor([float(plan.init_scale)], dtype=torch.float64).to(self.dtype)
+        self.x[slot] = noise.to(dev, self.dtype) * scale0.to(dev)
+        if self.history is not None:
+            self.history[:, slot] = 0
+        if self.rule_state is not None:
+            self.rule_state[slot] = 0
+        self.rows[slot] = row
+
+    def _rule_tensors(self, rule, sg) -> _RuleTensors:
+        """The device copies of the rule's table and reduction parameters, made once per rule (kept for the
+        next rows of the rule; the parameters are the rule's, the same at every scale: a row whose differ is
+        refused)."""
+        if id(rule) not in self._rules and len(self._rules) >= MAX_RULES:  # drop the rules no row runs
+            live = {id(r.rule) for r in self.rows.values()}
+            self._rules = {k: v for k, v in self._rules.items() if id(v) in live}
+        shared = self._rules.get(id(rule))
+        if shared is None:
+            shared = self._rules[id(rule)] = _RuleTensors(rule)
+        if sg.table is not None and sg.table is not shared.table_source:
+            shared.table_source, shared.table = sg.table, sg.table.to(self.device)
+        if sg.rule_params is not None:
+            if shared.params_source is None:
+                shared.params_source, shared.params = sg.rule_params, sg.rule_params.to(self.device, self.cdt)
+            elif not torch.equal(shared.params_source, sg.rule_params):
+                raise ValueError("rule: this row's rule parameters differ from those of the rule's earlier rows")
+        return shared
+
+    def _allocate_state(self, slots: int, rule_state: bool) -> None:
+        shape = (self.capacity, *self.latent_shape)
+        if slots and (self.history is None or self.history.shape[0] != slots):
+            self.history = torch.zeros((slots, *shape), dtype=self.dtype, device=self.device)
+        if rule_state and self.rule_state is None:
+            self.rule_state = torch.zeros(shape, dtype=self.dtype, device=self.device)
+
+    # ------------------------------------------------------------------ one step of every row
+    def step(self) -> list[tuple[object, torch.Tensor, int]]:
+        """One step of every row (rows that leave return (key, sample [*latent_shape] on the device, the largest
+        forward batch it ran in))."""
+        if not self.rows:
+            return []
+        rows = [self.rows[s] for s in sorted(self.rows)]
+        net = [r for r in rows if not r.model_free[r.pos]]
+        out_c = out_u = None
+        if net:
+            out_c, out_u, batch = self._forward(net)
+            for r in net:
+                r.largest_batch = max(r.largest_batch, batch)
+        groups: dict[tuple, list[int]] = {}  # rows sharing a step's form: one reference call each
+        for i, r in enumerate(rows):
+            form = (id(r.rule), r.model_free[r.pos], r.guided[r.pos],
+                    None if r.write_slots is None else r.write_slots[r.pos])
+            groups.setdefault(form, []).append(i)
+        place = {id(r): j for j, r in enumerate(net)}
+        for (_, free, guided, slots), members in groups.items():
+            self._update([rows[i] for i in members], free, guided, slots, out_c, out_u, place)
+        done = []
+        for r in rows:
+            r.pos += 1
+            if r.pos == r.steps:
+                del self.rows[r.slot]
+                done.append((r.key, self.x[r.slot].clone(), r.largest_batch))
+        return done
+
+    def _forward(self, net: list[_Row]):
+        """The batched [cond | null] forward of the rows that run the network at their step, padded to the next
+        bucket (padding repeats the first row); returns its cond and null halves (rows in ``net`` order)."""
+        n = len(net)
+        batch = next(b for b in self.buckets if b >= n)
+        order = [r.slot for r in net] + [net[0].slot] * (batch - n)
+        picked = net + [net[0]] * (batch - n)
+        slots = torch.tensor(order, device=self.device)
+        x = self.x.index_select(0, slots)
+        cond = torch.tensor([r.cond for r in picked], device=self.device)
+        t = torch.stack([r.t[r.pos] for r in picked])
+        guided = any(r.guided[r.pos] for r in net)
+        if guided:
+            inp, labels, t = torch.cat([x, x]), paired_conditions(cond, self.null_cond, self.cond_first), t.repeat(2)
+        else:
+            inp, labels = x, cond
+        wrapped = net[0].rule.rule.wrap_model(self.model, None, self.null_cond, cond_first=self.cond_first,
+                                              batch=batch)
+        out = wrapped(inp, t, labels)
+        check_model_output(out, inp)
+        if not guided:
+            return out[:n], None, batch
+        first, second = out[:batch], out[batch:]
+        c, u = (first, second) if self.cond_first else (second, first)
+        return c[:n], u[:n], batch
+
+    def _update(self, rows: list[_Row], free: bool, guided: bool, write_slots, out_c, out_u, place) -> None:
+        """The per-row reference step of ``rows`` (one rule and one step form: model-free or not, guided or not,
+        the same history write slots), on gathered copies of their state, scattered back."""
+        dev = self.device
+        slots = torch.tensor([r.slot for r in rows], device=dev)
+        x = self.x.index_select(0, slots)
+        if free:
+            model_out = torch.zeros_like(x)
+        else:
+            j = torch.tensor([place[id(r)] for r in rows], device=dev)
+            c = out_c.index_select(0, j)
+            if guided:
+                u = out_u.index_select(0, j)
+                model_out = torch.cat([c, u] if self.cond_first else [u, c])
+            else:
+                model_out = c
+        at = [r.pos for r in rows]
+
+        def col(name):
+            values = [getattr(r, name) for r in rows]
+            return None if values[0] is None else torch.stack([v[p] for v, p in zip(values, at)])
+
+        history = None if self.history is None else self.history.index_select(1, slots)
+        state = None if self.rule_state is None else self.rule_state.index_select(0, slots)
+        x_next = torch.empty_like(x)
+        shared = rows[0].rule
+        table = shared.table if rows[0].table_row is not None else None
+        guided_step_into(
+            x_next, x, model_out, col("g1"), col("coef"), cond_first=self.cond_first, table=table,
+            rows=None if table is None else torch.cat([r.table_row for r in rows]),
+            table_steps=col("table_steps"), table_w=col("table_w"), clip_range=self._family[2], z=col("z"),
+            history=history, hist_coef=col("hist_w"),
+            write_slots=None if write_slots is None else torch.tensor(write_slots, device=dev),
+            write_coef=col("write_coef"), rule_params=shared.params, rule_state=state)
+        self.x.index_copy_(0, slots, x_next)
+        if history is not None:
+            self.history.index_copy_(1, slots, history)
+        if state is not None:
+            self.rule_state.index_copy_(0, slots, state)
+
+    def clear(self) -> list:
+        """Drop every row (after a failed step); returns their keys."""
+        keys = [r.key for r in self.rows.values()]
+        self.rows.clear()
+        return keys
