@@ -16,10 +16,19 @@
 #   bash benchmarks/gpu_session.sh dit-dpm 8  # DiT-XL/2, NFE 8, DPM-Solver++ 2M and UniPC vs diffusers' own schedulers
 #   bash benchmarks/gpu_session.sh overhead   # per-step overhead of CFG, rescale, CFG-Zero*, APG vs diffusers' guiders
 #   bash benchmarks/gpu_session.sh serve      # the load test of `fastguide serve` on the GPU (2000 requests, mixed NFE)
+#   bash benchmarks/gpu_session.sh pipelines  # real-size SDXL / SD3-medium denoising loops, batch 1 then 4 (below)
 # (the kernel part's table includes the multistep steps: cfg-dpm2m reads 1 history slot and writes 1, cfg-unipc3
 # reads 4 and writes 2; and the reduction rules cfg-rescale, cfg-zero-star, apg: the moments pre-pass + the step)
 # Untimed estimate: each dit part compiles DiT-XL/2 about six times (inductor, max-autotune for the floor); if a
 # part runs into the limit, drop --nfe 4 / --nfe 16 (the goals are at NFE 8) or split the modes over two commands.
+# Untimed estimate, pipelines part (benchmarks/pipelines_gpu.py: random-weight SDXL base UNet and SD3-medium MMDiT,
+# fp16, 25 / 28 steps, CFG; 5 modes, --reps 3): cold inductor compiles dominate, about 1-1.5 min each for the SDXL
+# UNet and less for SD3, two or three per point (the compiled denoiser, fastguide's step; the graph mode's step
+# mostly from inductor's cache), plus ~40 s of timed calls per batch-1 point and ~4x that at batch 4. So one
+# command should finish the three batch-1 points (SDXL Euler, SD3, SDXL DPM++ 2M) and perhaps one batch-4 point:
+# --budget-s 420 starts no point after 7 minutes and `timeout 530` ends the script inside the 10-minute command;
+# the JSON is rewritten after every point and lists what it did not reach under "skipped". If batch 4 is missed,
+# `bash benchmarks/gpu_session.sh pipelines 4` in a second command runs it alone ($OUT/pipelines-gpu-b4.json).
 # Back here: python benchmarks/report_sampler.py <the bench-cuda-*.json files> --write, and copy the kernel
 # section of $OUT/RESULTS.md into benchmarks/RESULTS.md.
 set -euo pipefail
@@ -64,12 +73,20 @@ overhead)
 serve)
     python3 benchmarks/load_test.py --device cuda --out "$OUT/load-test-cuda.json" 2>&1 | tee "$OUT/load-test.log"
     ;;
+pipelines)
+    batches=${2:-1,4}
+    name=pipelines-gpu${2:+-b${2//,/-}}
+    timeout 530 python3 benchmarks/pipelines_gpu.py --batch "$batches" --reps 3 --budget-s 420 \
+        --json "$OUT/$name.json" 2>&1 | tee "$OUT/$name.log" \
+        || echo "pipelines: stopped early (the points finished are in $OUT/$name.json)" | tee -a "$OUT/$name.log"
+    ;;
 digits)
     python3 -m fastguide.cli bench --model digits --reps 7 --json "$OUT/bench-cuda-digits.json" 2>&1 \
         | tee "$OUT/bench-digits.log"
     ;;
 *)
-    echo "usage: bash benchmarks/gpu_session.sh tests|kernel|dit BATCH|dit-dpm BATCH|digits|overhead|serve" >&2
+    echo "usage: bash benchmarks/gpu_session.sh" \
+        "tests|kernel|dit BATCH|dit-dpm BATCH|digits|overhead|serve|pipelines [BATCHES]" >&2
     exit 2
     ;;
 esac

@@ -1,8 +1,15 @@
 """Tiny pipelines of each family on this machine: fastguide's call (compiled) against ``pipe(...)`` and against
 ``pipe(...)`` with its denoiser under torch.compile, same scheduler, steps, prompts and generators.
 
-    python benchmarks/pipelines_bench.py [--families sd,sdxl,sd3,dit] [--steps 4,8] [--batch 1,8] [--reps 5]
-                                         [--json benchmarks/pipelines-cpu.json]
+    python benchmarks/pipelines_bench.py [--families sd,sdxl,sd3,dit,flux,...] [--steps 4,8] [--batch 1,8]
+                                         [--reps 5] [--json benchmarks/pipelines-cpu.json]
+
+Families (fastguide/bench/tiny_pipelines.py, each with its shipped scheduler): sd (PNDM), sdxl (Euler), sd3
+(FlowMatch Euler), dit (DDIM), flux (FLUX.1-dev-like: the distilled guidance embedding, guidance_scale 3.5, one
+forward a step; dynamic-shift FlowMatch Euler), flux-true-cfg (no guidance embedding, true_cfg_scale 4 over a
+negative prompt: two forwards a step; static-shift FlowMatch Euler), pixart-alpha / pixart-sigma (DPM-Solver++
+2M, CFG 4.5), lcm (LCMScheduler, the guidance embedding at guidance_scale 8.5, one forward a step; 4 / 8 steps
+are its usual counts).
 
 For every (family, steps, batch), interleaved round-robin over the modes, median of --reps timed calls after one
 warm-up call per mode (compiling happens there):
@@ -17,6 +24,7 @@ an otherwise idle machine.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import time
@@ -28,17 +36,33 @@ from fastguide.bench import tiny_pipelines
 from fastguide.pipelines import from_pipe
 
 BUILDERS = {"sd": tiny_pipelines.tiny_sd, "sdxl": tiny_pipelines.tiny_sdxl, "sd3": tiny_pipelines.tiny_sd3,
-            "dit": tiny_pipelines.tiny_dit}
+            "dit": tiny_pipelines.tiny_dit, "flux": tiny_pipelines.tiny_flux,
+            "flux-true-cfg": functools.partial(tiny_pipelines.tiny_flux, guidance_embeds=False),
+            "pixart-alpha": functools.partial(tiny_pipelines.tiny_pixart, "alpha"),
+            "pixart-sigma": functools.partial(tiny_pipelines.tiny_pixart, "sigma"), "lcm": tiny_pipelines.tiny_lcm}
 PROMPTS = ["a cat", "low dog", "a photo of the lower", "blurry"]
+NEGATIVE = "blurry"  # flux-true-cfg's negative prompt (the other text families: their default negative)
+FLUX_SIZE = dict(height=16, width=16, max_sequence_length=16)  # 8 x 8 latents: 16 packed tokens
+PIPE_ONLY = {"pixart-alpha": dict(clean_caption=False), "pixart-sigma": dict(clean_caption=False)}  # (fastguide's
+# call never cleans captions; the pipeline's needs bs4 and ftfy to)
 
 
 def call_args(family: str, batch: int, steps: int):
+    """(args, kwargs) of one call, the same for ``pipe(...)`` (plus PIPE_ONLY) and for fastguide's."""
     gens = [torch.Generator().manual_seed(s) for s in range(batch)]
+    common = dict(num_inference_steps=steps, generator=gens, output_type="np")
     if family == "dit":
-        return ([(7 * i) % 1000 for i in range(batch)],), dict(num_inference_steps=steps, guidance_scale=4.0,
-                                                             generator=gens, output_type="np")
+        return ([(7 * i) % 1000 for i in range(batch)],), dict(guidance_scale=4.0, **common)
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(batch)]
-    return (prompts,), dict(num_inference_steps=steps, guidance_scale=5.0, generator=gens, output_type="np")
+    if family == "flux":
+        return (prompts,), dict(guidance_scale=3.5, **FLUX_SIZE, **common)
+    if family == "flux-true-cfg":
+        return (prompts,), dict(negative_prompt=[NEGATIVE] * batch, true_cfg_scale=4.0, **FLUX_SIZE, **common)
+    if family.startswith("pixart"):
+        return (prompts,), dict(guidance_scale=4.5, use_resolution_binning=False, **common)
+    if family == "lcm":
+        return (prompts,), dict(guidance_scale=8.5, **common)
+    return (prompts,), dict(guidance_scale=5.0, **common)
 
 
 def denoiser_name(pipe) -> str:
@@ -52,20 +76,35 @@ def shared_work_seconds(family, pipe, batch, steps) -> dict:
     if family != "dit":
         start = time.perf_counter()
         with torch.no_grad():
-            if family == "sd3":
-                pipe.encode_prompt(prompt=args[0], prompt_2=None, prompt_3=None, device="cpu",
-                                   do_classifier_free_guidance=True)
-            elif family == "sdxl":
-                pipe.encode_prompt(prompt=args[0], device="cpu", do_classifier_free_guidance=True)
-            else:
-                pipe.encode_prompt(args[0], "cpu", 1, True)
+            encode_prompts(family, pipe, args[0], kw)
         out["text_s"] = time.perf_counter() - start
     latents = from_pipe(pipe)(*args, **{**kw, "output_type": "latent"})
+    if family.startswith("flux"):  # packed [B, (H/2)(W/2), 4C] as the pipeline returns them
+        latents = pipe._unpack_latents(latents, kw["height"], kw["width"], pipe.vae_scale_factor)
     start = time.perf_counter()
     with torch.no_grad():
         pipe.vae.decode(latents / pipe.vae.config.scaling_factor)
     out["vae_s"] = time.perf_counter() - start
     return out
+
+
+def encode_prompts(family, pipe, prompts, kw) -> None:
+    """The text encoding of one call, as the pipeline runs it (with its negative prompts where it runs CFG)."""
+    if family == "sd3":
+        pipe.encode_prompt(prompt=prompts, prompt_2=None, prompt_3=None, device="cpu", do_classifier_free_guidance=True)
+    elif family == "sdxl":
+        pipe.encode_prompt(prompt=prompts, device="cpu", do_classifier_free_guidance=True)
+    elif family.startswith("flux"):
+        pipe.encode_prompt(prompt=prompts, prompt_2=None, device="cpu", max_sequence_length=kw["max_sequence_length"])
+        if family == "flux-true-cfg":  # FluxPipeline encodes its negative prompts in a second call
+            pipe.encode_prompt(prompt=kw["negative_prompt"], prompt_2=None, device="cpu",
+                               max_sequence_length=kw["max_sequence_length"])
+    elif family.startswith("pixart"):
+        pipe.encode_prompt(prompts, True, device="cpu", clean_caption=False)
+    elif family == "lcm":
+        pipe.encode_prompt(prompts, "cpu", 1, False)
+    else:
+        pipe.encode_prompt(prompts, "cpu", 1, True)
 
 
 def run(families, steps_list, batches, reps) -> list[dict]:
@@ -78,11 +117,12 @@ def run(families, steps_list, batches, reps) -> list[dict]:
         for steps in steps_list:
             for batch in batches:
                 args, kw = call_args(family, batch, steps)
+                pipe_kw = {**kw, **PIPE_ONLY.get(family, {})}
 
                 def pipe_call(model):
                     setattr(pipe, name, model)
                     try:
-                        return pipe(*args, **kw).images
+                        return pipe(*args, **pipe_kw).images
                     finally:
                         setattr(pipe, name, eager_model)
 
@@ -106,7 +146,7 @@ def run(families, steps_list, batches, reps) -> list[dict]:
                        "shared_work_s": shared,
                        "shared_share_of_pipe": {k: v / med["pipe"] for k, v in shared.items()}}
                 rows.append(row)
-                print(f"{family:5s} steps {steps} batch {batch}: pipe {med['pipe'] * 1e3:.1f} ms, pipe+compile "
+                print(f"{family:13s} steps {steps} batch {batch}: pipe {med['pipe'] * 1e3:.1f} ms, pipe+compile "
                       f"{med['pipe_compiled'] * 1e3:.1f} ms, fastguide {med['fastguide'] * 1e3:.1f} ms "
                       f"({row['fastguide_vs_pipe']:.2f}x / {row['fastguide_vs_pipe_compiled']:.2f}x); shared "
                       + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in shared.items()), flush=True)

@@ -1,11 +1,12 @@
 """Flux through fastguide, against ``FluxPipeline(...)`` itself; and FlowEuler's dynamic shifting against
 FlowMatchEulerDiscreteScheduler's own sigmas.
 
-Tiny random-weight pipelines built offline: FluxTransformer2DModel (with and without the guidance embedding of the
-distilled models), a CLIP text encoder (conftest's CLIP tokenizer) for the pooled vector, a T5 encoder (conftest's
-T5 tokenizer) for the tokens, an AutoencoderKL with a shift and a scaling factor; the scheduler with dynamic
-shifting as Flux ships it, and with a static shift. fastguide's images equal ``pipe(...).images`` within 1e-4
-(float32) for the same prompts, negative prompts, scales, steps and per-image generators; bad input named."""
+Tiny random-weight pipelines built offline (fastguide/bench/tiny_pipelines.py: tiny_flux): FluxTransformer2DModel
+(with and without the guidance embedding of the distilled models), a CLIP text encoder (conftest's CLIP tokenizer)
+for the pooled vector, a T5 encoder (conftest's T5 tokenizer) for the tokens, an AutoencoderKL with a shift and a
+scaling factor; the scheduler with dynamic shifting as Flux ships it, and with a static shift. fastguide's images
+equal ``pipe(...).images`` within 1e-4 (float32) for the same prompts, negative prompts, scales, steps and per-image
+generators; bad input named."""
 import math
 
 import numpy as np
@@ -17,16 +18,14 @@ from fastguide.diffusers_schedulers import solver_from_diffusers
 
 diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
-from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline,  # noqa: E402
-                       FluxTransformer2DModel)
+from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline  # noqa: E402
 
+from fastguide.bench.tiny_pipelines import FLUX_DEV_SCHEDULER, tiny_flux  # noqa: E402
 from fastguide.pipelines.flux import Flux, FluxAdapter  # noqa: E402
 from pipeline_checks import TOL, as_tensor, assert_close, generators  # noqa: E402
 
 PROMPTS, NEGATIVES = ["a cat", "a photo of the dog", "low"], ["blurry", "", "a dog"]
 SIZE = dict(height=16, width=16, max_sequence_length=12)  # 8 x 8 latents: 16 packed tokens
-FLUX_DEV_SCHEDULER = dict(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
-                          base_image_seq_len=256, max_image_seq_len=4096)
 
 
 # ------------------------------------------------------------------ FlowEuler: dynamic shifting
@@ -119,47 +118,16 @@ def test_dynamic_shift_bad_input():
 
 
 # ------------------------------------------------------------------ the Flux pipeline
-def _transformer(guidance_embeds: bool, seed: int):
-    torch.manual_seed(seed)
-    return FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
-                                  attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
-                                  pooled_projection_dim=32, axes_dims_rope=[4, 4, 8],
-                                  guidance_embeds=guidance_embeds).eval()
-
-
 @pytest.fixture(scope="module")
-def flux_parts(clip_tokenizer, t5_tokenizer):
-    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
-
-    torch.manual_seed(0)
-    clip = CLIPTextModel(CLIPTextConfig(bos_token_id=0, eos_token_id=2, hidden_size=32, intermediate_size=37,
-                                        num_attention_heads=4, num_hidden_layers=2, pad_token_id=1, vocab_size=1000,
-                                        hidden_act="gelu", projection_dim=32, max_position_embeddings=77)).eval()
-    t5 = T5EncoderModel(T5Config(vocab_size=32, d_model=32, d_ff=37, d_kv=8, num_layers=2, num_heads=4,
-                                 relative_attention_num_buckets=8, decoder_start_token_id=0, pad_token_id=0,
-                                 eos_token_id=1)).eval()
-    vae = AutoencoderKL(block_out_channels=[4, 8], in_channels=3, out_channels=3, latent_channels=4,
-                        down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
-                        norm_num_groups=2, shift_factor=0.12, scaling_factor=0.8).eval()
-    return dict(vae=vae, text_encoder=clip, tokenizer=clip_tokenizer, text_encoder_2=t5, tokenizer_2=t5_tokenizer)
-
-
-def _pipe(parts, transformer, scheduler):
-    pipe = FluxPipeline(transformer=transformer, scheduler=scheduler, **parts)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-@pytest.fixture(scope="module")
-def distilled_pipe(flux_parts):
+def distilled_pipe(clip_tokenizer, t5_tokenizer):
     """FLUX.1-dev-like: the guidance embedding, dynamic shifting."""
-    return _pipe(flux_parts, _transformer(True, 1), FlowMatchEulerDiscreteScheduler(**FLUX_DEV_SCHEDULER))
+    return tiny_flux(True, clip_tokenizer, t5_tokenizer, seed=1)
 
 
 @pytest.fixture(scope="module")
-def plain_pipe(flux_parts):
+def plain_pipe(clip_tokenizer, t5_tokenizer):
     """No guidance embedding (FLUX.1-schnell-like, and what true CFG is for): a static shift by default."""
-    return _pipe(flux_parts, _transformer(False, 2), FlowMatchEulerDiscreteScheduler(shift=3.0))
+    return tiny_flux(False, clip_tokenizer, t5_tokenizer, seed=2)
 
 
 def both(pipe, fast, prompts=PROMPTS, **kw):

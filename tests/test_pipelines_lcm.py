@@ -1,11 +1,11 @@
 """fastguide.pipelines.lcm: LatentConsistencyModelPipeline's own call with fastguide's sampler, against ``pipe(...)``.
 
-A tiny random-weight pipeline built offline (UNet2DConditionModel with a guidance embedding, time_cond_proj_dim=32; a
-CLIP text encoder from a transformers config with conftest's CLIP tokenizer; AutoencoderKL; LCMScheduler). fastguide's
-images equal ``pipe(...).images`` within 1e-4 (float32) at 1, 2 and 4 steps, two guidance scales, other
-original_inference_steps (per call and in the scheduler's config), per-prompt and single generators (the
-scheduler's per-step noise drawn from them in its order), every output type; per-prompt scales equal each prompt
-alone; per-prompt seeds; the bound can fail; bad input named."""
+A tiny random-weight pipeline built offline (fastguide/bench/tiny_pipelines.py: tiny_lcm; UNet2DConditionModel with a
+guidance embedding, time_cond_proj_dim=32; a CLIP text encoder from a transformers config with conftest's CLIP
+tokenizer; AutoencoderKL; LCMScheduler). fastguide's images equal ``pipe(...).images`` within 1e-4 (float32) at 1, 2
+and 4 steps, two guidance scales, other original_inference_steps (per call and in the scheduler's config),
+per-prompt and single generators (the scheduler's per-step noise drawn from them in its order), every output type;
+per-prompt scales equal each prompt alone; per-prompt seeds; the bound can fail; bad input named."""
 import types
 
 import pytest
@@ -15,16 +15,13 @@ import fastguide as fg
 
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
-from diffusers import (AutoencoderKL, DDIMScheduler, LatentConsistencyModelPipeline, LCMScheduler,  # noqa: E402
-                       UNet2DConditionModel)
+from diffusers import DDIMScheduler, LCMScheduler, UNet2DConditionModel  # noqa: E402
 
+from fastguide.bench.tiny_pipelines import SD_UNET, tiny_lcm  # noqa: E402
 from fastguide.pipelines.lcm import LatentConsistency, LatentConsistencyAdapter  # noqa: E402
 from pipeline_checks import TOL, as_tensor, assert_close, generators, relative_error  # noqa: E402
 
 PROMPTS = ["a cat", "low dog", "lower"]
-UNET = dict(block_out_channels=(4, 8), layers_per_block=1, sample_size=8, in_channels=4, out_channels=4,
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32, norm_num_groups=2)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -38,21 +35,7 @@ def _one_torch_thread():
 
 @pytest.fixture(scope="module")
 def lcm_pipe(clip_tokenizer):
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(**UNET, time_cond_proj_dim=32)
-    vae = AutoencoderKL(block_out_channels=[4, 8], in_channels=3, out_channels=3, latent_channels=4,
-                        down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
-                        norm_num_groups=2)
-    text = CLIPTextModel(CLIPTextConfig(bos_token_id=0, eos_token_id=2, hidden_size=32, intermediate_size=37,
-                                        num_attention_heads=4, num_hidden_layers=2, pad_token_id=1, vocab_size=1000,
-                                        max_position_embeddings=77))
-    pipe = LatentConsistencyModelPipeline(vae=vae.eval(), text_encoder=text.eval(), tokenizer=clip_tokenizer,
-                                          unet=unet.eval(), scheduler=LCMScheduler(), safety_checker=None,
-                                          feature_extractor=None, requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return tiny_lcm(clip_tokenizer)
 
 
 @pytest.fixture(scope="module")
@@ -158,7 +141,7 @@ def test_lcm_bad_input(lcm_pipe, fast):
     with pytest.raises(ValueError, match="pipe: has a safety checker"):
         LatentConsistency(types.SimpleNamespace(safety_checker=object(), unet=lcm_pipe.unet))
     with pytest.raises(ValueError, match="unet: expected a guidance-distilled UNet"):
-        LatentConsistencyAdapter(UNet2DConditionModel(**UNET))
+        LatentConsistencyAdapter(UNet2DConditionModel(**SD_UNET))
     with pytest.raises(TypeError, match="unet: expected a diffusers.UNet2DConditionModel"):
         LatentConsistencyAdapter(lcm_pipe.vae)
     adapter = fast.model

@@ -1,7 +1,8 @@
 """fastguide.pipelines.pixart: PixArt-alpha and PixArt-sigma calls against ``pipe(...)`` itself.
 
-Tiny random-weight PixArtAlphaPipeline / PixArtSigmaPipeline built offline (PixArtTransformer2DModel in the tiny
-config diffusers' own tests use, a T5EncoderModel from a tiny T5Config with conftest's T5 tokenizer, AutoencoderKL).
+Tiny random-weight PixArtAlphaPipeline / PixArtSigmaPipeline built offline (fastguide/bench/tiny_pipelines.py:
+tiny_pixart; PixArtTransformer2DModel in the tiny config diffusers' own tests use, a T5EncoderModel from a tiny
+T5Config with conftest's T5 tokenizer, AutoencoderKL).
 fastguide's images equal ``pipe(..., clean_caption=False).images`` within 1e-4 (float32) for prompts of different
 lengths (so their T5 attention masks differ), per-prompt negative prompts and generators, with the shipped
 DPM-Solver++ and with DDIM and SDE-DPM-Solver++; every output type; the resolution / aspect-ratio conditions of a
@@ -13,55 +14,22 @@ import fastguide as fg
 
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
-from diffusers import (AutoencoderKL, DDIMScheduler, DPMSolverMultistepScheduler, PixArtAlphaPipeline,  # noqa: E402
-                       PixArtSigmaPipeline, PixArtTransformer2DModel)
+from diffusers import DDIMScheduler, DPMSolverMultistepScheduler  # noqa: E402
 
+from fastguide.bench.tiny_pipelines import tiny_pixart, tiny_pixart_transformer  # noqa: E402
 from fastguide.pipelines.pixart import PixArtAdapter, PixArtAlpha, PixArtSigma  # noqa: E402
 from pipeline_checks import TOL, as_tensor, assert_close, generators  # noqa: E402
 
 # 3, 8 and 2 T5 tokens (with </s>): three different attention masks; "low" / "blurry" as negatives
 PROMPTS, NEGATIVES = ["a cat", "a low dog of the blurry photo", "lower"], ["", "blurry", "low dog"]
-FAMILIES = {"alpha": (PixArtAlphaPipeline, PixArtAlpha), "sigma": (PixArtSigmaPipeline, PixArtSigma)}
-
-
-def tiny_transformer(seed, **overrides):
-    torch.manual_seed(seed)
-    config = dict(sample_size=8, num_layers=2, patch_size=2, attention_head_dim=8, num_attention_heads=3,
-                  caption_channels=32, in_channels=4, cross_attention_dim=24, out_channels=8, attention_bias=True,
-                  activation_fn="gelu-approximate", num_embeds_ada_norm=1000, norm_type="ada_norm_single",
-                  norm_elementwise_affine=False, norm_eps=1e-6)
-    return PixArtTransformer2DModel(**{**config, **overrides}).eval()
-
-
-def tiny_vae(blocks: int):
-    """An AutoencoderKL with vae_scale_factor 2 ** (blocks - 1)."""
-    torch.manual_seed(5)
-    return AutoencoderKL(block_out_channels=[4] + [8] * (blocks - 1), in_channels=3, out_channels=3,
-                         latent_channels=4, down_block_types=["DownEncoderBlock2D"] * blocks,
-                         up_block_types=["UpDecoderBlock2D"] * blocks, norm_num_groups=2).eval()
+FAMILIES = {"alpha": PixArtAlpha, "sigma": PixArtSigma}
 
 
 @pytest.fixture(scope="module")
-def parts(t5_tokenizer):
-    from transformers import T5Config, T5EncoderModel
-
-    torch.manual_seed(3)
-    t5 = T5EncoderModel(T5Config(d_model=32, vocab_size=32, d_ff=37, d_kv=8, num_heads=4, num_layers=2,
-                                 decoder_start_token_id=0)).eval()
-    return dict(tokenizer=t5_tokenizer, text_encoder=t5, vae=tiny_vae(2))
-
-
-def make_pipe(family, parts, transformer, **replace):
-    pipe = FAMILIES[family][0](**{**parts, "transformer": transformer, "scheduler": DPMSolverMultistepScheduler(),
-                                  **replace})
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-@pytest.fixture(scope="module")
-def pipes(parts):
+def pipes(t5_tokenizer):
     """One tiny pipeline per family (sample size 8: 16 px with the 2x VAE; no binning table, so binning is off)."""
-    return {family: make_pipe(family, parts, tiny_transformer(seed)) for seed, family in enumerate(FAMILIES)}
+    return {family: tiny_pixart(family, t5_tokenizer, tiny_pixart_transformer(seed))
+            for seed, family in enumerate(FAMILIES)}
 
 
 def both(pipe, fast, prompts, **kw):
@@ -87,7 +55,7 @@ def test_pixart_images_equal_the_pipelines_own(pipes, family, scheduler):
             pipe.scheduler = DDIMScheduler.from_config(shipped.config)
         elif scheduler.startswith("sde"):
             pipe.scheduler = DPMSolverMultistepScheduler.from_config(shipped.config, algorithm_type="sde-dpmsolver++")
-        fast = FAMILIES[family][1](pipe)
+        fast = FAMILIES[family](pipe)
         shipped_case = scheduler.endswith("(shipped)")
         length = {} if shipped_case else dict(max_sequence_length=16)  # the shipped case: the default 120 / 300
         for steps, scale in ((4, 4.5), (3, 1.0))[:2 if shipped_case else 1]:  # 1.0: the pipeline runs no negative half
@@ -101,7 +69,7 @@ def test_pixart_images_equal_the_pipelines_own(pipes, family, scheduler):
 
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_pixart_every_output_type_a_single_generator_and_another_sequence_length(pipes, family):
-    pipe, fast = pipes[family], FAMILIES[family][1](pipes[family])
+    pipe, fast = pipes[family], FAMILIES[family](pipes[family])
     kw = dict(num_inference_steps=3, use_resolution_binning=False)
     for output_type in ("pil", "pt", "latent"):
         want = pipe(PROMPTS[:2], generator=torch.Generator().manual_seed(9), output_type=output_type,
@@ -115,12 +83,12 @@ def test_pixart_every_output_type_a_single_generator_and_another_sequence_length
     assert fast.model.seq_len == 9
 
 
-def test_pixart_alpha_resolution_and_aspect_ratio_conditions(parts):
+def test_pixart_alpha_resolution_and_aspect_ratio_conditions(t5_tokenizer):
     """Sample size 128 (PixArt-alpha 1024 px): the pipeline passes the size as resolution and aspect-ratio
     conditions; generated at 16 x 24 px without binning (the 1024 px bins are too large for a test)."""
-    transformer = tiny_transformer(7, sample_size=128)
+    transformer = tiny_pixart_transformer(7, sample_size=128)
     assert transformer.use_additional_conditions
-    pipe = make_pipe("alpha", parts, transformer)
+    pipe = tiny_pixart("alpha", t5_tokenizer, transformer)
     fast = PixArtAlpha(pipe)
     kw = dict(negative_prompt=NEGATIVES[:2], num_inference_steps=3, use_resolution_binning=False, output_type="np",
               max_sequence_length=16)
@@ -131,11 +99,11 @@ def test_pixart_alpha_resolution_and_aspect_ratio_conditions(parts):
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_pixart_resolution_binning(parts, family):
+def test_pixart_resolution_binning(t5_tokenizer, family):
     """Sample size 32 (the 256 px bins) with an 8x VAE: 200 x 300 px is generated at its bin (208 x 304) and
     resized and cropped back after decoding, as the pipeline does."""
-    pipe = make_pipe(family, parts, tiny_transformer(11, sample_size=32), vae=tiny_vae(4))
-    fast = FAMILIES[family][1](pipe)
+    pipe = tiny_pixart(family, t5_tokenizer, tiny_pixart_transformer(11, sample_size=32), vae_blocks=4)
+    fast = FAMILIES[family](pipe)
     kw = dict(negative_prompt=["", "blurry"], num_inference_steps=2, max_sequence_length=12, height=200, width=300)
     got, want = both(pipe, fast, PROMPTS[:2], output_type="np", **kw)
     assert got.shape == (2, 200, 300, 3)
@@ -200,7 +168,7 @@ def test_pixart_adapter_contract(pipes):
         PixArtAdapter.pack(embeds, mask[:, :5], 16, 16)
 
 
-def test_pixart_bad_input(pipes, parts):
+def test_pixart_bad_input(pipes, t5_tokenizer):
     fast, alpha = PixArtSigma(pipes["sigma"]), PixArtAlpha(pipes["alpha"])
     kw = dict(num_inference_steps=2, use_resolution_binning=False)
     with pytest.raises(ValueError, match="negative_prompt: expected a string or 3 strings"):
@@ -232,6 +200,6 @@ def test_pixart_bad_input(pipes, parts):
                                          "transformer sample sizes 128, 64, 32 \\(this one's is 8"):
         alpha(PROMPTS, num_inference_steps=2)
     with pytest.raises(ValueError, match="pipe: its transformer uses resolution / aspect-ratio conditions"):
-        PixArtSigma(make_pipe("sigma", parts, tiny_transformer(0, sample_size=128)))
+        PixArtSigma(tiny_pixart("sigma", t5_tokenizer, tiny_pixart_transformer(0, sample_size=128)))
     with pytest.raises(ValueError, match="pipe: needs its tokenizer and text_encoder"):
-        PixArtSigma(make_pipe("sigma", parts, pipes["sigma"].transformer, text_encoder=None))
+        PixArtSigma(tiny_pixart("sigma", t5_tokenizer, pipes["sigma"].transformer, text_encoder=None))

@@ -2,7 +2,9 @@
 
 Each is a real diffusers pipeline class with small components: text encoders from ``transformers`` configs,
 tokenizers from a vocabulary written here (CLIP: the 256 byte characters, their end-of-word forms, two merges;
-T5: a word-level vocabulary built in memory), a 2-block AutoencoderKL. Nothing is downloaded.
+T5: a word-level vocabulary built in memory), a 2-block AutoencoderKL, and the family's shipped scheduler:
+SD, SDXL, SD3, DiT, Flux, PixArt-alpha / -sigma, LCM. Nothing is downloaded. Every builder seeds torch's global
+RNG itself, so each call gives the same weights.
 """
 from __future__ import annotations
 
@@ -15,7 +17,31 @@ import torch
 CLIP_TEXT = dict(bos_token_id=0, eos_token_id=2, hidden_size=32, intermediate_size=37, num_attention_heads=4,
                  num_hidden_layers=2, pad_token_id=1, vocab_size=1000, hidden_act="gelu", projection_dim=32,
                  max_position_embeddings=77)
+T5_TEXT = dict(vocab_size=32, d_model=32, d_ff=37, d_kv=8, num_layers=2, num_heads=4, decoder_start_token_id=0)
 T5_WORDS = ["<pad>", "</s>", "<unk>"] + "a cat dog low lower blurry photo of the".split()
+# the SD 1.x-shaped tiny UNet (tiny_sd; tiny_lcm adds the guidance embedding)
+SD_UNET = dict(block_out_channels=(4, 8), layers_per_block=1, sample_size=8, in_channels=4, out_channels=4,
+               down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+               up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32, norm_num_groups=2)
+# the SDXL-shaped tiny UNet (tiny_sdxl; its added embedding takes 6 time ids x 8 + the 32-dim pooled vector)
+SDXL_UNET = dict(block_out_channels=(4, 8), layers_per_block=1, sample_size=8, in_channels=4, out_channels=4,
+                 down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                 up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(2, 4),
+                 use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=8,
+                 transformer_layers_per_block=(1, 1), projection_class_embeddings_input_dim=6 * 8 + 32,
+                 cross_attention_dim=64, norm_num_groups=2)
+# the SD3-shaped tiny transformer (tiny_sd3; pos_embed_max_size at least the sample size)
+SD3_TRANSFORMER = dict(sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8,
+                       num_attention_heads=2, joint_attention_dim=64, caption_projection_dim=16,
+                       pooled_projection_dim=64, out_channels=4, pos_embed_max_size=8)
+# FLUX.1-dev's shipped FlowMatchEulerDiscreteScheduler: dynamic shifting, mu from the image's token count
+FLUX_DEV_SCHEDULER = dict(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                          base_image_seq_len=256, max_image_seq_len=4096)
+# the tiny PixArtTransformer2DModel config diffusers' own PixArt tests use (sample size 8)
+PIXART_TRANSFORMER = dict(sample_size=8, num_layers=2, patch_size=2, attention_head_dim=8, num_attention_heads=3,
+                          caption_channels=32, in_channels=4, cross_attention_dim=24, out_channels=8,
+                          attention_bias=True, activation_fn="gelu-approximate", num_embeds_ada_norm=1000,
+                          norm_type="ada_norm_single", norm_elementwise_affine=False, norm_eps=1e-6)
 
 
 def _clip_byte_characters() -> list[str]:
@@ -55,12 +81,13 @@ def t5_tokenizer():
                            model_max_length=512)
 
 
-def tiny_vae(**kw):
+def tiny_vae(blocks: int = 2, **kw):
+    """An AutoencoderKL with vae_scale_factor 2 ** (blocks - 1) (channels 4, then 8); ``kw``: its other config."""
     from diffusers import AutoencoderKL
 
-    return AutoencoderKL(block_out_channels=[4, 8], in_channels=3, out_channels=3, latent_channels=4,
-                         down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
-                         norm_num_groups=2, **kw).eval()
+    return AutoencoderKL(block_out_channels=[4] + [8] * (blocks - 1), in_channels=3, out_channels=3,
+                         latent_channels=4, down_block_types=["DownEncoderBlock2D"] * blocks,
+                         up_block_types=["UpDecoderBlock2D"] * blocks, norm_num_groups=2, **kw).eval()
 
 
 def _ready(pipe):
@@ -74,10 +101,7 @@ def tiny_sd(tokenizer=None, sample_size: int = 8):
     from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(block_out_channels=(4, 8), layers_per_block=1, sample_size=sample_size,
-                                in_channels=4, out_channels=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32,
-                                norm_num_groups=2)
+    unet = UNet2DConditionModel(**{**SD_UNET, "sample_size": sample_size})
     vae = tiny_vae()
     text = CLIPTextModel(CLIPTextConfig(**CLIP_TEXT))
     scheduler = PNDMScheduler(skip_prk_steps=True, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
@@ -93,12 +117,7 @@ def tiny_sdxl(tokenizer=None, sample_size: int = 8):
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     torch.manual_seed(1)
-    unet = UNet2DConditionModel(block_out_channels=(4, 8), layers_per_block=1, sample_size=sample_size,
-                                in_channels=4, out_channels=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(2, 4),
-                                use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=8,
-                                transformer_layers_per_block=(1, 1), projection_class_embeddings_input_dim=6 * 8 + 32,
-                                cross_attention_dim=64, norm_num_groups=2)
+    unet = UNet2DConditionModel(**{**SDXL_UNET, "sample_size": sample_size})
     torch.manual_seed(0)
     vae = tiny_vae()
     scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, steps_offset=1,
@@ -116,10 +135,8 @@ def tiny_sd3(tokenizer=None, sample_size: int = 8):
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
     torch.manual_seed(2)
-    transformer = SD3Transformer2DModel(sample_size=sample_size, patch_size=2, in_channels=4, num_layers=2,
-                                        attention_head_dim=8, num_attention_heads=2, joint_attention_dim=64,
-                                        caption_projection_dim=16, pooled_projection_dim=64, out_channels=4,
-                                        pos_embed_max_size=max(8, sample_size)).eval()
+    transformer = SD3Transformer2DModel(**{**SD3_TRANSFORMER, "sample_size": sample_size,
+                                           "pos_embed_max_size": max(8, sample_size)}).eval()
     tokenizer = tokenizer or clip_tokenizer()
     return _ready(StableDiffusion3Pipeline(
         transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
@@ -140,3 +157,77 @@ def tiny_dit(sample_size: int = 8):
                         down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",),
                         norm_num_groups=4).eval()
     return _ready(DiTPipeline(transformer=dit, vae=vae, scheduler=DDIMScheduler()))
+
+
+def tiny_lcm(tokenizer=None, sample_size: int = 8):
+    """LatentConsistencyModelPipeline with LCMScheduler as shipped: SD_UNET with the guidance embedding of the
+    distilled models (time_cond_proj_dim=32; the pipeline embeds w = guidance_scale - 1), a CLIP text encoder with
+    CLIP's default activation (quick_gelu), no safety checker."""
+    from diffusers import LatentConsistencyModelPipeline, LCMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(**{**SD_UNET, "sample_size": sample_size}, time_cond_proj_dim=32)
+    vae = tiny_vae()
+    text = CLIPTextModel(CLIPTextConfig(**{**CLIP_TEXT, "hidden_act": "quick_gelu"}))
+    return _ready(LatentConsistencyModelPipeline(vae=vae, text_encoder=text.eval(),
+                                                 tokenizer=tokenizer or clip_tokenizer(), unet=unet.eval(),
+                                                 scheduler=LCMScheduler(), safety_checker=None,
+                                                 feature_extractor=None, requires_safety_checker=False))
+
+
+def tiny_flux(guidance_embeds: bool = True, tokenizer=None, tokenizer_2=None, seed: int = 1, scheduler=None):
+    """FluxPipeline: a 1 + 1-block FluxTransformer2DModel (``seed`` its weights) with the guidance embedding of
+    the distilled models (``guidance_embeds``: FLUX.1-dev-like, FLUX_DEV_SCHEDULER by default) or without
+    (FLUX.1-schnell-like, what true CFG is for: a static shift 3.0 by default); a CLIP text encoder for the pooled
+    vector, a T5 encoder for the tokens (``tokenizer_2``: t5_tokenizer() by default), a VAE with a shift and a
+    scaling factor. Pass small sizes: e.g. height=width=16 (8 x 8 latents, 16 packed tokens),
+    max_sequence_length=12."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    torch.manual_seed(0)
+    clip = CLIPTextModel(CLIPTextConfig(**CLIP_TEXT)).eval()
+    t5 = T5EncoderModel(T5Config(**T5_TEXT, relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1)).eval()
+    vae = tiny_vae(shift_factor=0.12, scaling_factor=0.8)
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+                                         attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                         pooled_projection_dim=32, axes_dims_rope=[4, 4, 8],
+                                         guidance_embeds=guidance_embeds).eval()
+    if scheduler is None:
+        scheduler = FlowMatchEulerDiscreteScheduler(**(FLUX_DEV_SCHEDULER if guidance_embeds else dict(shift=3.0)))
+    return _ready(FluxPipeline(transformer=transformer, scheduler=scheduler, vae=vae, text_encoder=clip,
+                               tokenizer=tokenizer or clip_tokenizer(), text_encoder_2=t5,
+                               tokenizer_2=tokenizer_2 or t5_tokenizer()))
+
+
+def tiny_pixart_transformer(seed: int = 0, **overrides):
+    """A PixArtTransformer2DModel of PIXART_TRANSFORMER (``overrides`` replace entries, e.g. sample_size=128 for
+    PixArt-alpha 1024 px's resolution / aspect-ratio conditions), ``seed`` its weights."""
+    from diffusers import PixArtTransformer2DModel
+
+    torch.manual_seed(seed)
+    return PixArtTransformer2DModel(**{**PIXART_TRANSFORMER, **overrides}).eval()
+
+
+def tiny_pixart(variant: str = "sigma", tokenizer=None, transformer=None, vae_blocks: int = 2, **components):
+    """PixArtAlphaPipeline (``variant="alpha"``) or PixArtSigmaPipeline ("sigma") with the shipped scheduler
+    (DPM-Solver++ 2M), a T5 encoder, ``tiny_vae(vae_blocks)`` and ``transformer`` (tiny_pixart_transformer() by
+    default: sample size 8, 16 px with the 2x VAE; its size has no resolution-binning table, so call with
+    use_resolution_binning=False); ``components`` replace any of the pipeline's (e.g. text_encoder=None). The
+    pipeline's call needs clean_caption=False (its caption cleaning needs bs4 and ftfy)."""
+    from diffusers import DPMSolverMultistepScheduler, PixArtAlphaPipeline, PixArtSigmaPipeline
+    from transformers import T5Config, T5EncoderModel
+
+    classes = {"alpha": PixArtAlphaPipeline, "sigma": PixArtSigmaPipeline}
+    if variant not in classes:
+        raise ValueError(f"variant: expected 'alpha' or 'sigma', got {variant!r}")
+    torch.manual_seed(3)
+    t5 = T5EncoderModel(T5Config(**T5_TEXT)).eval()
+    torch.manual_seed(5)
+    vae = tiny_vae(vae_blocks)
+    parts = dict(tokenizer=tokenizer or t5_tokenizer(), text_encoder=t5, vae=vae,
+                 transformer=tiny_pixart_transformer() if transformer is None else transformer,
+                 scheduler=DPMSolverMultistepScheduler())
+    return _ready(classes[variant](**{**parts, **components}))
