@@ -14,6 +14,7 @@ class DiT(FastPipeline):
         model = DiTAdapter(pipe.transformer, pipe.scheduler)
         super().__init__(pipe, model, model.null_cond, cond_first=True, backend=backend, progress=progress)
 
+    @torch.no_grad()  # as the pipeline's own call (no autograd graph kept alive with the embeddings)
     def __call__(self, class_labels, *, num_inference_steps: int = 50, guidance_scale: float = 4.0, guidance=None,
                  generator=None, seeds=None, output_type: str = "pil"):
         """``pipe(class_labels, guidance_scale, generator, num_inference_steps, output_type).images``."""

@@ -124,6 +124,7 @@ class FluxAdapter(torch.nn.Module):
         self.guidance_scale.fill_(value)
 
     @staticmethod
+    @torch.no_grad()
     def encode_for(pipe, prompts: list[str], max_sequence_length: int = MAX_SEQUENCE_LENGTH) -> torch.Tensor:
         """Packed prompt conditions [N, L + k, D] as FluxPipeline encodes prompts (the ``cond`` of a sample)."""
         embeds, pooled, _ = pipe.encode_prompt(prompt=list(prompts), prompt_2=None, device=pipe._execution_device,
@@ -213,6 +214,7 @@ class Flux(FastPipeline):
     def _encode(self, prompts, max_sequence_length: int) -> torch.Tensor:
         return FluxAdapter.encode_for(self.pipe, prompts, max_sequence_length)
 
+    @torch.no_grad()  # as the pipeline's own call (no autograd graph kept alive with the embeddings)
     def __call__(self, prompt, negative_prompt=None, *, true_cfg_scale: float = 1.0, num_inference_steps: int = 28,
                  guidance_scale: float = 3.5, guidance=None, generator=None, seeds=None, height: int | None = None,
                  width: int | None = None, max_sequence_length: int = MAX_SEQUENCE_LENGTH,

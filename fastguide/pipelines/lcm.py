@@ -105,6 +105,7 @@ class LatentConsistency(FastPipeline):
                                                            original_inference_steps=original_inference_steps)
         return self._lcm_solvers[key]
 
+    @torch.no_grad()  # as the pipeline's own call (no autograd graph kept alive with the embeddings)
     def __call__(self, prompt, *, num_inference_steps: int = 4, original_inference_steps: int | None = None,
                  guidance_scale=8.5, guidance=None, generator=None, seeds=None, height: int | None = None,
                  width: int | None = None, output_type: str = "pil"):

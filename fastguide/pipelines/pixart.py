@@ -139,7 +139,8 @@ class _PixArt(FastPipeline):
                              f"(use_additional_conditions) that {self.pipeline_name} does not pass at sample size "
                              f"{pipe.transformer.config.sample_size}, so the pipeline itself cannot run it")
         size = pipe.transformer.config.sample_size * pipe.vae_scale_factor
-        null = self._encode(pipe, [""], [""], self.default_max_sequence_length, size, size)[1][0]
+        with torch.no_grad():
+            null = self._encode(pipe, [""], [""], self.default_max_sequence_length, size, size)[1][0]
         super().__init__(pipe, PixArtAdapter(pipe.transformer, null, pipe.scheduler), null, cond_first=False,
                          backend=backend, progress=progress)
 
@@ -172,6 +173,7 @@ class _PixArt(FastPipeline):
     def _decode(self, latents):
         return self.pipe.vae.decode(latents / self.pipe.vae.config.scaling_factor, return_dict=False)[0]
 
+    @torch.no_grad()  # as the pipeline's own call (no autograd graph kept alive with the embeddings)
     def __call__(self, prompt, negative_prompt="", *, num_inference_steps: int = 20, guidance_scale: float = 4.5,
                  guidance=None, generator=None, seeds=None, height: int | None = None, width: int | None = None,
                  use_resolution_binning: bool = True, max_sequence_length: int | None = None,

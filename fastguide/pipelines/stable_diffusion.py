@@ -15,10 +15,12 @@ class StableDiffusion(FastPipeline):
         if getattr(pipe, "safety_checker", None) is not None:
             raise ValueError("pipe: has a safety checker, which this fast pipeline does not run; build the pipeline "
                              "with safety_checker=None (and check images yourself) to use it")
-        null = pipe.encode_prompt([""], pipe._execution_device, 1, True, negative_prompt=[""])[1][0]
+        with torch.no_grad():  # a null embedding without the text encoder's autograd graph
+            null = pipe.encode_prompt([""], pipe._execution_device, 1, True, negative_prompt=[""])[1][0]
         super().__init__(pipe, UNet2DConditionAdapter(pipe.unet, null, pipe.scheduler), null,
                          cond_first=False, backend=backend, progress=progress)
 
+    @torch.no_grad()  # as the pipeline's own call (no autograd graph kept alive with the embeddings)
     def __call__(self, prompt, negative_prompt=None, *, num_inference_steps: int = 50, guidance_scale: float = 7.5,
                  guidance=None, generator=None, seeds=None, height: int | None = None, width: int | None = None,
                  output_type: str = "pil", condition_ids=None):
@@ -55,7 +57,8 @@ class StableDiffusionXL(FastPipeline):
             raise ValueError("pipe: needs text_encoder_2 (its projection dim sizes the pooled condition)")
         self.projection_dim = int(pipe.text_encoder_2.config.projection_dim)
         ids = self._time_ids(pipe, 1, (8, 8), None, None, (0, 0), torch.float32)
-        null = self._encode(pipe, [""], None, ids)[1][0]  # the shape of a packed negative (each call packs its own)
+        with torch.no_grad():  # the shape of a packed negative (each call packs its own)
+            null = self._encode(pipe, [""], None, ids)[1][0]
         adapter = SDXLAdapter(pipe.unet, null, self.projection_dim, pipe.scheduler)
         super().__init__(pipe, adapter, null, cond_first=False, backend=backend, progress=progress)
 
@@ -78,6 +81,7 @@ class StableDiffusionXL(FastPipeline):
         time_ids = time_ids.to(embeds.device)
         return pack(embeds, pooled, time_ids), pack(neg, neg_pooled, time_ids)
 
+    @torch.no_grad()  # as the pipeline's own call (no autograd graph kept alive with the embeddings)
     def __call__(self, prompt, negative_prompt=None, *, num_inference_steps: int = 50, guidance_scale: float = 5.0,
                  guidance=None, generator=None, seeds=None, height: int | None = None, width: int | None = None,
                  original_size=None, target_size=None, crops_coords_top_left=(0, 0), output_type: str = "pil",
@@ -126,7 +130,8 @@ class StableDiffusion3(FastPipeline):
     flow, stepped by :class:`fastguide.FlowEuler` from its FlowMatchEuler scheduler)."""
 
     def __init__(self, pipe, *, backend: str = "auto", progress: bool = False):
-        null = self._encode(pipe, [""], [""])[1][0]
+        with torch.no_grad():
+            null = self._encode(pipe, [""], [""])[1][0]
         super().__init__(pipe, SD3Adapter(pipe.transformer, null, pipe.scheduler), null, cond_first=False,
                          backend=backend, progress=progress)
 
@@ -140,6 +145,7 @@ class StableDiffusion3(FastPipeline):
         return (SD3Adapter.pack_for(pipe.transformer, embeds, pooled),
                 SD3Adapter.pack_for(pipe.transformer, neg, neg_pooled))
 
+    @torch.no_grad()  # as the pipeline's own call (no autograd graph kept alive with the embeddings)
     def __call__(self, prompt, negative_prompt=None, *, num_inference_steps: int = 28, guidance_scale: float = 7.0,
                  guidance=None, generator=None, seeds=None, height: int | None = None, width: int | None = None,
                  max_sequence_length: int = 256, output_type: str = "pil", condition_ids=None):
