@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 from fastguide.bench import tiny_pipelines
+from fastguide.commands.common import check_out_file
 from fastguide.pipelines import from_pipe
 
 BUILDERS = {"sd": tiny_pipelines.tiny_sd, "sdxl": tiny_pipelines.tiny_sdxl, "sd3": tiny_pipelines.tiny_sd3,
@@ -165,6 +166,11 @@ def main(argv=None):
     unknown = [f for f in families if f not in BUILDERS]
     if unknown:
         p.error(f"--families: unknown {unknown}; expected some of {sorted(BUILDERS)}")
+    if args.json:
+        try:
+            check_out_file(args.json, "--json", suffix=".json")  # before the long run, not after it
+        except ValueError as e:
+            p.error(str(e))
     rows = run(families, [int(v) for v in args.steps.split(",")], [int(v) for v in args.batch.split(",")], args.reps)
     if args.json:
         meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "reps": args.reps}

@@ -20,15 +20,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 
 from fastguide.bench import tiny_pipelines
 from fastguide.bench.memory import MB, cpu_tensor_memory
+from fastguide.commands.common import check_out_file
 from fastguide.pipelines import from_pipe
 
 PROMPTS = ["a cat", "low dog", "a photo of the lower", "blurry"]
@@ -129,22 +128,6 @@ def table_line(row: dict) -> str:
     return line + f" {row['fastguide_first_mb']:.3f} | {row['fastguide_kept_mb']:.3f} |"
 
 
-def check_writable(path: str) -> Path:
-    """The --json path, after checking that its directory exists and takes a file (before any measuring)."""
-    out = Path(path)
-    directory = out.parent if str(out.parent) else Path(".")
-    if not directory.is_dir():
-        raise SystemExit(f"--json: directory {directory} does not exist")
-    try:
-        with tempfile.NamedTemporaryFile(dir=directory, prefix=".write-test-"):
-            pass
-    except OSError as e:
-        raise SystemExit(f"--json: cannot write into {directory}: {e}")
-    if out.exists() and not os.access(out, os.W_OK):
-        raise SystemExit(f"--json: {out} is not writable")
-    return out
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--families", default=",".join(FAMILIES))
@@ -163,7 +146,10 @@ def main(argv=None):
         batches = [int(v) for v in args.batch.split(",")]
     except ValueError:
         p.error("--steps, --batch: expected comma-separated ints")
-    out = check_writable(args.json) if args.json else None
+    try:
+        out = check_out_file(args.json, "--json", suffix=".json") if args.json else None  # before any measuring
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
     torch.set_num_threads(args.threads)
     print(table_header(not args.no_compile), flush=True)
     rows, skipped = run(families, steps, batches, compile_=not args.no_compile)

@@ -21,6 +21,16 @@ def _seed_and_threads():
     yield
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op thread for a module (``pytestmark = pytest.mark.usefixtures("one_torch_thread")``): tiny models
+    run 10-50x slower with 2 threads on a shared 2-core machine (spin waits); results do not depend on it."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 # ------------------------------------------------------------------ a mix + label-embedding eps model
 class ToyEps:
     """A deterministic nonlinear conditional eps model whose conditional and null outputs differ:

@@ -47,13 +47,7 @@ def v_solver(steps=STEPS):
     return fg.DDIM(digits_schedule(), steps=steps, prediction_type="v_prediction")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """The tiny models here run 10-50x slower with 2 intra-op threads on a shared 2-core machine (spin waits)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -24,13 +24,7 @@ from pipeline_checks import TOL, as_tensor, assert_close, generators, relative_e
 PROMPTS = ["a cat", "low dog", "lower"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """The tiny pipeline runs 10-50x slower with 2 intra-op threads on a shared 2-core machine (spin waits)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

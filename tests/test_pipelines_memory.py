@@ -24,13 +24,7 @@ BATCH = 8  # (4-byte scalars stacked after the loop for the finite check) fit in
 PROMPTS = ["a cat", "low dog", "a photo of the lower", "blurry"] * 2
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """Memory does not depend on the thread count; the tiny pipelines run much faster on one on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_the_helper_on_hand_made_cases():
