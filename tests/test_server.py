@@ -236,6 +236,37 @@ def test_concurrent_requests_co_batch_and_each_equals_the_librarys(client, refer
                                       err_msg=f"{fields} in bucket {headers['x-fastguide-bucket']}")
 
 
+def test_continuous_server_requests_of_mixed_rules_each_equal_the_librarys():
+    """`fastguide serve --continuous --buckets 4`: 12 requests at once of two rules and 4-10 steps run as rows
+    that join between steps; with one bucket size each equals the library's sample alone at it, bit for bit."""
+    requests = [dict(label=i % 10, seed=300 + i, steps=4 + i % 7, scale=1.5 + 0.5 * i, rule=("cfg", "apg")[i % 2],
+                     format="npy") for i in range(12)]
+    answers = [None] * len(requests)
+    with load_test.ServerProcess("--continuous", "--buckets", "4", "--max-wait-ms", "5", "--no-warmup") as server:
+        client = Client(server.port)
+        start = threading.Barrier(len(requests))
+
+        def send(i):
+            start.wait()
+            answers[i] = client.sample(**requests[i])
+
+        threads = [threading.Thread(target=send, args=(i,)) for i in range(len(requests))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        forwards = client.metrics()["fastguide_batches_total"]
+        assert server.stop() == 0
+    assert all(a is not None and a[0] == 200 for a in answers), [a and a[2][:200] for a in answers]
+    reference = digits_batcher(buckets=(4,), continuous=True)
+    for fields, (_, headers, content) in zip(requests, answers):
+        assert headers["x-fastguide-bucket"] == "4"
+        want = reference.sample_alone(SampleRequest(fields["label"], fields["seed"], fields["steps"],
+                                                    float(fields["scale"]), fields["rule"]), bucket=4)
+        np.testing.assert_array_equal(decode_npy(content), want.numpy(), err_msg=str(fields))
+    assert forwards < sum(r["steps"] for r in requests) / 2  # rows shared forwards (4 at a time at most)
+
+
 PROM_SAMPLE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[a-zA-Z_]\w*="[^"]*"(,[a-zA-Z_]\w*="[^"]*")*\})? '
                          r'(NaN|[+-]Inf|[-+]?[0-9.]+(e[-+]?[0-9]+)?)$')
 
@@ -407,7 +438,7 @@ def test_your_own_batcher_nan_full_queue_and_closed():
     (["--port", "70000"], "--port"), (["--port", "-1"], "--port"), (["--port", "eighty"], "--port"),
     (["--max-queue", "0"], "--max-queue"), (["--scale", "-1"], "--scale"), (["--solver", "magic"], "--solver"),
     (["--device", "tpu"], "--device"), (["--cuda-graph"], "--cuda-graph"), (["--step-buckets", "8,4"], "--step-buckets"),
-    (["--step-buckets", "10,20"], "step_buckets"),
+    (["--step-buckets", "10,20"], "step_buckets"), (["--continuous", "--step-buckets", "10,50"], "--continuous"),
 ])
 def test_bad_options_are_one_line_errors(capsys, argv, option):
     assert cli.main(["serve", *argv]) == 2

@@ -73,6 +73,9 @@ def run(args) -> int:
 
     buckets = parse_buckets(args.buckets)
     step_buckets = None if args.step_buckets is None else parse_buckets(args.step_buckets, "--step-buckets")
+    if args.continuous and (args.cuda_graph or step_buckets is not None):
+        raise ValueError("--continuous: steps are scheduled one at a time; it takes neither --cuda-graph nor "
+                         "--step-buckets")
     if args.cuda_graph and not args.compile:
         raise ValueError("--cuda-graph: needs --compile (the graph captures the compiled loop)")
     if not (math.isfinite(args.max_wait_ms) and args.max_wait_ms >= 0):
