@@ -23,6 +23,7 @@ from fastguide.noise import step_noise
 from fastguide.solvers import History, coef_row
 
 IDENTITY_ROW = coef_row(A=1.0, CX=1.0)  # x_next = x in both forms (clip: C0 * clamp(0) + 1 * x)
+FAMILY_FIELDS = ("kind", "prediction_type", "clip_range", "history_slots")  # what rows of one loop share
 
 
 @dataclass(frozen=True, eq=False)
@@ -50,7 +51,7 @@ class RowPlans:
             raise ValueError("solvers: expected one solver per row, got none")
         first = plans[0]
         for b, p in enumerate(plans):
-            for what in ("kind", "prediction_type", "clip_range", "history_slots"):
+            for what in FAMILY_FIELDS:
                 if getattr(p, what) != getattr(first, what):
                     raise ValueError(f"solvers: row {b}'s plan has {what} {getattr(p, what)!r} but row 0's has "
                                      f"{getattr(first, what)!r}; rows of one batch need one solver family")

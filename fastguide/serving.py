@@ -388,15 +388,21 @@ class Batcher:
                 if len(same) < most and wait > 0 and not self._closing:
                     self._cv.wait(wait)
                     continue
-                taken = []
-                for p in same[:most]:
-                    self._queue.remove(p)
-                    if p.future.set_running_or_notify_cancel():
-                        taken.append(p)
-                    else:
-                        self._counts["cancelled"] += 1
+                taken = self._take(same[:most])
                 if taken:
                     return taken
+
+    def _take(self, pendings: list[_Pending]) -> list[_Pending]:
+        """Remove ``pendings`` from the queue (the caller holds the lock); those not cancelled meanwhile, now
+        running."""
+        taken = []
+        for p in pendings:
+            self._queue.remove(p)
+            if p.future.set_running_or_notify_cancel():
+                taken.append(p)
+            else:
+                self._counts["cancelled"] += 1
+        return taken
 
     # ------------------------------------------------------------------ the continuous worker
     def _warm_pool(self) -> None:
@@ -458,15 +464,8 @@ class Batcher:
         pool = self._pool
         if not len(pool):
             return self._next_batch(any_rule=True)
-        taken = []
         with self._cv:
-            while self._queue and len(taken) < pool.free:
-                p = self._queue.popleft()
-                if p.future.set_running_or_notify_cancel():
-                    taken.append(p)
-                else:
-                    self._counts["cancelled"] += 1
-        return taken
+            return self._take(list(self._queue)[:pool.free])
 
     def sample_alone(self, request: SampleRequest, bucket: int | None = None) -> torch.Tensor:
         """``request``'s sample as it runs alone in a batch of ``bucket`` rows (default: the smallest bucket), in the

@@ -27,9 +27,9 @@ import torch
 
 from fastguide.checks import check_model_output
 from fastguide.conditions import paired_conditions
-from fastguide.kernels.reference import compute_dtype_for, guided_step_into
+from fastguide.kernels.reference import compute_dtype_for, guided_step_into, split_model_output
 from fastguide.noise import step_noise
-from fastguide.row_plans import RowPlans, merge_guidance
+from fastguide.row_plans import FAMILY_FIELDS, RowPlans, merge_guidance
 
 MAX_RULES = 16  # rules whose device tensors (a ReCFG table) a pool keeps
 
@@ -89,7 +89,8 @@ class StepPool:
         self.x = torch.zeros((self.capacity, *self.latent_shape), dtype=dtype, device=self.device)
         self.rows: dict[int, _Row] = {}  # slot -> row
         self.history = self.rule_state = None
-        self._family = None  # (kind, prediction_type, clip_range, history slots, write count) of the rows' plans
+        self._family = None  # the rows' plans' FAMILY_FIELDS and history write count
+        self._clip_range = None
         self._rules: dict[int, _RuleTensors] = {}  # id(rule) -> its device tensors (the entry holds the rule)
 
     # ------------------------------------------------------------------ rows in
@@ -121,8 +122,8 @@ class StepPool:
         if not self.free:
             raise RuntimeError("admit: the pool is full")
         self.check_rule(rule)
-        family = (plan.kind, plan.prediction_type, plan.clip_range, plan.history_slots,
-                  None if plan.history is None else plan.history.write_slots.shape[1])
+        family = tuple(getattr(plan, f) for f in FAMILY_FIELDS) + (
+            None if plan.history is None else plan.history.write_slots.shape[1],)
         if self.rows and family != self._family:
             raise ValueError(f"plan: this row's plan is of another solver family ({family}) than the rows running "
                              f"({self._family})")
@@ -130,7 +131,7 @@ class StepPool:
         sg = merge_guidance(rule, stacked, torch.tensor([cond]), self.latent_shape,
                             scale=torch.tensor([float(scale)], dtype=torch.float64))
         shared = self._rule_tensors(rule, sg)
-        self._family = family
+        self._family, self._clip_range = family, plan.clip_range
         self._allocate_state(plan.history_slots, sg.rule_state)
         slot = next(s for s in range(self.capacity) if s not in self.rows)
         dev, cdt, h = self.device, self.cdt, stacked.history
@@ -228,11 +229,8 @@ class StepPool:
                                               batch=batch)
         out = wrapped(inp, t, labels)
         check_model_output(out, inp)
-        if not guided:
-            return out[:n], None, batch
-        first, second = out[:batch], out[batch:]
-        c, u = (first, second) if self.cond_first else (second, first)
-        return c[:n], u[:n], batch
+        c, u = split_model_output(out, batch, self.cond_first)
+        return c[:n], None if u is None else u[:n], batch
 
     def _update(self, rows: list[_Row], free: bool, guided: bool, write_slots, out_c, out_u, place) -> None:
         """The per-row reference step of ``rows`` (one rule and one step form: model-free or not, guided or not,
@@ -264,7 +262,7 @@ class StepPool:
         guided_step_into(
             x_next, x, model_out, col("g1"), col("coef"), cond_first=self.cond_first, table=table,
             rows=None if table is None else torch.cat([r.table_row for r in rows]),
-            table_steps=col("table_steps"), table_w=col("table_w"), clip_range=self._family[2], z=col("z"),
+            table_steps=col("table_steps"), table_w=col("table_w"), clip_range=self._clip_range, z=col("z"),
             history=history, hist_coef=col("hist_w"),
             write_slots=None if write_slots is None else torch.tensor(write_slots, device=dev),
             write_coef=col("write_coef"), rule_params=shared.params, rule_state=state)

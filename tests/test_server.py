@@ -213,9 +213,8 @@ def test_the_server_still_answers_after_the_malformed_requests(client, reference
     np.testing.assert_array_equal(decode_npy(content), expected_sample(reference, fields, headers))
 
 
-def test_concurrent_requests_co_batch_and_each_equals_the_librarys(client, reference):
-    requests = [dict(label=i % 10, seed=100 + i, steps=4 + i % 7, scale=1.0 + 0.25 * i,
-                     rule=("cfg", "apg")[i % 2], format="npy") for i in range(24)]
+def send_at_once(client, requests: list[dict]) -> list:
+    """Each request from its own thread, all released together; the answers in request order."""
     answers = [None] * len(requests)
     start = threading.Barrier(len(requests))
 
@@ -228,6 +227,13 @@ def test_concurrent_requests_co_batch_and_each_equals_the_librarys(client, refer
         t.start()
     for t in threads:
         t.join(120)
+    return answers
+
+
+def test_concurrent_requests_co_batch_and_each_equals_the_librarys(client, reference):
+    requests = [dict(label=i % 10, seed=100 + i, steps=4 + i % 7, scale=1.0 + 0.25 * i,
+                     rule=("cfg", "apg")[i % 2], format="npy") for i in range(24)]
+    answers = send_at_once(client, requests)
     assert all(a is not None and a[0] == 200 for a in answers), [a and a[2][:200] for a in answers]
     buckets = [int(headers["x-fastguide-bucket"]) for _, headers, _ in answers]
     assert max(buckets) == 4  # 24 requests at once do not all run alone
@@ -241,20 +247,9 @@ def test_continuous_server_requests_of_mixed_rules_each_equal_the_librarys():
     that join between steps; with one bucket size each equals the library's sample alone at it, bit for bit."""
     requests = [dict(label=i % 10, seed=300 + i, steps=4 + i % 7, scale=1.5 + 0.5 * i, rule=("cfg", "apg")[i % 2],
                      format="npy") for i in range(12)]
-    answers = [None] * len(requests)
     with load_test.ServerProcess("--continuous", "--buckets", "4", "--max-wait-ms", "5", "--no-warmup") as server:
         client = Client(server.port)
-        start = threading.Barrier(len(requests))
-
-        def send(i):
-            start.wait()
-            answers[i] = client.sample(**requests[i])
-
-        threads = [threading.Thread(target=send, args=(i,)) for i in range(len(requests))]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(120)
+        answers = send_at_once(client, requests)
         forwards = client.metrics()["fastguide_batches_total"]
         assert server.stop() == 0
     assert all(a is not None and a[0] == 200 for a in answers), [a and a[2][:200] for a in answers]
