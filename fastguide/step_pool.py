@@ -27,11 +27,13 @@ import torch
 
 from fastguide.checks import check_model_output
 from fastguide.conditions import paired_conditions
-from fastguide.kernels.reference import compute_dtype_for, guided_step_into, split_model_output
+from fastguide.guidance import StepGuidance, with_scale
+from fastguide.kernels.reference import NUM_COEF, compute_dtype_for, guided_step_into, split_model_output
 from fastguide.noise import step_noise
-from fastguide.row_plans import FAMILY_FIELDS, RowPlans, merge_guidance
+from fastguide.row_plans import FAMILY_FIELDS
 
 MAX_RULES = 16  # rules whose device tensors (a ReCFG table) a pool keeps
+MAX_PLANS = 256  # plans whose per-step operands a pool keeps (one per solver and step count in a server)
 
 
 @dataclass(eq=False)
@@ -46,26 +48,33 @@ class _RuleTensors:
 
 
 @dataclass(eq=False)
+class _PlanOperands:
+    """A plan's per-step operands on the pool's device, made once per plan (rows of one plan share them)."""
+
+    plan: object
+    t: torch.Tensor  # [S] model times (compute dtype)
+    coef: torch.Tensor  # [S, NUM_COEF] float64 (packed with each row's g1)
+    hist_w: torch.Tensor | None  # [S, K] float64
+    write_slots: tuple | None  # [S] tuples of the slots each step writes
+    write_coef: torch.Tensor | None  # [S, W * (2 + K)] float64
+
+
+@dataclass(eq=False)
 class _Row:
-    """One admitted row: its slot and its own plan's per-step operands (host lists / device tensors)."""
+    """One admitted row: its slot, its rule's and plan's shared tensors and its own per-step operands."""
 
     key: object
     slot: int
     rule: _RuleTensors
+    plan: _PlanOperands
     steps: int
     cond: int
-    t: torch.Tensor  # [S] model times (compute dtype, device)
-    coef: torch.Tensor  # [S, NUM_COEF]
-    g1: torch.Tensor  # [S]
+    packed: torch.Tensor  # [S, P] compute dtype: the columns g1 | coef | table_w (0 without a table) | hist_w | write_coef
     guided: tuple
     model_free: tuple
     z: torch.Tensor | None  # [S, *shape] per-step noise
     table_row: torch.Tensor | None  # [1] int64
     table_steps: torch.Tensor | None  # [S, 2]
-    table_w: torch.Tensor | None  # [S]
-    hist_w: torch.Tensor | None  # [S, K]
-    write_slots: tuple | None  # [S] tuples of the slots each step writes
-    write_coef: torch.Tensor | None  # [S, W, 2 + K]
     pos: int = 0
     largest_batch: int = 0
 
@@ -92,6 +101,7 @@ class StepPool:
         self._family = None  # the rows' plans' FAMILY_FIELDS and history write count
         self._clip_range = None
         self._rules: dict[int, _RuleTensors] = {}  # id(rule) -> its device tensors (the entry holds the rule)
+        self._plans: dict[int, _PlanOperands] = {}  # id(plan) -> its operands (the entry holds the plan)
 
     # ------------------------------------------------------------------ rows in
     def check_rule(self, rule) -> None:
@@ -127,25 +137,20 @@ class StepPool:
         if self.rows and family != self._family:
             raise ValueError(f"plan: this row's plan is of another solver family ({family}) than the rows running "
                              f"({self._family})")
-        stacked = RowPlans.stack([plan])
-        sg = merge_guidance(rule, stacked, torch.tensor([cond]), self.latent_shape,
-                            scale=torch.tensor([float(scale)], dtype=torch.float64))
+        sg = _row_guidance(rule, plan, cond, scale, self.latent_shape)
         shared = self._rule_tensors(rule, sg)
+        ops = self._plan_operands(plan)
         self._family, self._clip_range = family, plan.clip_range
         self._allocate_state(plan.history_slots, sg.rule_state)
         slot = next(s for s in range(self.capacity) if s not in self.rows)
-        dev, cdt, h = self.device, self.cdt, stacked.history
+        dev, n = self.device, plan.steps
+        table_w = torch.zeros(n, 1, dtype=torch.float64) if sg.table is None else sg.table_w.view(n, 1).to(torch.float64)
+        parts = [sg.g1.view(n, 1), ops.coef, table_w] + ([] if ops.hist_w is None else [ops.hist_w, ops.write_coef])
         row = _Row(
-            key, slot, shared, plan.steps, int(cond), stacked.timesteps[:, 0].to(dev, cdt), stacked.coef[:, 0].to(dev, cdt),
-            sg.g1[:, 0].to(dev, cdt), tuple(bool(g) for g in sg.guided),
-            tuple(sg.model_free) if sg.model_free else (False,) * plan.steps,
-            step_noise([seed], plan.steps, self.latent_shape, self.dtype, dev)[:, 0] if plan.stochastic else None,
+            key, slot, shared, ops, n, int(cond), torch.cat(parts, 1).to(dev, self.cdt), sg.guided, sg.model_free,
+            step_noise([seed], n, self.latent_shape, self.dtype, dev)[:, 0] if plan.stochastic else None,
             None if sg.table is None else sg.rows.to(dev),
-            None if sg.table is None else sg.table_steps[:, 0].to(dev),
-            None if sg.table is None else sg.table_w[:, 0].to(dev, cdt),
-            None if h is None else h.weights[:, 0].to(dev, cdt),
-            None if h is None else tuple(tuple(s) for s in h.write_slots.tolist()),
-            None if h is None else h.write_coef[:, 0].to(dev, cdt))
+            None if sg.table is None else sg.table_steps.to(dev))
         scale0 = torch.tensor([float(plan.init_scale)], dtype=torch.float64).to(self.dtype)
         self.x[slot] = noise.to(dev, self.dtype) * scale0.to(dev)
         if self.history is not None:
@@ -153,6 +158,22 @@ class StepPool:
         if self.rule_state is not None:
             self.rule_state[slot] = 0
         self.rows[slot] = row
+
+    def _plan_operands(self, plan) -> _PlanOperands:
+        """The plan's operands, made once per plan (the entry holds the plan, so its id stays its own)."""
+        ops = self._plans.get(id(plan))
+        if ops is not None:
+            return ops
+        if len(self._plans) >= MAX_PLANS:  # drop the plans no row runs
+            live = {id(r.plan) for r in self.rows.values()}
+            self._plans = {k: v for k, v in self._plans.items() if id(v) in live}
+        h = plan.history
+        ops = self._plans[id(plan)] = _PlanOperands(
+            plan, plan.timesteps.to(self.device, self.cdt), plan.coef.to(torch.float64),
+            None if h is None else h.weights.to(torch.float64),
+            None if h is None else tuple(tuple(s) for s in h.write_slots.tolist()),
+            None if h is None else h.write_coef.to(torch.float64).flatten(1))
+        return ops
 
     def _rule_tensors(self, rule, sg) -> _RuleTensors:
         """The device copies of the rule's table and reduction parameters, made once per rule (kept for the
@@ -196,7 +217,7 @@ class StepPool:
         groups: dict[tuple, list[int]] = {}  # rows sharing a step's form: one reference call each
         for i, r in enumerate(rows):
             form = (id(r.rule), r.model_free[r.pos], r.guided[r.pos],
-                    None if r.write_slots is None else r.write_slots[r.pos])
+                    None if r.plan.write_slots is None else r.plan.write_slots[r.pos])
             groups.setdefault(form, []).append(i)
         place = {id(r): j for j, r in enumerate(net)}
         for (_, free, guided, slots), members in groups.items():
@@ -219,7 +240,7 @@ class StepPool:
         slots = torch.tensor(order, device=self.device)
         x = self.x.index_select(0, slots)
         cond = torch.tensor([r.cond for r in picked], device=self.device)
-        t = torch.stack([r.t[r.pos] for r in picked])
+        t = torch.stack([r.plan.t[r.pos] for r in picked])
         guided = any(r.guided[r.pos] for r in net)
         if guided:
             inp, labels, t = torch.cat([x, x]), paired_conditions(cond, self.null_cond, self.cond_first), t.repeat(2)
@@ -248,24 +269,28 @@ class StepPool:
                 model_out = torch.cat([c, u] if self.cond_first else [u, c])
             else:
                 model_out = c
-        at = [r.pos for r in rows]
-
-        def col(name):
-            values = [getattr(r, name) for r in rows]
-            return None if values[0] is None else torch.stack([v[p] for v, p in zip(values, at)])
-
+        packed = torch.stack([r.packed[r.pos] for r in rows])  # [n, P]: one gather of every per-row scalar
+        nc, hist = NUM_COEF, rows[0].plan.hist_w
+        g1, coef, table_w = packed[:, 0], packed[:, 1:1 + nc], packed[:, 1 + nc]
+        hist_w = write_coef = None
+        if hist is not None:
+            k = hist.shape[1]
+            hist_w = packed[:, 2 + nc:2 + nc + k]
+            write_coef = packed[:, 2 + nc + k:].unflatten(1, (-1, 2 + k))
         history = None if self.history is None else self.history.index_select(1, slots)
         state = None if self.rule_state is None else self.rule_state.index_select(0, slots)
         x_next = torch.empty_like(x)
         shared = rows[0].rule
         table = shared.table if rows[0].table_row is not None else None
         guided_step_into(
-            x_next, x, model_out, col("g1"), col("coef"), cond_first=self.cond_first, table=table,
+            x_next, x, model_out, g1, coef, cond_first=self.cond_first, table=table,
             rows=None if table is None else torch.cat([r.table_row for r in rows]),
-            table_steps=col("table_steps"), table_w=col("table_w"), clip_range=self._clip_range, z=col("z"),
-            history=history, hist_coef=col("hist_w"),
+            table_steps=None if table is None else torch.stack([r.table_steps[r.pos] for r in rows]),
+            table_w=None if table is None else table_w, clip_range=self._clip_range,
+            z=None if rows[0].z is None else torch.stack([r.z[r.pos] for r in rows]),
+            history=history, hist_coef=hist_w,
             write_slots=None if write_slots is None else torch.tensor(write_slots, device=dev),
-            write_coef=col("write_coef"), rule_params=shared.params, rule_state=state)
+            write_coef=write_coef, rule_params=shared.params, rule_state=state)
         self.x.index_copy_(0, slots, x_next)
         if history is not None:
             self.history.index_copy_(1, slots, history)
@@ -277,3 +302,13 @@ class StepPool:
         keys = [r.key for r in self.rows.values()]
         self.rows.clear()
         return keys
+
+
+def _row_guidance(rule, plan, cond: int, scale: float, latent_shape) -> StepGuidance:
+    """The rule prepared for one row at its own scale: what :func:`fastguide.row_plans.merge_guidance` gives a
+    batch of that row alone (g1 [S, 1]; a zero-init step is not guided)."""
+    sg = with_scale(rule, float(scale)).prepare(plan, torch.tensor([int(cond)]), latent_shape)
+    free = tuple(bool(f) for f in sg.model_free) if sg.model_free else (False,) * plan.steps
+    guided = tuple(bool(g) and not f for g, f in zip(sg.guided, free))
+    return StepGuidance(sg.g1, guided, sg.table, sg.rows, sg.table_steps, sg.table_w, sg.rule_params, sg.rule_state,
+                        free)
