@@ -111,9 +111,9 @@ class ServerProcess:
         except queue.Empty:
             line = None
         if line is None:
-            self.__exit__()
+            self.__exit__()  # stops the server; its stderr is read after it stopped, before the file is closed
             raise RuntimeError(f"fastguide serve did not start listening within {self.timeout:g} s (exit code "
-                               f"{self.proc.returncode}): {self.stderr()[-2000:]}")
+                               f"{self.proc.returncode}): {self._stderr_tail}")
         return self
 
     def stderr(self) -> str:
@@ -137,6 +137,7 @@ class ServerProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        self._stderr_tail = self.stderr()[-2000:]
         self._stderr.close()
 
 

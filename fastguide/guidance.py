@@ -181,14 +181,16 @@ class CFG(GuidanceRule):
 
     def _compute_g1(self, timesteps: torch.Tensor, batch: int):
         g = self.scales(timesteps, batch)
-        in_interval = torch.tensor(self.guided_steps(timesteps)).view(-1, 1)
-        if not bool(in_interval.any()):
+        in_interval = self.guided_steps(timesteps)
+        if not any(in_interval):
             lo, hi = self.interval
             raise ValueError(f"interval: [{lo:g}, {hi:g}] contains no step of the plan, whose model times run from "
                              f"{float(timesteps.min()):g} to {float(timesteps.max()):g}")
-        g1 = torch.where(in_interval, g, torch.ones(1, 1, dtype=torch.float64))
-        guided = tuple(bool(v) for v in (g1 != 1).any(1))
-        return g1, guided
+        if all(in_interval):
+            g1 = g.clone(memory_format=torch.contiguous_format)  # never the caller's schedule tensor itself
+        else:
+            g1 = torch.where(torch.tensor(in_interval).view(-1, 1), g, torch.ones(1, 1, dtype=torch.float64))
+        return g1, tuple((g1 != 1).any(1).tolist())
 
     def guided_steps(self, timesteps: torch.Tensor) -> list[bool]:
         """Which steps lie in the guidance interval (every step without one)."""

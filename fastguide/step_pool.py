@@ -9,8 +9,9 @@ A fixed loop (fastguide/row_plans.py) runs a batch of rows for its longest row's
 10-step batch costs 10 network rows and a request that arrives after the batch started waits for it to end.
 Here every row is at its own step of its own plan: each :meth:`step` gathers the rows (padded to the next
 bucket size), runs one batched forward and the per-row guided update (the reference step of per-row plans,
-``kernels/reference.py``, one call per group of rows with one rule and one step form), and scatters x, the
-multistep history and the rule's state back into each row's slot; a row leaves after its last step and a new one
+``kernels/reference.py``: the guided output once per group of rows with one rule and one step form, then the
+solver update once per set of history write slots), and scatters x, the multistep history and the rule's state
+back into each row's slot; a row leaves after its last step and a new one
 can take its slot at once. Rows of different rules share every forward (a rule acts only in the update), except
 a rule with a network of its own (a guide network), which needs the pool to itself.
 
@@ -28,7 +29,8 @@ import torch
 from fastguide.checks import check_model_output
 from fastguide.conditions import paired_conditions
 from fastguide.guidance import StepGuidance, with_scale
-from fastguide.kernels.reference import NUM_COEF, compute_dtype_for, guided_step_into, split_model_output
+from fastguide.kernels.reference import (NUM_COEF, compute_dtype_for, guided_output, history_writes, solver_update,
+                                        split_model_output)
 from fastguide.noise import step_noise
 from fastguide.row_plans import FAMILY_FIELDS
 
@@ -151,8 +153,11 @@ class StepPool:
             step_noise([seed], n, self.latent_shape, self.dtype, dev)[:, 0] if plan.stochastic else None,
             None if sg.table is None else sg.rows.to(dev),
             None if sg.table is None else sg.table_steps.to(dev))
-        scale0 = torch.tensor([float(plan.init_scale)], dtype=torch.float64).to(self.dtype)
-        self.x[slot] = noise.to(dev, self.dtype) * scale0.to(dev)
+        if float(plan.init_scale) == 1.0:
+            self.x[slot] = noise
+        else:
+            scale0 = torch.tensor([float(plan.init_scale)], dtype=torch.float64).to(self.dtype)
+            self.x[slot] = noise.to(dev, self.dtype) * scale0.to(dev)
         if self.history is not None:
             self.history[:, slot] = 0
         if self.rule_state is not None:
@@ -214,14 +219,7 @@ class StepPool:
             out_c, out_u, batch = self._forward(net)
             for r in net:
                 r.largest_batch = max(r.largest_batch, batch)
-        groups: dict[tuple, list[int]] = {}  # rows sharing a step's form: one reference call each
-        for i, r in enumerate(rows):
-            form = (id(r.rule), r.model_free[r.pos], r.guided[r.pos],
-                    None if r.plan.write_slots is None else r.plan.write_slots[r.pos])
-            groups.setdefault(form, []).append(i)
-        place = {id(r): j for j, r in enumerate(net)}
-        for (_, free, guided, slots), members in groups.items():
-            self._update([rows[i] for i in members], free, guided, slots, out_c, out_u, place)
+        self._update(rows, net, out_c, out_u)
         done = []
         for r in rows:
             r.pos += 1
@@ -253,22 +251,14 @@ class StepPool:
         c, u = split_model_output(out, batch, self.cond_first)
         return c[:n], None if u is None else u[:n], batch
 
-    def _update(self, rows: list[_Row], free: bool, guided: bool, write_slots, out_c, out_u, place) -> None:
-        """The per-row reference step of ``rows`` (one rule and one step form: model-free or not, guided or not,
-        the same history write slots), on gathered copies of their state, scattered back."""
-        dev = self.device
+    def _update(self, rows: list[_Row], net: list[_Row], out_c, out_u) -> None:
+        """Every row's reference step (kernels/reference.py, the functions ``guided_step_into`` runs, in its
+        order), in two passes over groups of rows: the guided output m once per rule and form (model-free, guided
+        or not), then the solver update and history writes once per set of history write slots. Each row's
+        arithmetic is element-wise or over its own elements, so a group's size does not change its bits."""
+        dev, dt, n = self.device, self.cdt, len(rows)
         slots = torch.tensor([r.slot for r in rows], device=dev)
         x = self.x.index_select(0, slots)
-        if free:
-            model_out = torch.zeros_like(x)
-        else:
-            j = torch.tensor([place[id(r)] for r in rows], device=dev)
-            c = out_c.index_select(0, j)
-            if guided:
-                u = out_u.index_select(0, j)
-                model_out = torch.cat([c, u] if self.cond_first else [u, c])
-            else:
-                model_out = c
         packed = torch.stack([r.packed[r.pos] for r in rows])  # [n, P]: one gather of every per-row scalar
         nc, hist = NUM_COEF, rows[0].plan.hist_w
         g1, coef, table_w = packed[:, 0], packed[:, 1:1 + nc], packed[:, 1 + nc]
@@ -277,25 +267,53 @@ class StepPool:
             k = hist.shape[1]
             hist_w = packed[:, 2 + nc:2 + nc + k]
             write_coef = packed[:, 2 + nc + k:].unflatten(1, (-1, 2 + k))
-        history = None if self.history is None else self.history.index_select(1, slots)
-        state = None if self.rule_state is None else self.rule_state.index_select(0, slots)
-        x_next = torch.empty_like(x)
-        shared = rows[0].rule
-        table = shared.table if rows[0].table_row is not None else None
-        guided_step_into(
-            x_next, x, model_out, g1, coef, cond_first=self.cond_first, table=table,
-            rows=None if table is None else torch.cat([r.table_row for r in rows]),
-            table_steps=None if table is None else torch.stack([r.table_steps[r.pos] for r in rows]),
-            table_w=None if table is None else table_w, clip_range=self._clip_range,
-            z=None if rows[0].z is None else torch.stack([r.z[r.pos] for r in rows]),
-            history=history, hist_coef=hist_w,
-            write_slots=None if write_slots is None else torch.tensor(write_slots, device=dev),
-            write_coef=write_coef, rule_params=shared.params, rule_state=state)
-        self.x.index_copy_(0, slots, x_next)
-        if history is not None:
-            self.history.index_copy_(1, slots, history)
-        if state is not None:
-            self.rule_state.index_copy_(0, slots, state)
+        place = {id(r): j for j, r in enumerate(net)}
+        m = torch.empty((n, *self.latent_shape), dtype=dt, device=dev)
+        for (_, free, guided), members in _groups(rows, lambda r: (id(r.rule), r.model_free[r.pos],
+                                                                    r.guided[r.pos])).items():
+            at = torch.tensor(members, device=dev)
+            if free:
+                m.index_fill_(0, at, 0)
+                continue
+            picked = [rows[i] for i in members]
+            j = torch.tensor([place[id(r)] for r in picked], device=dev)
+            c = out_c.index_select(0, j)
+            if not guided:
+                m.index_copy_(0, at, c.to(dt))
+                continue
+            shared, head = picked[0].rule, picked[0]
+            table = shared.table if head.table_row is not None else None
+            state = None
+            if shared.params is not None and self.rule_state is not None:
+                state = self.rule_state.index_select(0, slots.index_select(0, at))
+            m.index_copy_(0, at, guided_output(
+                c, out_u.index_select(0, j), g1.index_select(0, at), table=table,
+                rows=None if table is None else torch.cat([r.table_row for r in picked]),
+                table_steps=None if table is None else torch.stack([r.table_steps[r.pos] for r in picked]),
+                table_w=None if table is None else table_w.index_select(0, at),
+                rule_params=shared.params, rule_state=state, dt=dt))
+            if state is not None:
+                self.rule_state.index_copy_(0, slots.index_select(0, at), state)
+        z = None if rows[0].z is None else torch.stack([r.z[r.pos] for r in rows])
+        xf = x.to(dt)
+        for write_slots, members in _groups(rows, lambda r: None if r.plan.write_slots is None
+                                             else r.plan.write_slots[r.pos]).items():
+            whole = len(members) == n
+            at = None if whole else torch.tensor(members, device=dev)
+
+            def part(v):
+                return v if v is None or whole else v.index_select(0, at)
+
+            mine = slots if whole else slots.index_select(0, at)
+            xg, mg = part(xf), part(m)
+            history = None if self.history is None else self.history.index_select(1, mine)
+            x_next = solver_update(xg, mg, part(coef), clip_range=self._clip_range, z=part(z), history=history,
+                                   hist_coef=part(hist_w))
+            if write_slots is not None:
+                history.index_copy_(0, torch.tensor(write_slots, device=dev),
+                                    history_writes(xg, mg, history, part(write_coef)).to(history.dtype))
+                self.history.index_copy_(1, mine, history)
+            self.x.index_copy_(0, mine, x_next.to(self.dtype))
 
     def clear(self) -> list:
         """Drop every row (after a failed step); returns their keys."""
@@ -312,3 +330,11 @@ def _row_guidance(rule, plan, cond: int, scale: float, latent_shape) -> StepGuid
     guided = tuple(bool(g) and not f for g, f in zip(sg.guided, free))
     return StepGuidance(sg.g1, guided, sg.table, sg.rows, sg.table_steps, sg.table_w, sg.rule_params, sg.rule_state,
                         free)
+
+
+def _groups(rows, form) -> dict:
+    """form(row) -> the indices of ``rows`` with that form, in order."""
+    groups: dict = {}
+    for i, r in enumerate(rows):
+        groups.setdefault(form(r), []).append(i)
+    return groups

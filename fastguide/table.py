@@ -28,6 +28,7 @@ STORAGE_DTYPES = {"float64": torch.float64, "float32": torch.float32, "float16":
                   "bfloat16": torch.bfloat16}
 TABLE_FORMAT = "fastguide.ratio_table"
 FORMAT_VERSION = 1
+STEP_ROWS_MEMO = 64  # sampler timestep grids whose table rows a table keeps
 # Metadata a table writes itself; a caller's metadata may not redefine these.
 RESERVED_KEYS = {"format", "format_version", "estimator", "schedule_fingerprint", "num_train_timesteps", "timesteps",
                  "num_classes", "has_mean_row", "samples_per_class", "latent_shape", "dtype", "delta", "clamp",
@@ -99,6 +100,21 @@ class RatioTable:
 
         A table without timesteps is indexed by sampler step and must have exactly one row per step.
         """
+        key = None
+        if isinstance(sampler_timesteps, torch.Tensor):  # a plan's timesteps: the same tensor call after call
+            key = (id(sampler_timesteps), sampler_timesteps._version, out_of_range)
+            memo = self.__dict__.setdefault("_step_rows_memo", {})
+            hit = memo.get(key)
+            if hit is not None and hit[0] is sampler_timesteps:
+                return hit[1]
+        result = self._step_rows(sampler_timesteps, out_of_range)
+        if key is not None:
+            if len(memo) >= STEP_ROWS_MEMO:
+                memo.clear()
+            memo[key] = (sampler_timesteps, result)
+        return result
+
+    def _step_rows(self, sampler_timesteps, out_of_range: str) -> tuple[torch.Tensor, torch.Tensor]:
         t = np.asarray(sampler_timesteps, dtype=np.float64).reshape(-1)
         if self.timesteps is None:
             if len(t) != self.ratios.shape[1]:

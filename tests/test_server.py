@@ -453,6 +453,13 @@ def test_a_port_in_use_is_a_one_line_error(capsys):
                   "there; pick another --port)\n"
 
 
+def test_a_server_that_does_not_start_is_reported_with_its_own_error():
+    with pytest.raises(RuntimeError, match="did not start listening") as failed:
+        with load_test.ServerProcess("--buckets", "x", timeout=120):
+            pass
+    assert "--buckets: expected comma-separated sizes" in str(failed.value)
+
+
 def test_load_test_runs_at_a_tiny_size(tmp_path):
     out = tmp_path / "load.json"
     assert load_test.main(["--requests", "40", "--concurrency", "8", "--buckets", "1,4", "--max-wait-ms", "5",

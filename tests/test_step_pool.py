@@ -3,7 +3,11 @@ beside it, equals its own plan run alone (``Sampler.sample(solvers=[...])``, the
 for bit, for every solver family and the rules with state (APG's momentum), tables (ReCFG), model-free steps
 (CFG-Zero*) and guidance intervals; with the digits network at one bucket size (every forward the same size), and
 with a batch-invariant network at several; bad use refused."""
+import json
 import random
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -172,3 +176,18 @@ def test_a_guide_network_runs_in_a_pool_of_its_own_rows():
     assert mixed >= 2
     for k, request in enumerate(requests):
         assert torch.equal(got[k], alone(model, rule, request, GAUSSIAN_SOLVERS["unipc-3"], SHAPE))
+
+
+def test_the_overhead_benchmark_runs_at_a_tiny_size_and_refuses_a_bad_json_path(tmp_path):
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "step_pool_overhead.py"
+    out = tmp_path / "overhead.json"
+    done = subprocess.run([sys.executable, str(script), "--steps", "4", "--blocks", "2", "--capacity", "4",
+                           "--json", str(out)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(out.read_text())
+    assert report["timed_steps"] == 4 and report["capacity"] == 4 and report["admitted_per_step"] > 0
+    assert report["pool_ms_per_step"] == pytest.approx(report["admit_ms_per_step"] + report["step_ms_stub_network"])
+    assert report["digits_forward_ms"] > 0 and report["step_ms_stub_network"] > 0
+    bad = subprocess.run([sys.executable, str(script), "--json", str(tmp_path)], capture_output=True, text=True,
+                         timeout=600)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "--json" in bad.stderr, bad.stderr

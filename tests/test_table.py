@@ -47,6 +47,19 @@ def test_interpolation_exact_on_grid_and_linear_between():
         table.rows_for(torch.tensor([5]))
 
 
+def test_step_rows_of_a_timesteps_tensor_are_kept_per_tensor_and_follow_in_place_changes():
+    table = random_table()
+    times = torch.tensor([999.0, 700.0, 250.0, 0.0], dtype=torch.float64)
+    first = table.step_rows(times)
+    assert table.step_rows(times) is first  # the same plan's timesteps: kept
+    fresh = table.step_rows(times.tolist())  # a list: computed afresh, the same rows
+    assert torch.equal(first[0], fresh[0]) and torch.equal(first[1], fresh[1])
+    times[1] = 400.0  # changed in place: the kept rows no longer apply
+    steps, w = table.step_rows(times)
+    assert steps[1].tolist() == [2, 2] and float(w[1]) == 0.0
+    assert table.step_rows(times, out_of_range="clamp") is not table.step_rows(times)
+
+
 # ---------------------------------------------------------------------- storage
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
 def test_save_load_round_trip_is_bit_exact(tmp_path, dtype):
