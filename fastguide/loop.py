@@ -52,6 +52,11 @@ class PlanTensors:
     write_slots: torch.Tensor | None = None  # [S, W] int64: the slots each step writes
     write_coef: torch.Tensor | None = None  # [S, W, 2 + K]: what it writes there
     history_host: tuple | None = None  # (weights, write_slots, write_coef) as Python lists
+    # The host step's multipliers as 0-d CPU tensors (compute dtype): a multiplication by one dispatches in about
+    # half the time of one by a Python float on these small tensors. [S] tuples of NUM_COEF, [S] lists of W (the
+    # x coefficient of each history write).
+    coef_scalars: list | None = None
+    write_scalars: list | None = None
 
     @classmethod
     def build(cls, plan, guidance, device, dtype, device_table: torch.Tensor | None = None) -> "PlanTensors":
@@ -73,9 +78,11 @@ class PlanTensors:
             history_parts = dict(
                 hist_weights=h.weights.to(device, cdt), write_slots=h.write_slots.to(device),
                 write_coef=h.write_coef.to(device, cdt),
-                history_host=(h.weights.tolist(), h.write_slots.tolist(), h.write_coef.tolist()))
+                history_host=(h.weights.tolist(), h.write_slots.tolist(), h.write_coef.tolist()),
+                write_scalars=[list(step.to(cdt).unbind()) for step in h.write_coef[:, :, 0]])
         return cls(plan, guidance.table, plan.timesteps.to(device, cdt), plan.coef.to(device, cdt),
-                   plan.coef.tolist(), **table_parts, **history_parts)
+                   plan.coef.tolist(), **table_parts, **history_parts,
+                   coef_scalars=[tuple(row.unbind()) for row in plan.coef.to(cdt)])
 
     def serves(self, plan, guidance) -> bool:
         """Whether these tensors are the ones ``plan`` with ``guidance``'s table needs."""
@@ -134,6 +141,8 @@ class StepViews:
     steps: tuple  # [S] StepInputs
     x_cur: torch.Tensor  # x2[:B]: x at the current step (cond_first or not, every block holds x)
     x_blocks: torch.Tensor  # x2 viewed as [k, B, ...]
+    g1_bcast: tuple = ()  # [S] g1 viewed as [B, 1, ...] (the host step broadcasts it over a sample)
+    history_slots: tuple | None = None  # [K] the history's slot views (the host step reads and writes slots)
 
 
 @dataclass(eq=False)
@@ -223,7 +232,9 @@ def bind_plan(b: LoopBuffers, plan: PlanTensors) -> None:
                              g1, coef, table_steps[i], table_w[i], z[i], out_sum, hist[0][i], hist[1][i], hist[2][i])
                   for i, (g1, coef, out_sum) in enumerate(zip(b.g1.unbind(0), plan.coef.unbind(0),
                                                               b.out_sums.unbind(0))))
-    b.views = StepViews(steps, x_cur=b.x2[:batch], x_blocks=b.x2.view(rows2 // batch, batch, *b.x2.shape[1:]))
+    b.views = StepViews(steps, x_cur=b.x2[:batch], x_blocks=b.x2.view(rows2 // batch, batch, *b.x2.shape[1:]),
+                        g1_bcast=b.g1.view(*b.g1.shape, *([1] * (b.x2.ndim - 1))).unbind(0),
+                        history_slots=None if b.history is None else b.history.unbind(0))
 
 
 def refill(b: LoopBuffers, x: torch.Tensor, cond: torch.Tensor, plan: PlanTensors, guidance, z, null_cond) -> None:
@@ -400,12 +411,14 @@ def _eager_loop(b: LoopBuffers, config: LoopConfig, const: StepConstants, steps,
                 sums.append(out.sum(dtype=torch.float32))
         if host:
             if const.history is not None:
-                history.update(history=const.history, hist_coef=weights[i], write_slots=slots[i], write_coef=writes[i])
+                history.update(history=views.history_slots, hist_coef=weights[i], write_slots=slots[i],
+                               write_coef=writes[i], write_scalars=plan.write_scalars[i])
             if const.rule_params is not None:
                 history["unit_rows"] = unit_rows[i]
-            fn(const.x2, views.x_cur, out, step.g1, plan.coef_host[i], cond_first=const.cond_first,
+            fn(const.x2, views.x_cur, out, views.g1_bcast[i], plan.coef_host[i], cond_first=const.cond_first,
                table=const.table, rows=const.rows, table_steps=table_steps[i], table_w=table_w[i],
-               clip_range=const.clip_range, z=step.z, blocks=views.x_blocks, **history)
+               clip_range=const.clip_range, z=step.z, blocks=views.x_blocks, coef_scalars=plan.coef_scalars[i],
+               **history)
         else:
             guided_update(out, step, const, fn)
         if callback is not None:
