@@ -15,8 +15,9 @@ For every (family, steps, batch), interleaved round-robin over the modes, median
 warm-up call per mode (compiling happens there):
 - ``pipe``: ``pipe(...)`` as it ships;
 - ``pipe_compiled``: the same with ``pipe.unet`` / ``pipe.transformer`` replaced by ``torch.compile`` of it;
-- ``fastguide``: ``fastguide.pipelines.from_pipe(pipe).compile()`` called with the same arguments (eager model
-  forward inside the compiled hot step, the pipeline's text encoders and VAE).
+- ``fastguide``: ``fastguide.pipelines.from_pipe(pipe).compile()`` called with the same arguments (the model
+  forward and the guided update compiled as one hot step, one graph without breaks; the pipeline's text encoders
+  and VAE as they are).
 Also the seconds of the text encoding and the VAE decode alone (the work both sides share), as shares of the
 ``pipe`` call. Goals (the pipeline issue): fastguide >= 1.3x ``pipe`` and >= 1.05x ``pipe_compiled``. Run it on
 an otherwise idle machine.
