@@ -295,3 +295,38 @@ def test_low_precision_components_are_as_close_to_float32_as_the_pipeline(family
     their_error, our_error = float((theirs - reference).abs().max()), float((ours - reference).abs().max())
     assert their_error > 0  # the half-precision run really is one
     assert our_error <= 1.5 * their_error + torch.finfo(dtype).eps, (our_error, their_error)
+
+
+def _load_pipelines_bench():
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "pipelines_bench", Path(__file__).resolve().parents[1] / "benchmarks" / "pipelines_bench.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("family", ["sd", "sdxl", "sd3", "dit", "flux", "flux-true-cfg", "pixart-alpha", "lcm"])
+def test_a_call_looks_up_the_execution_device_no_more_often_than_the_pipelines_own(family, monkeypatch):
+    """diffusers' ``_execution_device`` walks every component's modules (~2-4 ms a lookup on the tiny pipelines,
+    a share of a whole call there): fastguide's call asks for it once, as the pipeline's own call does."""
+    bench = _load_pipelines_bench()
+    pipe = bench.BUILDERS[family]()
+    args, kw = bench.call_args(family, 2, 2)
+    fast = from_pipe(pipe)
+    fast(*args, **kw)  # the first call builds the sampler (its own lookups)
+    lookups = []
+    looked_up = type(pipe)._execution_device
+
+    def counted(self):
+        lookups.append(1)
+        return looked_up.fget(self)
+
+    monkeypatch.setattr(diffusers.DiffusionPipeline, "_execution_device", property(counted))
+    fast(*args, **kw)
+    ours = len(lookups)
+    lookups.clear()
+    pipe(*args, **{**kw, **bench.PIPE_ONLY.get(family, {})})
+    assert ours <= max(1, len(lookups)), (ours, len(lookups))

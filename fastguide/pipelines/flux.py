@@ -125,9 +125,12 @@ class FluxAdapter(torch.nn.Module):
 
     @staticmethod
     @torch.no_grad()
-    def encode_for(pipe, prompts: list[str], max_sequence_length: int = MAX_SEQUENCE_LENGTH) -> torch.Tensor:
-        """Packed prompt conditions [N, L + k, D] as FluxPipeline encodes prompts (the ``cond`` of a sample)."""
-        embeds, pooled, _ = pipe.encode_prompt(prompt=list(prompts), prompt_2=None, device=pipe._execution_device,
+    def encode_for(pipe, prompts: list[str], max_sequence_length: int = MAX_SEQUENCE_LENGTH,
+                   device=None) -> torch.Tensor:
+        """Packed prompt conditions [N, L + k, D] as FluxPipeline encodes prompts (the ``cond`` of a sample), on
+        ``device`` (default: the pipeline's execution device)."""
+        device = pipe._execution_device if device is None else device
+        embeds, pooled, _ = pipe.encode_prompt(prompt=list(prompts), prompt_2=None, device=device,
                                                num_images_per_prompt=1, max_sequence_length=max_sequence_length)
         cfg = pipe.transformer.config
         return pack_tokens_and_pooled(embeds, pooled, int(cfg.joint_attention_dim), int(cfg.pooled_projection_dim))
@@ -211,8 +214,8 @@ class Flux(FastPipeline):
             self._solvers[(steps, mu)] = flux_solver(self.pipe.scheduler, steps, mu)
         return self._solvers[(steps, mu)]
 
-    def _encode(self, prompts, max_sequence_length: int) -> torch.Tensor:
-        return FluxAdapter.encode_for(self.pipe, prompts, max_sequence_length)
+    def _encode(self, prompts, max_sequence_length: int, device) -> torch.Tensor:
+        return FluxAdapter.encode_for(self.pipe, prompts, max_sequence_length, device)
 
     @torch.no_grad()  # as the pipeline's own call (no autograd graph kept alive with the embeddings)
     def __call__(self, prompt, negative_prompt=None, *, true_cfg_scale: float = 1.0, num_inference_steps: int = 28,
@@ -229,7 +232,8 @@ class Flux(FastPipeline):
         prompts = prompt_list(prompt)
         steps, output_type = check_steps(num_inference_steps), check_output_type(output_type)
         true_cfg_scale = _check_number(true_cfg_scale, "true_cfg_scale")
-        self.model.set_guidance_scale(guidance_scale, pipe._execution_device)
+        device = pipe._execution_device  # once a call: diffusers walks every component's modules for it (~2 ms)
+        self.model.set_guidance_scale(guidance_scale, device)
         if isinstance(max_sequence_length, bool) or not isinstance(max_sequence_length, int) \
                 or not 1 <= max_sequence_length <= MAX_SEQUENCE_LENGTH:
             raise ValueError(f"max_sequence_length: expected an int in [1, {MAX_SEQUENCE_LENGTH}], "
@@ -250,13 +254,13 @@ class Flux(FastPipeline):
             if isinstance(value, bool) or not isinstance(value, int) or value < f or value % f:
                 raise ValueError(f"height, width: expected positive multiples of {f} (the VAE's scale factor times "
                                  f"Flux's 2x2 packing), got {height!r} x {width!r}")
-        cond = self._encode(prompts, max_sequence_length)
+        cond = self._encode(prompts, max_sequence_length, device)
         null = None
         if needs_negatives:
-            null = self._encode(negative_prompt_list(negative_prompt, len(prompts)), max_sequence_length)
+            null = self._encode(negative_prompt_list(negative_prompt, len(prompts)), max_sequence_length, device)
         shape = (len(prompts), self.model.latent_channels, height // pipe.vae_scale_factor,
                  width // pipe.vae_scale_factor)
-        noise = self._noise(shape, generator, seeds, pipe._execution_device, cond.dtype)
+        noise = self._noise(shape, generator, seeds, device, cond.dtype)
         image_seq_len = (shape[2] // 2) * (shape[3] // 2)
         solver = self.solver(steps, flux_mu(pipe.scheduler, image_seq_len))
         latents = self._sample(noise, cond, null, steps, rule, seeds, generator, solver=solver)

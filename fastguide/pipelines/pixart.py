@@ -215,7 +215,7 @@ class _PixArt(FastPipeline):
         if tuple(null.shape[1:]) != tuple(self.model.null_cond.shape):  # another max_sequence_length
             self.model, self.sampler = PixArtAdapter(pipe.transformer, null[0], pipe.scheduler), None
             self.null_cond = self.model.null_cond
-        noise = self._noise(shape, generator, seeds, pipe._execution_device, cond.dtype)
+        noise = self._noise(shape, generator, seeds, cond.device, cond.dtype)  # encoded on the execution device
         latents = self._sample(noise, cond, null, steps, rule, seeds, generator)
         if output_type == "latent":
             return latents

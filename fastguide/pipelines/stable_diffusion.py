@@ -100,7 +100,7 @@ class StableDiffusionXL(FastPipeline):
         time_ids = self._time_ids(pipe, len(prompts), (height, width), original_size, target_size,
                                   crops_coords_top_left, pipe.unet.dtype)
         cond, null = self._encode(pipe, prompts, negatives, time_ids)
-        noise = self._noise(shape, generator, seeds, pipe._execution_device, cond.dtype)
+        noise = self._noise(shape, generator, seeds, cond.device, cond.dtype)  # encoded on the execution device
         latents = self._sample_text(noise, cond, null, steps, rule, seeds, generator, condition_ids, negatives)
         if output_type == "latent":
             return latents
@@ -162,7 +162,7 @@ class StableDiffusion3(FastPipeline):
         cond, null = self._encode(pipe, prompts, negatives, max_sequence_length=max_sequence_length)
         if tuple(null.shape[1:]) != tuple(self.model.null_cond.shape):  # another max_sequence_length
             self.model, self.sampler = SD3Adapter(pipe.transformer, null[0], pipe.scheduler), None
-        noise = self._noise(shape, generator, seeds, pipe._execution_device, cond.dtype)
+        noise = self._noise(shape, generator, seeds, cond.device, cond.dtype)  # encoded on the execution device
         latents = self._sample_text(noise, cond, null, steps, rule, seeds, generator, condition_ids, negatives)
         if output_type == "latent":
             return latents
