@@ -10,6 +10,7 @@ import torch
 import fastguide as fg
 from fastguide.bench import tiny_pipelines
 from fastguide.pipelines import from_pipe
+from benchmark_scripts import load_benchmark
 from pipeline_checks import TOL, as_tensor, assert_close, generators  # noqa: E402
 
 diffusers = pytest.importorskip("diffusers")
@@ -297,22 +298,11 @@ def test_low_precision_components_are_as_close_to_float32_as_the_pipeline(family
     assert our_error <= 1.5 * their_error + torch.finfo(dtype).eps, (our_error, their_error)
 
 
-def _load_pipelines_bench():
-    import importlib.util
-    from pathlib import Path
-
-    spec = importlib.util.spec_from_file_location(
-        "pipelines_bench", Path(__file__).resolve().parents[1] / "benchmarks" / "pipelines_bench.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.parametrize("family", ["sd", "sdxl", "sd3", "dit", "flux", "flux-true-cfg", "pixart-alpha", "lcm"])
 def test_a_call_looks_up_the_execution_device_no_more_often_than_the_pipelines_own(family, monkeypatch):
     """diffusers' ``_execution_device`` walks every component's modules (~2-4 ms a lookup on the tiny pipelines,
     a share of a whole call there): fastguide's call asks for it once, as the pipeline's own call does."""
-    bench = _load_pipelines_bench()
+    bench = load_benchmark("pipelines_bench")
     pipe = bench.BUILDERS[family]()
     args, kw = bench.call_args(family, 2, 2)
     fast = from_pipe(pipe)

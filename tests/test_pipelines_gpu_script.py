@@ -8,26 +8,20 @@ traced graphs as inductor's, without its C++ code generation, which takes minute
 compiles: the denoiser and fastguide's step at each of the three points). FASTGUIDE_TEST_INDUCTOR=1 keeps
 inductor."""
 import functools
-import importlib.util
 import json
 import math
 import os
-from pathlib import Path
 
 import pytest
 import torch
 
 pytest.importorskip("diffusers")
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "pipelines_gpu.py"
+from benchmark_scripts import load_benchmark  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def script():
-    spec = importlib.util.spec_from_file_location("pipelines_gpu", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("pipelines_gpu")
 
 
 @pytest.fixture(autouse=True)

@@ -6,7 +6,6 @@ process: create_app over a Batcher of another model (NaN -> 500, full queue and 
 benchmarks/load_test.py runs at a tiny size."""
 import contextlib
 import http.client
-import importlib.util
 import io
 import json
 import re
@@ -14,12 +13,12 @@ import socket
 import threading
 import time
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from benchmark_scripts import load_benchmark
 from fastguide import cli
 from fastguide.serving import Batcher, SampleRequest, digits_batcher
 
@@ -28,15 +27,7 @@ JSON_TYPE = {"content-type": "application/json"}
 DEFAULT_RULE, DEFAULT_SCALE = "cfg", 3.0  # `fastguide serve`'s: the first rule, --scale 3.0
 
 
-def load_load_test():
-    spec = importlib.util.spec_from_file_location(
-        "load_test", Path(__file__).resolve().parents[1] / "benchmarks" / "load_test.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-load_test = load_load_test()  # its ServerProcess starts `python -m fastguide serve` and waits for the listening line
+load_test = load_benchmark("load_test")  # its ServerProcess starts `python -m fastguide serve` and waits for the listening line
 
 
 class Client:

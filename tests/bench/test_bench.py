@@ -4,18 +4,8 @@ import json
 import pytest
 import torch
 
+from benchmark_scripts import load_benchmark
 from fastguide import cli
-
-
-def load_report_sampler():
-    import importlib.util
-    from pathlib import Path
-
-    spec = importlib.util.spec_from_file_location(
-        "report_sampler", Path(__file__).resolve().parents[2] / "benchmarks" / "report_sampler.py")
-    report_sampler = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(report_sampler)
-    return report_sampler
 
 
 def test_bench_quick_writes_every_mode(tmp_path, capsys):
@@ -32,7 +22,7 @@ def test_bench_quick_writes_every_mode(tmp_path, capsys):
     assert all((r["warmup_s"] is not None) == r["mode"].startswith("fastguide") for r in rows)
     printed = capsys.readouterr().out
     assert "fastguide_compiled_unfused" in printed
-    report_sampler = load_report_sampler()
+    report_sampler = load_benchmark("report_sampler")
     (goal,) = report_sampler.goals(rows, "cpu")  # on a CPU: compiled >= 1.5x the diffusers eager loop, per point
     want = next(r for r in rows if r["mode"] == "fastguide_compiled")["images_per_s"] / next(
         r for r in rows if r["mode"] == "diffusers_eager")["images_per_s"]
@@ -70,7 +60,7 @@ def test_bench_rejects_bad_arguments(capsys):
 
 
 def test_gpu_goals_are_checked_from_the_rows():
-    goals = load_report_sampler().goals
+    goals = load_benchmark("report_sampler").goals
 
     def row(mode, batch, ips):
         return {"model": "dit", "mode": mode, "batch": batch, "nfe": 8, "images_per_s": ips}
@@ -103,7 +93,7 @@ def test_bench_runs_only_the_modes_asked_for(tmp_path, capsys):
 
 
 def test_report_sampler_reads_pytest_benchmark_json(tmp_path, capsys):
-    report_sampler = load_report_sampler()
+    report_sampler = load_benchmark("report_sampler")
     medians = {("e2e", "diffusers_eager"): 0.090, ("e2e", "fastguide_compiled"): 0.060,
                ("overhead", "diffusers_eager"): 1.0e-3, ("overhead", "network_eager"): 0.1e-3,
                ("overhead", "fastguide_eager"): 0.28e-3, ("overhead", "network_compiled"): 0.4e-3,
