@@ -23,8 +23,7 @@ from pathlib import Path
 
 import torch
 
-LOAD_RULES = ("cfg", "apg", "recfg-ls")
-NFE_RANGE = (4, 10)
+from load_test import LOAD_RULES, NFE_RANGE  # the serving load test's mix (benchmarks/ is this script's path)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -169,9 +169,8 @@ class StepPool:
         ops = self._plans.get(id(plan))
         if ops is not None:
             return ops
-        if len(self._plans) >= MAX_PLANS:  # drop the plans no row runs
-            live = {id(r.plan) for r in self.rows.values()}
-            self._plans = {k: v for k, v in self._plans.items() if id(v) in live}
+        if len(self._plans) >= MAX_PLANS:
+            self._plans = _in_use(self._plans, {id(r.plan) for r in self.rows.values()})
         h = plan.history
         ops = self._plans[id(plan)] = _PlanOperands(
             plan, plan.timesteps.to(self.device, self.cdt), plan.coef.to(torch.float64),
@@ -184,9 +183,8 @@ class StepPool:
         """The device copies of the rule's table and reduction parameters, made once per rule (kept for the
         next rows of the rule; the parameters are the rule's, the same at every scale: a row whose differ is
         refused)."""
-        if id(rule) not in self._rules and len(self._rules) >= MAX_RULES:  # drop the rules no row runs
-            live = {id(r.rule) for r in self.rows.values()}
-            self._rules = {k: v for k, v in self._rules.items() if id(v) in live}
+        if id(rule) not in self._rules and len(self._rules) >= MAX_RULES:
+            self._rules = _in_use(self._rules, {id(r.rule) for r in self.rows.values()})
         shared = self._rules.get(id(rule))
         if shared is None:
             shared = self._rules[id(rule)] = _RuleTensors(rule)
@@ -338,3 +336,8 @@ def _groups(rows, form) -> dict:
     for i, r in enumerate(rows):
         groups.setdefault(form(r), []).append(i)
     return groups
+
+
+def _in_use(cache: dict, live: set) -> dict:
+    """The entries of a full cache that a running row still uses (``live``: ids of the entries)."""
+    return {k: v for k, v in cache.items() if id(v) in live}

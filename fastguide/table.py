@@ -62,6 +62,7 @@ class RatioTable:
             timesteps = ts
         self.timesteps = timesteps
         self.metadata = dict(metadata or {})
+        self._step_rows_memo: dict = {}  # (sampler timesteps, this grid) -> step_rows' result
 
     # ------------------------------------------------------------------ shape facts
     @property
@@ -102,16 +103,17 @@ class RatioTable:
         """
         key = None
         if isinstance(sampler_timesteps, torch.Tensor):  # a plan's timesteps: the same tensor call after call
-            key = (id(sampler_timesteps), sampler_timesteps._version, out_of_range)
-            memo = self.__dict__.setdefault("_step_rows_memo", {})
-            hit = memo.get(key)
-            if hit is not None and hit[0] is sampler_timesteps:
-                return hit[1]
+            grid = self.timesteps  # the rows depend on both grids: each by identity and in-place version
+            key = (id(sampler_timesteps), sampler_timesteps._version, out_of_range, id(grid),
+                   None if grid is None else grid._version, self.ratios.shape[1])
+            hit = self._step_rows_memo.get(key)
+            if hit is not None and hit[0] is sampler_timesteps and hit[1] is grid:
+                return hit[2]
         result = self._step_rows(sampler_timesteps, out_of_range)
         if key is not None:
-            if len(memo) >= STEP_ROWS_MEMO:
-                memo.clear()
-            memo[key] = (sampler_timesteps, result)
+            if len(self._step_rows_memo) >= STEP_ROWS_MEMO:
+                self._step_rows_memo.clear()
+            self._step_rows_memo[key] = (sampler_timesteps, self.timesteps, result)
         return result
 
     def _step_rows(self, sampler_timesteps, out_of_range: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -7,12 +7,12 @@ import json
 import random
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 import fastguide as fg
+from benchmark_scripts import BENCHMARKS
 from fastguide.demo import digits
 from fastguide.noise import seeded_noise
 from fastguide.step_pool import StepPool
@@ -179,7 +179,7 @@ def test_a_guide_network_runs_in_a_pool_of_its_own_rows():
 
 
 def test_the_overhead_benchmark_runs_at_a_tiny_size_and_refuses_a_bad_json_path(tmp_path):
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "step_pool_overhead.py"
+    script = BENCHMARKS / "step_pool_overhead.py"
     out = tmp_path / "overhead.json"
     done = subprocess.run([sys.executable, str(script), "--steps", "4", "--blocks", "2", "--capacity", "4",
                            "--json", str(out)], capture_output=True, text=True, timeout=600)

@@ -58,6 +58,10 @@ def test_step_rows_of_a_timesteps_tensor_are_kept_per_tensor_and_follow_in_place
     steps, w = table.step_rows(times)
     assert steps[1].tolist() == [2, 2] and float(w[1]) == 0.0
     assert table.step_rows(times, out_of_range="clamp") is not table.step_rows(times)
+    table.timesteps = torch.tensor([0.0, 100.0, 700.0, 999.0], dtype=torch.float64)  # another grid: new rows
+    assert table.step_rows(times)[0][1].tolist() == [1, 2]
+    table.timesteps[2] = 400.0  # the grid changed in place
+    assert table.step_rows(times)[0][1].tolist() == [2, 2]
 
 
 # ---------------------------------------------------------------------- storage
