@@ -8,11 +8,13 @@
 torch (2.13) has no CPU counterpart of ``torch.cuda.max_memory_allocated``: ``torch.cpu`` has no memory stats and
 the default CPU allocator keeps no counters. What it does have is the profiler's memory hook: with
 ``profile_memory=True`` every allocation and free through the CPU allocator (every tensor storage, including
-those made inside torch.compile'd code) is recorded as a "[memory]" event with its signed size and a nanosecond
-timestamp. :func:`cpu_tensor_memory` adds those sizes up in timestamp order: the running sum is the bytes of the
-tensors the call allocated that are still live, its maximum the peak. The profiler knows no size for storage
-allocated before it started, so freeing such storage during the call is not subtracted: what was live at the
-start counts as live throughout (the peak is the call's own, never lowered by what it frees of its caller's).
+those made inside torch.compile'd code) is recorded as a "[memory]" event with its address, signed size and a
+nanosecond timestamp. :func:`cpu_tensor_memory` adds those sizes up in timestamp order: the running sum is the bytes
+of the tensors the call allocated that are still live, its maximum the peak. A free counts only when this profile
+saw the allocation: what was live at the start counts as live throughout (the peak is the call's own, never lowered
+by what it frees of its caller's). That has to be matched here by address: the allocator remembers the size of
+every block allocated under any earlier profile, and reports its free in a later one (a cache entry made during
+one measured call and evicted during the next would otherwise show as negative live bytes).
 Allocations are recorded on the threads the profiler watches (the calling thread; torch's intra-op workers
 compute into storage allocated before they start). Not counted: memory outside torch's allocator
 (NumPy arrays that do not share a tensor's storage, oneDNN scratch space, Python objects). The events are read
@@ -31,6 +33,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
 MB = 2 ** 20
+_ALLOCATION = torch._C._profiler._EventType.Allocation
 
 
 @dataclass(frozen=True)
@@ -45,18 +48,30 @@ class CpuMemory:
 
 
 def _events(prof, mark: str | None):
-    """The profile's CPU allocator events as (timestamp ns, order, signed bytes) in the order they happened, and the
-    (start ns, end ns) of every ``mark`` range. From the raw results: ``prof.events()`` folds allocations into
-    the ops that made them, and building it parses every op."""
-    memory, ranges = [], []
-    for i, e in enumerate(prof.profiler.kineto_results.events()):
-        if e.name() == "[memory]":
-            if getattr(e.device_type(), "name", None) == "CPU":
-                memory.append((e.start_ns(), i, int(e.nbytes())))
-        elif mark is not None and e.name() == mark:
-            ranges.append((e.start_ns(), e.end_ns()))
-    memory.sort()
+    """The profile's CPU allocator events as (timestamp ns, order, signed bytes) in the order they happened, frees
+    of blocks allocated before the profile began left out, and the (start ns, end ns) of every ``mark`` range."""
+    allocations, ranges = [], []
+    nodes = list(prof.profiler.kineto_results.experimental_event_tree())
+    while nodes:
+        node = nodes.pop()
+        nodes.extend(node.children)
+        if node.tag == _ALLOCATION:
+            fields = node.extra_fields
+            if fields.device.type == "cpu":
+                allocations.append((node.start_time_ns, node.id, fields.ptr, int(fields.alloc_size)))
+        elif mark is not None and node.name == mark:
+            ranges.append((node.start_time_ns, node.end_time_ns))
+    allocations.sort()
     ranges.sort()
+    memory, live_blocks = [], set()
+    for t, order, ptr, nbytes in allocations:
+        if nbytes > 0:
+            live_blocks.add(ptr)
+        elif ptr in live_blocks:
+            live_blocks.discard(ptr)
+        else:
+            continue
+        memory.append((t, order, nbytes))
     return memory, ranges
 
 
