@@ -8,6 +8,8 @@ against the reference in tests/kernels/test_torch_step.py.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from fastguide.kernels.reference import (NORMALIZE_EPS, ZERO_STAR_EPS, Coef, compute_dtype_for, copy_into_blocks,
@@ -85,14 +87,18 @@ def _add_history(y: torch.Tensor, history: torch.Tensor, weights, dt: torch.dtyp
     return y
 
 
+_ROW_DIMS = tuple(tuple(range(1, n)) for n in range(9))  # a sample's dims, by the batch's ndim
+
+
 def _reduced_guidance_host(c: torch.Tensor, u: torch.Tensor, g1: torch.Tensor, params, state,
                            unit_rows: bool = True) -> torch.Tensor:
     """:func:`fastguide.kernels.reference.reduced_guidance` with the parameters as host floats, so the parts a rule
     does not use cost nothing (CFG-Zero*: alpha only; APG without a cap: no norm; no rescale: no std; no row at
-    g1 = 1: no masking). Per-sample sums are ``(a * b).sum(dims, keepdim=True)``: the fewest dispatches for the
-    small latents where this eager step's time is all dispatch."""
+    g1 = 1: no masking). Every op here is dispatch-bound on small latents, so the per-sample factors are made with
+    the fewest ops, the host floats passed as scalar arguments (alpha=, value=, min=) rather than multiplied in
+    (a Python float operand is wrapped into a tensor on every call)."""
     zero_star, eta, threshold, beta, phi = params
-    dims = tuple(range(1, c.ndim))
+    dims = _ROW_DIMS[c.ndim] if c.ndim < len(_ROW_DIMS) else tuple(range(1, c.ndim))
     g1b = g1 if g1.ndim == c.ndim else g1.view(-1, *([1] * (c.ndim - 1)))
     au = u
     if zero_star:
@@ -104,25 +110,36 @@ def _reduced_guidance_host(c: torch.Tensor, u: torch.Tensor, g1: torch.Tensor, p
         if state is not None and beta != 0:
             d.add_(_as(state, c.dtype), alpha=beta)
         gs = g1b
-        if threshold > 0:
-            gs = (d * d).sum(dims, keepdim=True).rsqrt_().mul_(threshold).clamp_(max=1.0).mul_(g1b)
+        if threshold > 0:  # g1 min(1, threshold / |D|) = g1 threshold / max(|D|, threshold)
+            norm = torch.linalg.vector_norm(d, dim=dims, keepdim=True).clamp_(min=threshold)
+            gs = torch.addcdiv(_scalar(0.0, c.dtype), g1b, norm, value=threshold)
         direction = d
-        if eta != 1:
-            c2 = (c * c).sum(dims, keepdim=True).clamp_(min=NORMALIZE_EPS * NORMALIZE_EPS)
-            proj = (d * c).sum(dims, keepdim=True).div_(c2).mul_(1 - eta)
-            direction = torch.addcmul(d, proj, c, value=-1.0)
+        if eta != 1:  # D - (1 - eta) <D, c> / |c|^2 c
+            cc = (c * c).sum(dims, keepdim=True).clamp_(min=NORMALIZE_EPS * NORMALIZE_EPS)
+            direction = torch.addcmul(d, (d * c).sum(dims, keepdim=True).div_(cc), c, value=eta - 1)
         m = torch.addcmul(au, gs, direction)
         if state is not None:
             state.copy_(torch.where(g1b == 1, state, d) if unit_rows else d)
     if phi > 0:
-        m.mul_(_std_ratio(c, m).mul_(phi).add_(1 - phi))
+        m.mul_(_rescale_factor(c, m, phi))
     return torch.where(g1b == 1, c, m) if unit_rows else m
 
 
-def _std_ratio(c: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-    """std(c) / std(m) per sample, [B, 1, ...]: the two samples' centred norms from one stacked sum, subtraction
-    and norm (the std's n - 1 cancels). torch's CPU std is a slow per-row kernel on these small rows (~50 us a
-    call at B = 64 x 64 elements, against ~30 us for this whole ratio); the values agree to rounding."""
-    cm = torch.stack((c, m)).flatten(2)  # [2, B, N]
-    norms = torch.linalg.vector_norm(torch.sub(cm, cm.sum(2, keepdim=True), alpha=1.0 / cm.shape[2]), dim=2)
-    return torch.div(*norms.unbind()).view(c.shape[0], *([1] * (c.ndim - 1)))
+def _rescale_factor(c: torch.Tensor, m: torch.Tensor, phi: float) -> torch.Tensor:
+    """(1 - phi) + phi std(c) / std(m) per sample, [B, 1, ...]: the two samples' centred norms from one stacked
+    sum, subtraction and norm (the std's n - 1 cancels), then one addcdiv. torch's CPU std is a slow per-row kernel
+    on these small rows (~50 us a call at B = 64 x 64 elements, against ~20 us for this whole factor); the values
+    agree to rounding."""
+    cm = torch.stack((c, m))  # [2, B, *shape]
+    dims = tuple(range(2, cm.ndim))
+    centred = torch.sub(cm, cm.sum(dims, keepdim=True), alpha=c.shape[0] / c.numel())
+    norm_c, norm_m = torch.linalg.vector_norm(centred, dim=dims, keepdim=True).unbind()
+    return torch.addcdiv(_scalar(1.0 - phi, c.dtype), norm_c, norm_m, value=phi)
+
+
+@functools.lru_cache(maxsize=256)
+def _scalar(value: float, dtype: torch.dtype) -> torch.Tensor:
+    """A 0-d CPU tensor of ``value`` (read only), made once per value: the term of an addcdiv that has none. Made
+    outside inference mode, so a first call under it does not hand later autograd code an inference tensor."""
+    with torch.inference_mode(False):
+        return torch.tensor(value, dtype=dtype)

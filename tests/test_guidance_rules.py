@@ -46,6 +46,7 @@ RULES = {
     "zero-star-rescale": lambda: fg.CFGZeroStar(4.0, zero_init_steps=0, rescale=0.5),
     "apg": lambda: fg.APG(5.0, eta=0.0, norm_threshold=2.0),
     "apg-momentum": lambda: fg.APG(4.0, eta=0.3, norm_threshold=3.0, momentum=-0.5),
+    "apg-cap-above-the-norm": lambda: fg.APG(3.0, eta=0.0, norm_threshold=50.0),  # |D| ~ 14 here: s = 1
     "apg-momentum-rescale": lambda: fg.APG(4.0, eta=0.5, norm_threshold=0.0, momentum=0.4, rescale=0.7),
     "apg-eta1-nocap": lambda: fg.APG(2.5, eta=1.0, norm_threshold=0.0),
 }
