@@ -8,11 +8,14 @@ fastguide.bench.memory (the profiler's allocator events; exact byte counts, so t
   MARGIN: one latent of the batch is 8 KiB, so a tensor kept per step would show) and the peak is at most the
   pipeline's own * 1.10 + MARGIN; no autograd graph kept with the embeddings.
 """
+import time
+
 import pytest
 import torch
 
 from fastguide.bench import tiny_pipelines
 from fastguide.bench.memory import MB, cpu_tensor_memory, mark_calls, peak_cpu_tensor_bytes
+from fastguide.bench.timing import seconds_inside
 from fastguide.pipelines import from_pipe
 from pipeline_checks import generators
 
@@ -73,6 +76,21 @@ def test_mark_calls_restores_the_module():
         m = cpu_tensor_memory(lambda: net(torch.ones(3, 2)), mark="net")
     assert "forward" not in net.__dict__
     assert len(m.marked) == 1 and m.marked[0][1] >= 2 * 3 * 4  # input and output
+
+
+def test_seconds_inside_times_every_call_and_restores_the_module():
+    net = torch.nn.Linear(2, 2)
+
+    def slow(*args):
+        time.sleep(0.01)
+        return type(net).forward(net, *args)
+
+    net.forward = slow  # an instance forward, as a torch.compile'd module has
+    with seconds_inside(net) as spent:
+        net(torch.ones(3, 2))
+        net(torch.ones(3, 2))
+    assert len(spent) == 2 and all(s >= 0.01 for s in spent)
+    assert net.__dict__["forward"] is slow
 
 
 def measure(pipe, call, steps: int, marked: bool = False):

@@ -25,12 +25,13 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import gc
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function
+
+from fastguide.bench.timing import wrapped_forward
 
 MB = 2 ** 20
 _ALLOCATION = torch._C._profiler._EventType.Allocation
@@ -106,22 +107,13 @@ def peak_cpu_tensor_bytes(fn: Callable[[], object]) -> int:
     return cpu_tensor_memory(fn).peak
 
 
-@contextmanager
 def mark_calls(module: torch.nn.Module, name: str):
     """Within the block, every call of ``module`` runs inside ``record_function(name)`` (for
     :func:`cpu_tensor_memory`'s ``mark``); eager code only (torch.compile would trace the marker)."""
-    own = module.__dict__.get("forward")  # an instance attribute already there (else the class's forward)
-    forward = module.forward
+    def wrap(forward):
+        def marked(*args, **kwargs):
+            with record_function(name):
+                return forward(*args, **kwargs)
+        return marked
 
-    def marked(*args, **kwargs):
-        with record_function(name):
-            return forward(*args, **kwargs)
-
-    module.forward = marked
-    try:
-        yield module
-    finally:
-        if own is None:
-            del module.forward
-        else:
-            module.forward = own
+    return wrapped_forward(module, wrap)
