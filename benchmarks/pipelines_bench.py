@@ -116,6 +116,10 @@ def encode_prompts(family, pipe, prompts, kw) -> None:
 def run(families, steps_list, batches, reps) -> list[dict]:
     rows = []
     for family in families:
+        # Each family compiles from scratch, as one pipeline in a process would: the families share code objects
+        # (diffusers' peft wrapper around every transformer's forward), so without a reset their shapes add up to
+        # dynamo's recompile limit, after which the compiled denoiser silently runs eagerly.
+        torch._dynamo.reset()
         pipe = BUILDERS[family]()
         name = denoiser_name(pipe)
         eager_model, compiled_model = getattr(pipe, name), torch.compile(getattr(pipe, name))
