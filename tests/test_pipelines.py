@@ -4,6 +4,7 @@ Tiny random-weight pipelines built offline from configs (fastguide/bench/tiny_pi
 text encoders from transformers configs and a CLIP tokenizer from vocabulary files it writes; DiT). fastguide's images equal ``pipe(...).images`` for the same prompts,
 negative prompts, steps, scale and per-image generators within 1e-4 (float32), with the pipeline's default
 scheduler and with others; every output type; bad input named."""
+import numpy as np
 import pytest
 import torch
 
@@ -172,6 +173,21 @@ def test_sd3_images_equal_the_pipelines_own(sd3_pipe):
         want = sd3_pipe(PROMPTS, generator=generators(), **kw).images
         got = fast(PROMPTS, generator=generators(), **kw)
         assert_close(got, want)
+
+
+def test_sd3_with_its_t5_encoder_images_equal_the_pipelines_own(clip_tokenizer):
+    pipe = tiny_pipelines.tiny_sd3(clip_tokenizer, t5=True)
+    fast = from_pipe(pipe)
+    kw = dict(negative_prompt=NEGATIVES, num_inference_steps=3, guidance_scale=5.0, output_type="np",
+              max_sequence_length=16)
+    want = pipe(PROMPTS, generator=generators(), **kw).images
+    assert_close(fast(PROMPTS, generator=generators(), **kw), want)
+    without = pipe.text_encoder_3
+    pipe.text_encoder_3 = None  # the T5 tokens reach the transformer: zeros in their place change the images
+    try:
+        assert not np.allclose(pipe(PROMPTS, generator=generators(), **kw).images, want, atol=1e-3)
+    finally:
+        pipe.text_encoder_3 = without
 
 
 # ---------------------------------------------------------------------------------------- ReCFG through each family

@@ -129,21 +129,27 @@ def tiny_sdxl(tokenizer=None, sample_size: int = 8):
         tokenizer_2=tokenizer, unet=unet.eval(), scheduler=scheduler, add_watermarker=False))
 
 
-def tiny_sd3(tokenizer=None, sample_size: int = 8):
-    """StableDiffusion3Pipeline (two CLIP encoders, no T5: the pipeline then uses zeros) with FlowMatch Euler."""
+def tiny_sd3(tokenizer=None, sample_size: int = 8, t5: bool = False):
+    """StableDiffusion3Pipeline (two CLIP encoders; with ``t5`` also a T5 encoder as text_encoder_3, else none: the
+    pipeline then uses zeros for its tokens) with FlowMatch Euler."""
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
     torch.manual_seed(2)
     transformer = SD3Transformer2DModel(**{**SD3_TRANSFORMER, "sample_size": sample_size,
                                            "pos_embed_max_size": max(8, sample_size)}).eval()
     tokenizer = tokenizer or clip_tokenizer()
+    text_encoder_3 = tokenizer_3 = None
+    if t5:  # its width is the transformer's joint attention width (the CLIP embeddings are padded to it)
+        text_encoder_3 = T5EncoderModel(T5Config(**{**T5_TEXT, "d_model": SD3_TRANSFORMER["joint_attention_dim"]},
+                                                 pad_token_id=0, eos_token_id=1)).eval()
+        tokenizer_3 = t5_tokenizer()
     return _ready(StableDiffusion3Pipeline(
         transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
         vae=tiny_vae(shift_factor=0.1, scaling_factor=1.5),
         text_encoder=CLIPTextModelWithProjection(CLIPTextConfig(**CLIP_TEXT)).eval(), tokenizer=tokenizer,
         text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**CLIP_TEXT)).eval(), tokenizer_2=tokenizer,
-        text_encoder_3=None, tokenizer_3=None))
+        text_encoder_3=text_encoder_3, tokenizer_3=tokenizer_3))
 
 
 def tiny_dit(sample_size: int = 8):
