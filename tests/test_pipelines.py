@@ -62,6 +62,20 @@ def test_sd_every_output_type_and_a_single_generator(sd_pipe):
         assert_close(got, want, tol=1.0 / 255 if output_type == "pil" else TOL)  # PIL: one 8-bit level of rounding
 
 
+def test_sd_with_a_channels_last_unet_images_equal_the_pipelines_own(sd_pipe):
+    """A user's channels_last UNet (eager and compiled) runs as it is: fastguide neither converts it back nor
+    needs it converted (docs/adapters.md: it did not help these tiny UNets on the CPU)."""
+    kw = dict(num_inference_steps=3, guidance_scale=4.0, output_type="np")
+    sd_pipe.unet.to(memory_format=torch.channels_last)
+    try:
+        assert sd_pipe.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+        want = sd_pipe(PROMPTS, generator=generators(), **kw).images
+        assert_close(from_pipe(sd_pipe)(PROMPTS, generator=generators(), **kw), want)
+        assert_close(from_pipe(sd_pipe).compile()(PROMPTS, generator=generators(), **kw), want)
+    finally:
+        sd_pipe.unet.to(memory_format=torch.contiguous_format)
+
+
 def test_sd_negative_prompts_matter_and_rules_and_seeds(sd_pipe):
     fast = from_pipe(sd_pipe)
     kw = dict(num_inference_steps=4, guidance_scale=5.0, output_type="latent")
