@@ -13,7 +13,8 @@ spot check of the npy responses equals ``Batcher.sample_alone`` at the reported 
 server exits 0 on SIGTERM.
 
 Reports p50 / p99 latency (valid requests, send to last byte) and images/s (valid results over the load's wall
-time) against the baseline, measured in this process after the server stopped: one direct ``Sampler.sample`` call
+time) against the baseline, measured in this process before the server starts and after it stopped (the mean of
+the two): one direct ``Sampler.sample`` call
 at B = the largest bucket and NFE 10 (digits model, UniPC, CFG g = 3; median of --baseline-reps), and one
 full-bucket batch as the batcher runs it (``Batcher.sample_alone`` at that bucket: padding rows and per-row plans
 included). Goals: images/s >= 0.8x the direct call's; p99 <= max-wait + 2 batch times (with either batch time).
@@ -296,6 +297,16 @@ def baseline(batch: int, reps: int, device: str) -> dict:
             "batcher_batch_s": batcher_s, "batcher_images_per_s": batch / batcher_s}
 
 
+def bracketed(before: dict, after: dict) -> dict:
+    """The baseline as the mean of its runs just before the load and just after it: this machine's speed drifts
+    by up to 1.5x over minutes, and one run after the load alone put single ratios anywhere in 0.54-0.91."""
+    out = {"batch": before["batch"], "nfe": before["nfe"], "before": before, "after": after}
+    for which in ("direct", "batcher"):
+        seconds = (before[f"{which}_batch_s"] + after[f"{which}_batch_s"]) / 2
+        out[f"{which}_batch_s"], out[f"{which}_images_per_s"] = seconds, before["batch"] / seconds
+    return out
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--requests", type=int, default=2000)
@@ -329,6 +340,7 @@ def main(argv=None) -> int:
     serve_args = ["--buckets", args.buckets, "--max-wait-ms", str(args.max_wait_ms), "--max-queue",
                   str(max(1024, args.requests)), "--device", args.device] + (["--no-warmup"] if args.no_warmup else [])
     serve_args += ["--continuous"] if args.continuous else []
+    before = baseline(buckets[-1], args.baseline_reps, args.device)
     with ServerProcess(*serve_args, timeout=max(600.0, args.time_limit)) as server:
         outcomes, wall = run_load(server, plan, args.concurrency, args.time_limit)
         conn = server.connection()
@@ -349,7 +361,8 @@ def main(argv=None) -> int:
                  if "malformed" not in item and o["answered"] and o["status"] == 200]
     p50, p99 = (float(np.quantile(latencies, q)) for q in (0.5, 0.99)) if latencies else (float("nan"),) * 2
     images_per_s = len(latencies) / wall
-    base = baseline(buckets[-1], args.baseline_reps, args.device)
+    after = baseline(buckets[-1], args.baseline_reps, args.device)
+    base = bracketed(before, after)
     max_wait_s = args.max_wait_ms / 1e3
     ratio = images_per_s / base["direct_images_per_s"]
     goals = [{"goal": f"images/s >= 0.8x one direct Sampler.sample call (B={base['batch']}, NFE {BASELINE_NFE})",
@@ -390,6 +403,7 @@ def main(argv=None) -> int:
           f"{bucket_counts}; median X-Fastguide-Run-Ms by bucket "
           f"{ {b: round(v, 1) for b, v in report['run_ms_median_by_bucket'].items()} }")
     print(f"baseline B={base['batch']} NFE {BASELINE_NFE}: direct {base['direct_batch_s'] * 1e3:.1f} ms "
+          f"(before {before['direct_batch_s'] * 1e3:.1f}, after {after['direct_batch_s'] * 1e3:.1f}) "
           f"({base['direct_images_per_s']:.1f} images/s), batcher {base['batcher_batch_s'] * 1e3:.1f} ms "
           f"({base['batcher_images_per_s']:.1f} images/s); load / direct {ratio:.3f}")
     for name, (passed, found) in checks.items():

@@ -463,6 +463,8 @@ def test_load_test_runs_at_a_tiny_size(tmp_path):
     assert "4 of 4" in next(c["found"] for c in report["checks"] if c["check"].startswith("spot check"))
     base = report["baseline"]
     assert base["batch"] == 4 and base["direct_images_per_s"] == pytest.approx(4 / base["direct_batch_s"])
+    assert base["direct_batch_s"] == pytest.approx((base["before"]["direct_batch_s"]
+                                                   + base["after"]["direct_batch_s"]) / 2)
     assert report["vs_direct"] == pytest.approx(report["images_per_s"] / base["direct_images_per_s"])
     throughput, *latency = report["goals"]
     assert throughput["met"] == (report["vs_direct"] >= 0.8)
