@@ -22,8 +22,8 @@ Also the seconds of the text encoding and the VAE decode alone (the work both si
 ``pipe`` call, and the seconds ``pipe_compiled`` spends inside its compiled denoiser's calls (timed around each
 call, in calls after the timed ones): ``ceiling_vs_pipe_compiled`` = pipe_compiled / (those seconds + text + VAE)
 is the most any sampler running the same forwards could gain on ``pipe_compiled`` (everything else, the
-scheduler, the combine and the pipeline's own bookkeeping, taken as removable: an upper bound). Goals (the pipeline issue): fastguide >= 1.3x ``pipe`` and >= 1.05x ``pipe_compiled``. Run it on
-an otherwise idle machine.
+scheduler, the combine and the pipeline's own bookkeeping, taken as removable: an upper bound). Goals (the
+pipeline issue): fastguide >= 1.3x ``pipe`` and >= 1.05x ``pipe_compiled``. Run it on an otherwise idle machine.
 """
 from __future__ import annotations
 

@@ -18,7 +18,8 @@ one measured call and evicted during the next would otherwise show as negative l
 Allocations are recorded on the threads the profiler watches (the calling thread; torch's intra-op workers
 compute into storage allocated before they start). Not counted: memory outside torch's allocator
 (NumPy arrays that do not share a tensor's storage, oneDNN scratch space, Python objects). The events are read
-from the raw profiler results, so the cost is the profiler's per-op recording (no per-op parsing afterwards).
+from the profiler's event tree (the raw results' events carry no addresses), not from ``prof.events()``, which
+folds allocations into the ops that made them.
 """
 from __future__ import annotations
 
