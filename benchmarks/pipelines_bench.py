@@ -19,10 +19,11 @@ warm-up call per mode (compiling happens there):
   forward and the guided update compiled as one hot step, one graph without breaks; the pipeline's text encoders
   and VAE as they are).
 Also the seconds of the text encoding and the VAE decode alone (the work both sides share), as shares of the
-``pipe`` call, and the seconds ``pipe_compiled`` spends inside its compiled denoiser's calls (timed around each
-call, in calls after the timed ones): ``ceiling_vs_pipe_compiled`` = pipe_compiled / (those seconds + text + VAE)
-is the most any sampler running the same forwards could gain on ``pipe_compiled`` (everything else, the
-scheduler, the combine and the pipeline's own bookkeeping, taken as removable: an upper bound). Goals (the
+``pipe`` call, and a ceiling: in --reps further ``pipe_compiled`` calls, the seconds inside its compiled
+denoiser's calls, its ``encode_prompt`` and its ``vae.decode`` (timed around each, in the same calls);
+``ceiling_vs_pipe_compiled`` = the call / (denoiser + text + VAE), the median over those calls, is the most any
+sampler running the same forwards could gain on ``pipe_compiled`` (everything else, the scheduler, the combine
+and the pipeline's own bookkeeping, taken as removable: an upper bound). Goals (the
 pipeline issue): fastguide >= 1.3x ``pipe`` and >= 1.05x ``pipe_compiled``. Run it on an otherwise idle machine.
 """
 from __future__ import annotations
@@ -32,6 +33,7 @@ import functools
 import json
 import statistics
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
 import torch
@@ -69,6 +71,29 @@ def call_args(family: str, batch: int, steps: int):
     if family == "lcm":
         return (prompts,), dict(guidance_scale=8.5, **common)
     return (prompts,), dict(guidance_scale=5.0, **common)
+
+
+@torch.no_grad()
+def ceiling_of(pipe, call, denoiser, reps: int) -> tuple[dict, float]:
+    """(median seconds of each part of ``call()``: the whole call and, inside it, the denoiser's calls, the text
+    encoding and the VAE decode; the median over the calls of whole / (denoiser + text + VAE)), timed in the same
+    calls. The ceiling is the most a sampler running the same forwards could gain on ``call`` by removing all
+    the rest (scheduler, combine, bookkeeping)."""
+    with ExitStack() as stack:
+        spent = {"denoiser_s": stack.enter_context(seconds_inside(denoiser)),
+                 "vae_s": stack.enter_context(seconds_inside(pipe.vae, "decode"))}
+        if hasattr(pipe, "encode_prompt"):  # (DiT has no text encoder)
+            spent["text_s"] = stack.enter_context(seconds_inside(pipe, "encode_prompt"))
+        rows = []
+        for _ in range(reps):
+            for times in spent.values():
+                times.clear()
+            start = time.perf_counter()
+            call()
+            rows.append({"call_s": time.perf_counter() - start, **{k: sum(v) for k, v in spent.items()}})
+    parts = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
+    ceiling = statistics.median(r["call_s"] / sum(v for k, v in r.items() if k != "call_s") for r in rows)
+    return parts, ceiling
 
 
 def denoiser_name(pipe) -> str:
@@ -149,19 +174,12 @@ def run(families, steps_list, batches, reps) -> list[dict]:
                         times[m].append(time.perf_counter() - start)
                 med = {m: statistics.median(v) for m, v in times.items()}
                 shared = shared_work_seconds(family, pipe, batch, steps)
-                inside = []
-                with torch.no_grad(), seconds_inside(compiled_model) as spent:
-                    for _ in range(reps):
-                        spent.clear()
-                        pipe_call(compiled_model)
-                        inside.append(sum(spent))
-                denoiser_s = statistics.median(inside)
+                parts, ceiling = ceiling_of(pipe, lambda: pipe_call(compiled_model), compiled_model, reps)
                 row = {"family": family, "steps": steps, "batch": batch, "median_s": med,
                        "images_per_s": {m: batch / v for m, v in med.items()},
                        "fastguide_vs_pipe": med["pipe"] / med["fastguide"],
                        "fastguide_vs_pipe_compiled": med["pipe_compiled"] / med["fastguide"],
-                       "shared_work_s": shared, "pipe_compiled_denoiser_s": denoiser_s,
-                       "ceiling_vs_pipe_compiled": med["pipe_compiled"] / (denoiser_s + sum(shared.values())),
+                       "shared_work_s": shared, "pipe_compiled_parts_s": parts, "ceiling_vs_pipe_compiled": ceiling,
                        "shared_share_of_pipe": {k: v / med["pipe"] for k, v in shared.items()}}
                 rows.append(row)
                 print(f"{family:13s} steps {steps} batch {batch}: pipe {med['pipe'] * 1e3:.1f} ms, pipe+compile "

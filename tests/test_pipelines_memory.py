@@ -92,6 +92,16 @@ def test_seconds_inside_times_every_call_and_restores_the_module():
     assert len(spent) == 2 and all(s >= 0.01 for s in spent)
     assert net.__dict__["forward"] is slow
 
+    class Pipe:
+        def encode(self, n):
+            time.sleep(0.01)
+            return n + 1
+
+    pipe = Pipe()
+    with seconds_inside(pipe, "encode") as spent:
+        assert pipe.encode(1) == 2
+    assert len(spent) == 1 and spent[0] >= 0.01 and "encode" not in pipe.__dict__  # the class's method again
+
 
 def measure(pipe, call, steps: int, marked: bool = False):
     """A warm call's memory (the first call of a shape also allocates what later calls reuse)."""

@@ -29,34 +29,40 @@ def median_time(fn, reps: int, warmup: int, device="cpu") -> float:
 
 
 @contextmanager
-def wrapped_forward(module: torch.nn.Module, wrap):
-    """Within the block, ``module.forward`` is ``wrap(forward)`` (an instance attribute; a torch.compile'd module
-    keeps its compiled forward there, so its calls are wrapped too); restored after."""
-    own = module.__dict__.get("forward")  # an instance attribute already there (else the class's forward)
-    module.forward = wrap(module.forward)
+def wrapped_method(obj, name: str, wrap):
+    """Within the block, ``obj.<name>`` is ``wrap(obj.<name>)`` as an instance attribute (a torch.compile'd
+    module keeps its compiled forward there, so its calls are wrapped too); restored after."""
+    own = obj.__dict__.get(name)  # an instance attribute already there (else the class's method)
+    setattr(obj, name, wrap(getattr(obj, name)))
     try:
-        yield module
+        yield obj
     finally:
         if own is None:
-            del module.forward
+            delattr(obj, name)
         else:
-            module.forward = own
+            setattr(obj, name, own)
+
+
+def wrapped_forward(module: torch.nn.Module, wrap):
+    """:func:`wrapped_method` of ``module.forward``: every call of the module goes through ``wrap(forward)``."""
+    return wrapped_method(module, "forward", wrap)
 
 
 @contextmanager
-def seconds_inside(module: torch.nn.Module):
-    """Within the block, each call of ``module`` adds its wall seconds (CPU; no device sync) to the yielded list."""
+def seconds_inside(obj, name: str = "forward"):
+    """Within the block, each call of ``obj.<name>`` (default: a module's calls) adds its wall seconds (CPU; no
+    device sync) to the yielded list."""
     spent = []
 
-    def wrap(forward):
-        @functools.wraps(forward)
+    def wrap(method):
+        @functools.wraps(method)
         def timed(*args, **kwargs):
             start = time.perf_counter()
             try:
-                return forward(*args, **kwargs)
+                return method(*args, **kwargs)
             finally:
                 spent.append(time.perf_counter() - start)
         return timed
 
-    with wrapped_forward(module, wrap):
+    with wrapped_method(obj, name, wrap):
         yield spent
