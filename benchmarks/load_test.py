@@ -14,11 +14,11 @@ server exits 0 on SIGTERM.
 
 Reports p50 / p99 latency (valid requests, send to last byte) and images/s (valid results over the load's wall
 time) against the baseline, measured in this process before the server starts and after it stopped (the mean of
-the two): one direct ``Sampler.sample`` call
-at B = the largest bucket and NFE 10 (digits model, UniPC, CFG g = 3; median of --baseline-reps), and one
-full-bucket batch as the batcher runs it (``Batcher.sample_alone`` at that bucket: padding rows and per-row plans
-included). Goals: images/s >= 0.8x the direct call's; p99 <= max-wait + 2 batch times (with either batch time).
-Exit code 0 when every check passes (the goals are reported, not enforced), 1 otherwise.
+the two): one direct ``Sampler.sample`` call at B = the largest bucket and NFE 10 (digits model, UniPC, CFG g = 3;
+median of --baseline-reps), and one full-bucket batch as the batcher runs it (``Batcher.sample_alone`` at that
+bucket: padding rows and per-row plans included). Goals: images/s >= 0.8x the direct call's; p99 <= max-wait
++ 2 batch times (with either batch time). Exit code 0 when every check passes (the goals are reported, not
+enforced), 1 otherwise.
 """
 from __future__ import annotations
 

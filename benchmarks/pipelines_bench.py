@@ -23,8 +23,8 @@ Also the seconds of the text encoding and the VAE decode alone (the work both si
 denoiser's calls, its ``encode_prompt`` and its ``vae.decode`` (timed around each, in the same calls);
 ``ceiling_vs_pipe_compiled`` = the call / (denoiser + text + VAE), the median over those calls, is the most any
 sampler running the same forwards could gain on ``pipe_compiled`` (everything else, the scheduler, the combine
-and the pipeline's own bookkeeping, taken as removable: an upper bound). Goals (the
-pipeline issue): fastguide >= 1.3x ``pipe`` and >= 1.05x ``pipe_compiled``. Run it on an otherwise idle machine.
+and the pipeline's own bookkeeping, taken as removable: an upper bound). Goals (the pipeline issue): fastguide
+>= 1.3x ``pipe`` and >= 1.05x ``pipe_compiled``. Run it on an otherwise idle machine.
 """
 from __future__ import annotations
 

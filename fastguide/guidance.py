@@ -224,9 +224,11 @@ class CFG(GuidanceRule):
 def make_rule_params(zero_star=False, eta=1.0, norm_threshold=0.0, momentum=0.0, rescale=0.0) -> torch.Tensor:
     """[NUM_RULE_PARAMS] float64 in RuleParam order; the defaults are plain CFG."""
     values = [0.0] * NUM_RULE_PARAMS
-    values[RuleParam.ZERO_STAR], values[RuleParam.ETA], values[RuleParam.NORM_THRESHOLD] = float(zero_star), eta, \
-        norm_threshold
-    values[RuleParam.MOMENTUM], values[RuleParam.RESCALE] = momentum, rescale
+    values[RuleParam.ZERO_STAR] = float(zero_star)
+    values[RuleParam.ETA] = eta
+    values[RuleParam.NORM_THRESHOLD] = norm_threshold
+    values[RuleParam.MOMENTUM] = momentum
+    values[RuleParam.RESCALE] = rescale
     return torch.tensor(values, dtype=torch.float64)  # one op (five item writes cost ~10 us a sampling call)
 
 
