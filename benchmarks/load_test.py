@@ -17,7 +17,10 @@ time) against the baseline, measured in this process before the server starts an
 the two): one direct ``Sampler.sample`` call at B = the largest bucket and NFE 10 (digits model, UniPC, CFG g = 3;
 median of --baseline-reps), and one full-bucket batch as the batcher runs it (``Batcher.sample_alone`` at that
 bucket: padding rows and per-row plans included). Goals: images/s >= 0.8x the direct call's; p99 <= max-wait
-+ 2 batch times (with either batch time). Exit code 0 when every check passes (the goals are reported, not
++ 2 batch times (with either batch time). Also where the cores went during the load (Linux: per-thread CPU
+seconds from /proc): the client, the server's event loop, its sampling threads and idle, with load / direct split
+into a contention factor (the cores the sampling kept busy against the direct call's) and an efficiency factor
+(images per sampling CPU-second against the direct call's). Exit code 0 when every check passes (the goals are reported, not
 enforced), 1 otherwise.
 """
 from __future__ import annotations
@@ -43,6 +46,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from fastguide.commands.common import available_cores
 
 LOAD_RULES = ("cfg", "apg", "recfg-ls")
 NFE_RANGE = (4, 10)
@@ -161,6 +166,46 @@ def prometheus_samples(text: str) -> dict[str, float]:
     return samples
 
 
+def thread_cpu_seconds(pid: int) -> dict[int, float] | None:
+    """Thread id -> CPU seconds (user + system) of every thread of process ``pid`` so far, from /proc; None where
+    there is no /proc (not Linux). A thread that exited since is missing: its seconds are lost to the caller."""
+    tick = os.sysconf("SC_CLK_TCK")
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return None
+    out = {}
+    for tid in tids:
+        try:
+            fields = Path(f"/proc/{pid}/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the thread exited meanwhile
+            continue
+        out[int(tid)] = (int(fields[11]) + int(fields[12])) / tick  # utime, stime (fields 14, 15 of stat)
+    return out
+
+
+def cpu_split(server_pid: int, before: dict, after: dict, client_s: float, wall: float, images: int,
+              direct: dict) -> dict:
+    """Where this machine's cores went during the load: the client process, the server's main thread (uvicorn's
+    event loop: HTTP, JSON, encoding), its other threads (the batcher and its intra-op threads: the sampling),
+    idle; and the load / direct ratio as the product of two factors: ``contention``, the cores the sampling kept
+    busy against the cores the direct call keeps busy, and ``efficiency``, images per sampling CPU-second against
+    the direct call's (padding, per-row plans, threads waiting on each other on a shared machine)."""
+    def delta(tids):
+        return sum(after.get(t, 0.0) - before.get(t, 0.0) for t in tids)
+
+    cores = available_cores()
+    event_loop, sampling = delta([server_pid]), delta(set(after) - {server_pid})
+    direct_images_per_cpu_s = direct["batch"] / (direct["direct_batch_s"] * direct["direct_cores_busy"])
+    return {"cores": cores, "client_cpu_s": client_s, "server_event_loop_cpu_s": event_loop,
+            "server_sampling_cpu_s": sampling,
+            "server_other_threads_cpu_s": sorted((delta([t]) for t in set(after) - {server_pid}), reverse=True),
+            "idle_cpu_s": cores * wall - client_s - event_loop - sampling,
+            "direct_cores_busy": direct["direct_cores_busy"],
+            "contention": sampling / wall / direct["direct_cores_busy"],
+            "efficiency": images / sampling / direct_images_per_cpu_s if sampling > 0 else float("nan")}
+
+
 def plan_requests(count: int, malformed_fraction: float, seed: int) -> list[dict]:
     """The load: ``count`` requests in random order, round(count * malformed_fraction) of them malformed."""
     rng = random.Random(seed)
@@ -243,11 +288,20 @@ def check_outcomes(plan, outcomes, buckets, server_counts) -> dict:
 
 
 def spot_check(plan, outcomes, buckets, count: int, seed: int, device: str,
-               tolerance: float = 0.0) -> tuple[int, int, float]:
+               tolerance: float = 0.0, threads: int | None = None) -> tuple[int, int, float]:
     """(matched, checked, max abs difference): random npy responses against Batcher.sample_alone at their bucket,
     bit for bit (``tolerance`` 0), or within ``tolerance`` (continuous batching: a row's steps ran at several batch
-    sizes, and the network's rounding depends on the batch size)."""
+    sizes, and the network's rounding depends on the batch size), with ``threads`` intra-op threads (the
+    server's: the network's rounding can depend on them too; None: this process's)."""
     from fastguide.serving import SampleRequest, digits_batcher
+
+    if threads is not None:
+        own = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            return spot_check(plan, outcomes, buckets, count, seed, device, tolerance)
+        finally:
+            torch.set_num_threads(own)
 
     answered = [(item, o) for item, o in zip(plan, outcomes) if item.get("format") == "npy" and o["answered"]
                 and o["status"] == 200]
@@ -276,31 +330,33 @@ def baseline(batch: int, reps: int, device: str) -> dict:
 
     def median_seconds(call):
         call()
-        times = []
+        times, busy = [], []
         for _ in range(reps):
-            began = time.perf_counter()
+            began, cpu_began = time.perf_counter(), time.process_time()
             call()
             if device == "cuda":
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - began)
-        return float(np.median(times))
+            busy.append((time.process_time() - cpu_began) / times[-1])
+        return float(np.median(times)), float(np.median(busy))
 
     sampler = fg.Sampler(digits.load_digits_model(device=device), digits.make_solver("unipc", BASELINE_NFE),
                          fg.CFG(3.0), null_cond=digits.NULL_LABEL, progress=False)
     noise = fg.seeded_noise(range(batch), digits.IMAGE_SHAPE, device=device)
     labels = (torch.arange(batch) % 10).to(device)
-    direct_s = median_seconds(lambda: sampler.sample(noise, labels))
+    direct_s, direct_busy = median_seconds(lambda: sampler.sample(noise, labels))
     batcher = digits_batcher(buckets=(batch,), device=device)
     full = SampleRequest(3, 0, BASELINE_NFE, 3.0, "cfg")
-    batcher_s = median_seconds(lambda: batcher.sample_alone(full, bucket=batch))
+    batcher_s, _ = median_seconds(lambda: batcher.sample_alone(full, bucket=batch))
     return {"batch": batch, "nfe": BASELINE_NFE, "direct_batch_s": direct_s, "direct_images_per_s": batch / direct_s,
-            "batcher_batch_s": batcher_s, "batcher_images_per_s": batch / batcher_s}
+            "direct_cores_busy": direct_busy, "batcher_batch_s": batcher_s, "batcher_images_per_s": batch / batcher_s}
 
 
 def bracketed(before: dict, after: dict) -> dict:
     """The baseline as the mean of its runs just before the load and just after it: this machine's speed drifts
     by up to 1.5x over minutes, and one run after the load alone put single ratios anywhere in 0.54-0.91."""
-    out = {"batch": before["batch"], "nfe": before["nfe"], "before": before, "after": after}
+    out = {"batch": before["batch"], "nfe": before["nfe"], "before": before, "after": after,
+           "direct_cores_busy": (before["direct_cores_busy"] + after["direct_cores_busy"]) / 2}
     for which in ("direct", "batcher"):
         seconds = (before[f"{which}_batch_s"] + after[f"{which}_batch_s"]) / 2
         out[f"{which}_batch_s"], out[f"{which}_images_per_s"] = seconds, before["batch"] / seconds
@@ -319,6 +375,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-warmup", action="store_true", help="start the server with --no-warmup")
     p.add_argument("--continuous", action="store_true", help="start the server with --continuous (steps scheduled "
                    "one at a time; spot checks within a tolerance unless there is one bucket)")
+    p.add_argument("--workers", type=int, default=1, help="start the server with --workers (its batcher's worker "
+                   "threads; on a CPU each with cores / workers intra-op threads)")
     p.add_argument("--spot-checks", type=int, default=20, help="npy responses compared with Batcher.sample_alone")
     p.add_argument("--baseline-reps", type=int, default=5)
     p.add_argument("--seed", type=int, default=0, help="seed of the request mix")
@@ -331,8 +389,8 @@ def main(argv=None) -> int:
 
     args = build_parser().parse_args(argv)
     buckets = parse_buckets(args.buckets)
-    if args.requests < 1 or args.concurrency < 1 or not 0 <= args.malformed_fraction <= 1 or args.time_limit <= 0:
-        print("load_test: expected --requests, --concurrency >= 1, --malformed-fraction in [0, 1], --time-limit > 0",
+    if args.requests < 1 or args.concurrency < 1 or args.workers < 1 or not 0 <= args.malformed_fraction <= 1 or args.time_limit <= 0:
+        print("load_test: expected --requests, --concurrency, --workers >= 1, --malformed-fraction in [0, 1], --time-limit > 0",
               file=sys.stderr)
         return 2
     out = Path(args.out or Path(__file__).resolve().parent / f"load-test-{args.device}.json")
@@ -340,9 +398,12 @@ def main(argv=None) -> int:
     serve_args = ["--buckets", args.buckets, "--max-wait-ms", str(args.max_wait_ms), "--max-queue",
                   str(max(1024, args.requests)), "--device", args.device] + (["--no-warmup"] if args.no_warmup else [])
     serve_args += ["--continuous"] if args.continuous else []
+    serve_args += ["--workers", str(args.workers)]
     before = baseline(buckets[-1], args.baseline_reps, args.device)
     with ServerProcess(*serve_args, timeout=max(600.0, args.time_limit)) as server:
+        server_cpu_before, client_cpu_began = thread_cpu_seconds(server.proc.pid), time.process_time()
         outcomes, wall = run_load(server, plan, args.concurrency, args.time_limit)
+        client_cpu_s, server_cpu_after = time.process_time() - client_cpu_began, thread_cpu_seconds(server.proc.pid)
         conn = server.connection()
         try:
             _, _, metrics_text = exchange(conn, "GET", "/metrics")
@@ -353,7 +414,9 @@ def main(argv=None) -> int:
     checks = check_outcomes(plan, outcomes, buckets, server_counts)
     checks["server exits 0 on SIGTERM"] = (exit_code == 0, f"exit code {exit_code}")
     tolerance = CONTINUOUS_TOLERANCE if args.continuous and len(buckets) > 1 else 0.0
-    matched, checked, worst = spot_check(plan, outcomes, buckets, args.spot_checks, args.seed, args.device, tolerance)
+    server_threads = max(1, available_cores() // args.workers) if args.device == "cpu" and args.workers > 1 else None
+    matched, checked, worst = spot_check(plan, outcomes, buckets, args.spot_checks, args.seed, args.device, tolerance,
+                                         server_threads)
     checks["spot check: responses equal Batcher.sample_alone" + (f" within {tolerance:g}" if tolerance else "")] = (
         matched == checked, f"{matched} of {checked} (max abs difference {worst:.3g})")
 
@@ -363,6 +426,9 @@ def main(argv=None) -> int:
     images_per_s = len(latencies) / wall
     after = baseline(buckets[-1], args.baseline_reps, args.device)
     base = bracketed(before, after)
+    cpu = None
+    if server_cpu_before is not None and server_cpu_after is not None:
+        cpu = cpu_split(server.proc.pid, server_cpu_before, server_cpu_after, client_cpu_s, wall, len(latencies), base)
     max_wait_s = args.max_wait_ms / 1e3
     ratio = images_per_s / base["direct_images_per_s"]
     goals = [{"goal": f"images/s >= 0.8x one direct Sampler.sample call (B={base['batch']}, NFE {BASELINE_NFE})",
@@ -384,14 +450,14 @@ def main(argv=None) -> int:
                     "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                     "device": args.device},
         "config": {k: getattr(args, k) for k in ("requests", "concurrency", "malformed_fraction", "max_wait_ms",
-                                                 "time_limit", "no_warmup", "seed", "continuous")}
+                                                 "time_limit", "no_warmup", "seed", "continuous", "workers")}
                   | {"buckets": list(buckets)},
         "requests": {"valid": sum("malformed" not in item for item in plan),
                      "malformed": sum("malformed" in item for item in plan), "answered_by_bucket": bucket_counts},
         "run_ms_median_by_bucket": {b: float(np.median(v)) for b, v in run_ms_by_bucket.items()},
         "server_stdout": server.lines,
         "wall_s": wall, "latency_p50_ms": p50 * 1e3, "latency_p99_ms": p99 * 1e3, "images_per_s": images_per_s,
-        "baseline": base, "vs_direct": ratio,
+        "baseline": base, "vs_direct": ratio, "cpu": cpu,
         "server_metrics": {k: v for k, v in server_counts.items() if "warmup" not in k},
         "checks": [{"check": name, "passed": passed, "found": found} for name, (passed, found) in checks.items()],
         "goals": goals,
@@ -406,6 +472,11 @@ def main(argv=None) -> int:
           f"(before {before['direct_batch_s'] * 1e3:.1f}, after {after['direct_batch_s'] * 1e3:.1f}) "
           f"({base['direct_images_per_s']:.1f} images/s), batcher {base['batcher_batch_s'] * 1e3:.1f} ms "
           f"({base['batcher_images_per_s']:.1f} images/s); load / direct {ratio:.3f}")
+    if cpu is not None:
+        print(f"CPU over the load ({cpu['cores']} cores x {wall:.1f} s): client {cpu['client_cpu_s']:.1f} s, server "
+              f"event loop {cpu['server_event_loop_cpu_s']:.1f} s, sampling {cpu['server_sampling_cpu_s']:.1f} s, idle "
+              f"{cpu['idle_cpu_s']:.1f} s; load / direct = contention {cpu['contention']:.3f} (the direct call keeps "
+              f"{cpu['direct_cores_busy']:.2f} cores busy) x efficiency {cpu['efficiency']:.3f}")
     for name, (passed, found) in checks.items():
         print(f"  [{'ok' if passed else 'FAIL'}] {name}: {found}")
     for g in goals:

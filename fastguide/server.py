@@ -230,7 +230,7 @@ def create_app(batcher: Batcher, *, max_body_bytes: int = 16384) -> Starlette:
             return _error(500, f"server: {type(e).__name__}: {_field_named(e)}")
         content = sample_npy(result.sample) if fmt == "npy" else sample_png(result.sample)
         headers = {"X-Fastguide-Bucket": str(result.bucket), "X-Fastguide-Queued-Ms": f"{result.queued_s * 1e3:.3f}",
-                   "X-Fastguide-Run-Ms": f"{result.run_s * 1e3:.3f}"}
+                   "X-Fastguide-Run-Ms": f"{result.run_s * 1e3:.3f}", "X-Fastguide-Worker": str(result.worker)}
         return Response(content, media_type=MEDIA_TYPES[fmt], headers=headers)
 
     async def health(request: Request) -> Response:

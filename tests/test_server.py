@@ -20,6 +20,7 @@ import torch
 
 from benchmark_scripts import load_benchmark
 from fastguide import cli
+from fastguide.commands.common import available_cores
 from fastguide.serving import Batcher, SampleRequest, digits_batcher
 
 BUCKETS = (1, 4)
@@ -253,6 +254,28 @@ def test_continuous_server_requests_of_mixed_rules_each_equal_the_librarys():
     assert forwards < sum(r["steps"] for r in requests) / 2  # rows shared forwards (4 at a time at most)
 
 
+def test_two_worker_server_requests_each_equal_the_librarys_at_its_thread_count():
+    """`fastguide serve --workers 2`: both workers answer (X-Fastguide-Worker), each with cores // 2 intra-op
+    threads; every sample equals the library's alone in its bucket at that thread count, bit for bit."""
+    requests = [dict(label=i % 10, seed=500 + i, steps=4 + i % 7, scale=1.0 + 0.25 * i, rule=("cfg", "apg")[i % 2],
+                     format="npy") for i in range(24)]
+    with load_test.ServerProcess("--workers", "2", "--buckets", ",".join(map(str, BUCKETS)), "--max-wait-ms", "5",
+                                 "--no-warmup") as server:
+        answers = send_at_once(Client(server.port), requests)
+        assert server.stop() == 0
+    assert all(a is not None and a[0] == 200 for a in answers), [a and a[2][:200] for a in answers]
+    assert {headers["x-fastguide-worker"] for _, headers, _ in answers} == {"0", "1"}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, available_cores() // 2))
+    try:
+        reference = digits_batcher(buckets=BUCKETS)
+        for fields, (_, headers, content) in zip(requests, answers):
+            np.testing.assert_array_equal(decode_npy(content), expected_sample(reference, fields, headers),
+                                          err_msg=f"{fields} in bucket {headers['x-fastguide-bucket']}")
+    finally:
+        torch.set_num_threads(threads)
+
+
 PROM_SAMPLE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[a-zA-Z_]\w*="[^"]*"(,[a-zA-Z_]\w*="[^"]*")*\})? '
                          r'(NaN|[+-]Inf|[-+]?[0-9.]+(e[-+]?[0-9]+)?)$')
 
@@ -425,6 +448,7 @@ def test_your_own_batcher_nan_full_queue_and_closed():
     (["--max-queue", "0"], "--max-queue"), (["--scale", "-1"], "--scale"), (["--solver", "magic"], "--solver"),
     (["--device", "tpu"], "--device"), (["--cuda-graph"], "--cuda-graph"), (["--step-buckets", "8,4"], "--step-buckets"),
     (["--step-buckets", "10,20"], "step_buckets"), (["--continuous", "--step-buckets", "10,50"], "--continuous"),
+    (["--workers", "0"], "--workers"),
 ])
 def test_bad_options_are_one_line_errors(capsys, argv, option):
     assert cli.main(["serve", *argv]) == 2
@@ -466,6 +490,11 @@ def test_load_test_runs_at_a_tiny_size(tmp_path):
     assert base["direct_batch_s"] == pytest.approx((base["before"]["direct_batch_s"]
                                                    + base["after"]["direct_batch_s"]) / 2)
     assert report["vs_direct"] == pytest.approx(report["images_per_s"] / base["direct_images_per_s"])
+    cpu = report["cpu"]  # (Linux: /proc)
+    assert cpu["contention"] * cpu["efficiency"] == pytest.approx(report["vs_direct"])
+    assert cpu["server_sampling_cpu_s"] > 0 and cpu["client_cpu_s"] > 0 and 0 < base["direct_cores_busy"] <= cpu["cores"] + 0.1
+    spent = cpu["client_cpu_s"] + cpu["server_event_loop_cpu_s"] + cpu["server_sampling_cpu_s"] + cpu["idle_cpu_s"]
+    assert spent == pytest.approx(cpu["cores"] * report["wall_s"])
     throughput, *latency = report["goals"]
     assert throughput["met"] == (report["vs_direct"] >= 0.8)
     for goal, which in zip(latency, ("direct", "batcher")):

@@ -47,8 +47,9 @@ def _batcher(model, **kw):
                    latent_shape=digits.IMAGE_SHAPE, steps_range=(2, 12), **kw)
 
 
-def test_200_concurrent_mixed_requests_equal_each_alone_in_its_bucket():
-    batcher = digits_batcher(buckets=(1, 4, 8), max_wait_s=0.02).start(warmup=False)
+@pytest.mark.parametrize("workers", [1, 2])
+def test_200_concurrent_mixed_requests_equal_each_alone_in_its_bucket(workers):
+    batcher = digits_batcher(buckets=(1, 4, 8), max_wait_s=0.02, workers=workers).start(warmup=False)
     rng = random.Random(0)
     rules = ["cfg", "apg", "recfg-ls", "cfg-zero-star"]
     asks = [dict(cond=rng.randrange(10), seed=1000 + i, steps=rng.randint(4, 10), scale=round(rng.uniform(1, 5), 3),
@@ -60,12 +61,13 @@ def test_200_concurrent_mixed_requests_equal_each_alone_in_its_bucket():
     by_batch = {}
     for ask, res in zip(asks, results):
         assert res.request == SampleRequest(**ask)
-        by_batch.setdefault(res.batch, []).append(res)
+        by_batch.setdefault((res.worker, res.batch), []).append(res)
     assert any(len(rs) > 1 and len({r.request.steps for r in rs}) > 1 for rs in by_batch.values()), \
         "no batch mixed step counts: the test did not exercise co-batching"
     for rs in by_batch.values():
         assert len({r.request.rule for r in rs}) == 1, "requests of two rules shared a batch"
         assert len({r.bucket for r in rs}) == 1 and len(rs) <= rs[0].bucket
+    assert {r.worker for r in results} == set(range(workers)), "a worker ran no batch"
     for res in results:
         alone = batcher.sample_alone(res.request, res.bucket)
         assert torch.equal(res.sample, alone), f"request {res.request} differs from itself alone"
@@ -123,6 +125,30 @@ def test_full_queue_rejects_cancel_withdraws_and_close_drains(digits_model, cont
 
 
 @pytest.mark.parametrize("continuous", [False, True], ids=["batches", "continuous"])
+def test_two_workers_close_drains_every_queued_request_and_warm_up_both(digits_model, continuous):
+    """Both workers blocked in a forward (the gate), 12 requests queued behind them: close() still runs every
+    one; the warm-up ran each worker's own sampler or pool (each holds its own loop buffers)."""
+    model = GatedModel(digits_model)
+    batcher = _batcher(model, max_wait_s=0.0, continuous=continuous, workers=2).start()
+    assert set(batcher.warmup_s) == {"cfg/1", "cfg/4", "apg/1", "apg/4"}
+    if not continuous:
+        assert all(len(w.sampler.buffers) > 0 for w in batcher._workers)
+    model.gate.clear()
+    model.entered.clear()
+    futures = [batcher.submit(c % 10, seed=c, steps=3 + c % 4, rule=("cfg", "apg")[c % 2]) for c in range(12)]
+    model.entered.wait(10)
+    closer = threading.Thread(target=batcher.close)
+    closer.start()
+    model.gate.set()
+    closer.join(120)
+    assert not closer.is_alive()
+    results = [f.result(timeout=1) for f in futures]
+    assert [r.request.seed for r in results] == list(range(12))
+    m = batcher.metrics()
+    assert (m.submitted, m.completed, m.failed, m.queue_depth) == (12, 12, 0, 0)
+
+
+@pytest.mark.parametrize("continuous", [False, True], ids=["batches", "continuous"])
 def test_close_without_drain_fails_what_waits(digits_model, continuous):
     model = GatedModel(digits_model)
     batcher = _batcher(model, max_wait_s=0.0, continuous=continuous).start(warmup=False)
@@ -154,11 +180,12 @@ def test_asyncio_callers(digits_model, continuous):
         assert torch.equal(r.sample, batcher.sample_alone(r.request, r.bucket))
 
 
-def test_continuous_requests_join_running_rows_and_equal_each_alone():
+@pytest.mark.parametrize("workers", [1, 2])
+def test_continuous_requests_join_running_rows_and_equal_each_alone(workers):
     """continuous=True: requests join the running rows between steps (a request starts while others of other step
     counts and rules are mid-loop) and leave after their own last step; with one bucket size each equals its
-    request alone in a batch of that size, bit for bit."""
-    batcher = digits_batcher(buckets=(8,), max_wait_s=0.02, continuous=True).start(warmup=False)
+    request alone in a batch of that size, bit for bit. With two workers both pools run rows."""
+    batcher = digits_batcher(buckets=(8,), max_wait_s=0.02, continuous=True, workers=workers).start(warmup=False)
     rng = random.Random(1)
     rules = ["cfg", "apg", "recfg-ls", "cfg-zero-star"]
     asks = [dict(cond=rng.randrange(10), seed=2000 + i, steps=rng.randint(4, 10), scale=round(rng.uniform(1, 5), 3),
@@ -167,17 +194,21 @@ def test_continuous_requests_join_running_rows_and_equal_each_alone():
         futures = list(pool.map(lambda a: batcher.submit(**a), asks))
         results = [f.result(timeout=120) for f in futures]
     batcher.close()
-    spans = [(r.batch, r.batch + r.request.steps, r.request) for r in results]  # the steps each one ran
-    joined_mid_loop = sum(any(a0 < b0 < a1 and ra.steps != rb.steps for a0, a1, ra in spans) for b0, _, rb in spans)
+    assert {r.worker for r in results} == set(range(workers)), "a worker ran no row"
+    # the steps each one ran on its worker's pool (steps are numbered per worker)
+    spans = [(r.worker, r.batch, r.batch + r.request.steps, r.request) for r in results]
+    joined_mid_loop = sum(any(wa == wb and a0 < b0 < a1 and ra.steps != rb.steps for wa, a0, a1, ra in spans)
+                          for wb, b0, _, rb in spans)
     assert joined_mid_loop >= 10, "requests did not join running rows: the test did not exercise continuous batching"
-    shared = sum(any(rb.rule != ra.rule for b0, b1, rb in spans if b0 < a1 and a0 < b1) for a0, a1, ra in spans)
+    shared = sum(any(wa == wb and rb.rule != ra.rule for wb, b0, b1, rb in spans if b0 < a1 and a0 < b1)
+                 for wa, a0, a1, ra in spans)
     assert shared >= 10, "no rows of two rules ran at the same steps"
     for ask, res in zip(asks, results):
         assert res.request == SampleRequest(**ask) and res.bucket == 8
         assert torch.equal(res.sample, batcher.sample_alone(res.request, 8)), f"{res.request} differs from itself alone"
     m = batcher.metrics()
     assert (m.submitted, m.completed, m.failed, m.queue_depth) == (80, 80, 0, 0)
-    assert m.batches >= max(a1 for _, a1, _ in spans) and 0 < m.batch_fill <= 1
+    assert m.batches >= max(a1 for _, _, a1, _ in spans) and 0 < m.batch_fill <= 1
 
 
 def test_continuous_a_nan_request_fails_alone(digits_model):
@@ -257,7 +288,7 @@ def test_bad_batcher_arguments_and_lifecycle(digits_model):
     common = dict(null_cond=digits.NULL_LABEL, latent_shape=digits.IMAGE_SHAPE, steps_range=(2, 8))
     for kw, error in [(dict(buckets=(4, 1)), "buckets: expected increasing"), (dict(buckets=(0,)), "buckets:"),
                       (dict(max_wait_s=-1), "max_wait_s:"), (dict(max_queue=0), "max_queue:"),
-                      (dict(steps_range=(5, 3)), "steps_range:")]:
+                      (dict(steps_range=(5, 3)), "steps_range:"), (dict(workers=0), "workers: expected an int >= 1")]:
         with pytest.raises(ValueError, match=error):
             Batcher(digits_model, make, rules, **{**common, **kw})
     for kw in (dict(cuda_graph=True), dict(step_buckets=(8,))):

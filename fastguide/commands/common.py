@@ -117,6 +117,11 @@ def check_steps(steps: int) -> int:
     return steps
 
 
+def available_cores() -> int:
+    """The CPU cores this process may run on (its affinity mask where the OS has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def resolve_device(name: str, arg: str = "--device") -> torch.device:
     """A device torch can use here: cpu, cuda or cuda:N (N < the number of CUDA devices)."""
     try:
