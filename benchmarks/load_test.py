@@ -20,8 +20,8 @@ bucket: padding rows and per-row plans included). Goals: images/s >= 0.8x the di
 + 2 batch times (with either batch time). Also where the cores went during the load (Linux: per-thread CPU
 seconds from /proc): the client, the server's event loop, its sampling threads and idle, with load / direct split
 into a contention factor (the cores the sampling kept busy against the direct call's) and an efficiency factor
-(images per sampling CPU-second against the direct call's). Exit code 0 when every check passes (the goals are reported, not
-enforced), 1 otherwise.
+(images per sampling CPU-second against the direct call's). Exit code 0 when every check passes (the goals are
+reported, not enforced), 1 otherwise.
 """
 from __future__ import annotations
 
@@ -389,9 +389,10 @@ def main(argv=None) -> int:
 
     args = build_parser().parse_args(argv)
     buckets = parse_buckets(args.buckets)
-    if args.requests < 1 or args.concurrency < 1 or args.workers < 1 or not 0 <= args.malformed_fraction <= 1 or args.time_limit <= 0:
-        print("load_test: expected --requests, --concurrency, --workers >= 1, --malformed-fraction in [0, 1], --time-limit > 0",
-              file=sys.stderr)
+    if (args.requests < 1 or args.concurrency < 1 or args.workers < 1 or not 0 <= args.malformed_fraction <= 1
+            or args.time_limit <= 0):
+        print("load_test: expected --requests, --concurrency, --workers >= 1, --malformed-fraction in [0, 1], "
+              "--time-limit > 0", file=sys.stderr)
         return 2
     out = Path(args.out or Path(__file__).resolve().parent / f"load-test-{args.device}.json")
     plan = plan_requests(args.requests, args.malformed_fraction, args.seed)

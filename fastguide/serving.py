@@ -9,11 +9,11 @@
 Requests carry their own condition, scale, seed and step count; a worker thread (``workers`` of them, each with
 its own Sampler) takes the oldest request and the requests behind it with the same rule, up to the largest
 bucket, waiting at most ``max_wait_s`` after the oldest one arrived for the batch to fill, pads the batch to the
-next bucket size, and runs it as one Sampler call with a plan per row (fastguide/row_plans.py): per-row scales, seeds and step counts in one loop. Each bucket size (per
-rule) is its own static shape, compiled once and, on CUDA with ``cuda_graph``, captured once; :meth:`start` warms
-every one up. A request's sample depends only on the request and its bucket size, never on its companions or
-its row (tested): row b of the loop reads only row b's inputs, and a network's float results can depend on the
-batch size but not on the other rows' values.
+next bucket size, and runs it as one Sampler call with a plan per row (fastguide/row_plans.py): per-row scales,
+seeds and step counts in one loop. Each bucket size (per rule) is its own static shape, compiled once and, on CUDA
+with ``cuda_graph``, captured once; :meth:`start` warms every one up. A request's sample depends only on the
+request and its bucket size, never on its companions or its row (tested): row b of the loop reads only row b's
+inputs, and a network's float results can depend on the batch size but not on the other rows' values.
 
 With ``continuous=True`` the batcher schedules steps, not batches (fastguide/step_pool.py): requests of any rule
 join the running rows between any two steps and leave after their own last step, so a short request never pays
@@ -251,6 +251,7 @@ class Batcher:
     # ------------------------------------------------------------------ lifecycle
     @property
     def workers(self) -> int:
+        """The number of worker threads."""
         return len(self._workers)
 
     @property
@@ -488,8 +489,9 @@ class Batcher:
                 p, admitted, first = running_rows.pop(key)
                 sample = sample.cpu()
                 batch.append(p)
+                finite = bool(torch.isfinite(sample).all())
                 results.append(SampleResult(sample, p.request, largest, first, admitted - p.submitted,
-                                            finished_at - admitted, worker.index) if bool(torch.isfinite(sample).all()) else None)
+                                            finished_at - admitted, worker.index) if finite else None)
             if batch:
                 self._finish(batch, results)
 
