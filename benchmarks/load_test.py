@@ -47,7 +47,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fastguide.commands.common import available_cores
+from fastguide.commands.common import available_cores, worker_threads
 
 LOAD_RULES = ("cfg", "apg", "recfg-ls")
 NFE_RANGE = (4, 10)
@@ -195,11 +195,13 @@ def cpu_split(server_pid: int, before: dict, after: dict, client_s: float, wall:
         return sum(after.get(t, 0.0) - before.get(t, 0.0) for t in tids)
 
     cores = available_cores()
-    event_loop, sampling = delta([server_pid]), delta(set(after) - {server_pid})
+    event_loop = delta([server_pid])
+    other_threads = sorted((delta([t]) for t in set(after) - {server_pid}), reverse=True)
+    sampling = sum(other_threads)
     direct_images_per_cpu_s = direct["batch"] / (direct["direct_batch_s"] * direct["direct_cores_busy"])
     return {"cores": cores, "client_cpu_s": client_s, "server_event_loop_cpu_s": event_loop,
             "server_sampling_cpu_s": sampling,
-            "server_other_threads_cpu_s": sorted((delta([t]) for t in set(after) - {server_pid}), reverse=True),
+            "server_other_threads_cpu_s": other_threads,
             "idle_cpu_s": cores * wall - client_s - event_loop - sampling,
             "direct_cores_busy": direct["direct_cores_busy"],
             "contention": sampling / wall / direct["direct_cores_busy"],
@@ -415,7 +417,7 @@ def main(argv=None) -> int:
     checks = check_outcomes(plan, outcomes, buckets, server_counts)
     checks["server exits 0 on SIGTERM"] = (exit_code == 0, f"exit code {exit_code}")
     tolerance = CONTINUOUS_TOLERANCE if args.continuous and len(buckets) > 1 else 0.0
-    server_threads = max(1, available_cores() // args.workers) if args.device == "cpu" and args.workers > 1 else None
+    server_threads = worker_threads(args.workers) if args.device == "cpu" and args.workers > 1 else None
     matched, checked, worst = spot_check(plan, outcomes, buckets, args.spot_checks, args.seed, args.device, tolerance,
                                          server_threads)
     checks["spot check: responses equal Batcher.sample_alone" + (f" within {tolerance:g}" if tolerance else "")] = (

@@ -502,13 +502,13 @@ class Batcher:
         full share). None when closed, drained and no row is left."""
         if not len(pool):
             with self._cv:
-                share = self._share_of_rows(pool)
+                share = self._share_of_rows()
             return self._next_batch(any_rule=True, most=share)
         with self._cv:
-            return self._take(list(self._queue)[:max(0, min(pool.free, self._share_of_rows(pool) - len(pool)))])
+            return self._take(list(self._queue)[:max(0, min(pool.free, self._share_of_rows() - len(pool)))])
 
-    def _share_of_rows(self, pool: StepPool) -> int:
-        """The most rows ``pool`` should run (the caller holds the lock): the rows running in every pool and
+    def _share_of_rows(self) -> int:
+        """The most rows one pool should run (the caller holds the lock): the rows running in every pool and
         waiting, spread evenly over the workers, at least 1 and at most a full bucket."""
         if len(self._workers) == 1:
             return self.buckets[-1]

@@ -20,7 +20,7 @@ import torch
 
 from benchmark_scripts import load_benchmark
 from fastguide import cli
-from fastguide.commands.common import available_cores
+from fastguide.commands.common import worker_threads
 from fastguide.serving import Batcher, SampleRequest, digits_batcher
 
 BUCKETS = (1, 4)
@@ -266,7 +266,7 @@ def test_two_worker_server_requests_each_equal_the_librarys_at_its_thread_count(
     assert all(a is not None and a[0] == 200 for a in answers), [a and a[2][:200] for a in answers]
     assert {headers["x-fastguide-worker"] for _, headers, _ in answers} == {"0", "1"}
     threads = torch.get_num_threads()
-    torch.set_num_threads(max(1, available_cores() // 2))
+    torch.set_num_threads(worker_threads(2))
     try:
         reference = digits_batcher(buckets=BUCKETS)
         for fields, (_, headers, content) in zip(requests, answers):

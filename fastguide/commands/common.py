@@ -122,6 +122,11 @@ def available_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
+def worker_threads(workers: int) -> int:
+    """The intra-op threads each of ``workers`` batcher workers gets on a CPU (``fastguide serve --workers``)."""
+    return max(1, available_cores() // workers)
+
+
 def resolve_device(name: str, arg: str = "--device") -> torch.device:
     """A device torch can use here: cpu, cuda or cuda:N (N < the number of CUDA devices)."""
     try:

@@ -91,7 +91,7 @@ def run(args) -> int:
     if device.type == "cpu" and args.workers > 1:
         import torch
 
-        torch.set_num_threads(max(1, common.available_cores() // args.workers))
+        torch.set_num_threads(common.worker_threads(args.workers))
     sock = bind_socket(args.host, args.port, option_prefix="--")  # before the model loads: a taken port fails at once
     try:
         batcher = digits_batcher(buckets=buckets, max_wait_s=args.max_wait_ms / 1e3, max_queue=args.max_queue,
